@@ -1,0 +1,243 @@
+"""ChannelGraph: the coupled channel groups of a model, and a readable account of them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from .builder import _as_tuple, record_channels
+from .channels import NO_CHANNEL, UnionFind
+from .context import AttrMember, Member, TraceState
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be removed together, wherever they appear.
+
+    ``channels[i]`` is one channel: removing it removes every position that carries it in every
+    member (a conv's output row, the next conv's input column, the BN entries, ...).
+    """
+
+    index: int
+    name: str
+    channels: np.ndarray
+    fixed: np.ndarray
+    fixed_reasons: list[str]
+    members: list[tuple[Member, np.ndarray]]  # member, channel index per position (-1: other group)
+    blocks: list[np.ndarray] = field(default_factory=list)  # block id per channel, one per constraint
+
+    @property
+    def size(self) -> int:
+        return len(self.channels)
+
+    @property
+    def prunable(self) -> bool:
+        return not bool(self.fixed.all())
+
+    def producers(self) -> list[tuple[Member, np.ndarray]]:
+        return [(m, pos) for m, pos in self.members if m.role == "out"]
+
+    def modules(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for m, _ in self.members:
+            seen.setdefault(m.module, None)
+        return list(seen)
+
+
+class ChannelGraph:
+    """The channel dependency graph of ``model`` for ``example_inputs`` (traced with torch.fx).
+
+    Build it with :func:`build_graph`; groups are in ``self.groups``. It refers to tensors by
+    qualified name, so it also applies to a deep copy of the model it was built from.
+    """
+
+    def __init__(self, model: nn.Module, state: TraceState, gm=None):
+        self.model_type = type(model).__name__
+        self.state = state
+        self.traced = gm
+        uf = state.uf
+        self.member_roots = [uf.roots(m.ids) for m in state.members]
+        self.attr_roots = [uf.roots(a.ids) for a in state.attr_members]
+        self.fixed_roots: dict[int, str] = {}
+        for v, reason in state.fixed.items():
+            self.fixed_roots.setdefault(uf.find(v), reason)
+        self.groups = self._make_groups()
+        self.by_name = {g.name: g for g in self.groups}
+        self.unreached = _unreached_modules(model, state)
+
+    # ------------------------------------------------------------------------------------------
+    def _make_groups(self) -> list[ChannelGroup]:
+        sources = [(m, r) for m, r in zip(self.state.members, self.member_roots)
+                   if m.role in ("out", "param")]
+        sources += [(a, r) for a, r in zip(self.state.attr_members, self.attr_roots)]
+        # Channels produced by one layer belong to one group; shared channels join groups.
+        order: dict[int, None] = {}
+        link = UnionFind()
+        slot: dict[int, int] = {}
+
+        def slot_of(root: int) -> int:
+            if root not in slot:
+                slot[root] = int(link.make(1)[0])
+            return slot[root]
+
+        for _, roots in sources:
+            valid = [int(r) for r in roots if r >= 0]
+            for r in valid:
+                order.setdefault(r, None)
+            for r in valid[1:]:
+                link.union(slot_of(valid[0]), slot_of(r))
+            if valid:
+                slot_of(valid[0])
+        components: dict[int, list[int]] = {}
+        for r in order:
+            components.setdefault(link.find(slot_of(r)), []).append(r)
+
+        groups = []
+        channel_of: dict[int, tuple[int, int]] = {}
+        for gi, roots in enumerate(components.values()):
+            for ci, r in enumerate(roots):
+                channel_of[r] = (gi, ci)
+            groups.append(roots)
+
+        members_per_group: list[list] = [[] for _ in groups]
+        for m, roots in zip(self.state.members, self.member_roots):
+            hits: dict[int, np.ndarray] = {}
+            for p, r in enumerate(roots):
+                if r >= 0 and int(r) in channel_of:
+                    gi, ci = channel_of[int(r)]
+                    hits.setdefault(gi, np.full(len(roots), -1, dtype=np.int64))[p] = ci
+            for gi, pos in hits.items():
+                members_per_group[gi].append((m, pos))
+
+        result = []
+        names: set[str] = set()
+        for gi, roots in enumerate(groups):
+            fixed = np.array([r in self.fixed_roots for r in roots], dtype=bool)
+            reasons = sorted({self.fixed_roots[r] for r in roots if r in self.fixed_roots})
+            members = members_per_group[gi]
+            name = _group_name(members, gi, names)
+            names.add(name)
+            result.append(ChannelGroup(gi, name, np.array(roots, dtype=np.int64), fixed,
+                                       reasons, members))
+        self._attach_blocks(result, channel_of)
+        return result
+
+    def _attach_blocks(self, groups, channel_of) -> None:
+        uf = self.state.uf
+        for ids, count in self.state.divisions:
+            roots = uf.roots(ids)
+            per_block = len(roots) // count
+            target = None
+            block_of = None
+            for p, r in enumerate(roots):
+                if r < 0 or int(r) not in channel_of:
+                    continue
+                gi, ci = channel_of[int(r)]
+                if target is None:
+                    target = gi
+                    block_of = np.full(groups[gi].size, -1, dtype=np.int64)
+                if gi == target and block_of[ci] < 0:
+                    block_of[ci] = p // per_block
+            if target is not None:
+                groups[target].blocks.append(block_of)
+
+    # ------------------------------------------------------------------------------------------
+    def group(self, name_or_module: str) -> ChannelGroup:
+        """The group named ``name_or_module``, or the group of that module's output channels."""
+        if name_or_module in self.by_name:
+            return self.by_name[name_or_module]
+        for g in self.groups:
+            if any(m.module == name_or_module for m, _ in g.producers()):
+                return g
+        raise KeyError(f"no channel group named or produced by '{name_or_module}'; "
+                       f"groups: {', '.join(g.name for g in self.groups)}")
+
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def explain(self) -> str:
+        lines = [f"ChannelGraph of {self.model_type}: {len(self.groups)} groups, "
+                 f"{len(self.prunable_groups())} prunable"]
+        for g in self.groups:
+            status = "fixed" if not g.prunable else (
+                f"prunable, {int(g.fixed.sum())} fixed" if g.fixed.any() else "prunable")
+            extra = f"; blocks {[int(b.max()) + 1 for b in g.blocks]}" if g.blocks else ""
+            lines.append(f"[{g.index}] {g.name}: {g.size} channels ({status}{extra})")
+            if g.fixed_reasons:
+                lines.append(f"      fixed because: {'; '.join(g.fixed_reasons)}")
+            for m, pos in g.members:
+                n = int((pos >= 0).sum())
+                where = f"{m.tensor}[dim {m.dim}]"
+                lines.append(f"      {m.role:5s} {where}  ({n} of {len(pos)} positions)")
+        if self.unreached:
+            lines.append("not reached by the trace (left unpruned): " + ", ".join(self.unreached))
+        return "\n".join(lines)
+
+
+def _group_name(members, index, taken) -> str:
+    producers = [m for m, _ in members if m.role == "out"]
+    base = producers[0].module if producers else (members[0][0].module if members else "")
+    base = base or f"group{index}"
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}#{k}", k + 1
+    return name
+
+
+def _unreached_modules(model: nn.Module, state: TraceState) -> list[str]:
+    touched_modules = {t.rsplit(".", 1)[0] for t in state.touched_tensors}
+    return [name for name, mod in model.named_modules()
+            if name and any(True for _ in mod.parameters(recurse=False))
+            and name not in touched_modules and not _param_free_use(mod)]
+
+
+def _param_free_use(mod) -> bool:
+    # Modules whose parameters carry no channel structure (PReLU with one slope) are fine.
+    return isinstance(mod, nn.PReLU) and mod.num_parameters == 1
+
+
+def build_graph(model: nn.Module, example_inputs, *, leaf_modules=(), ignore=()) -> ChannelGraph:
+    """Trace ``model`` with torch.fx and group every channel that must be removed together.
+
+    ``ignore`` names modules whose output channels are kept (e.g. the classifier, the stem);
+    ``leaf_modules`` names modules traced as one call (they need a registered module rule).
+    """
+    gm, state = record_channels(model, example_inputs, leaf_modules=leaf_modules,
+                                fixed_modules=set(ignore))
+    graph = ChannelGraph(model, state, gm)
+    if graph.unreached and not model.training:
+        # Auxiliary heads (GoogLeNet, Inception) run only in training mode; a graph that misses
+        # them would leave them reading channels that no longer exist. Trace a training-mode
+        # copy (batch of 2 for BatchNorm) and keep it if it reaches them.
+        trainee = copy.deepcopy(model).train()
+        inputs = _as_tuple(example_inputs)
+        inputs = tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) else t for t in inputs)
+        try:
+            gm2, state2 = record_channels(trainee, inputs, leaf_modules=leaf_modules,
+                                          fixed_modules=set(ignore))
+        except Exception as exc:  # e.g. an auxiliary head needs a larger example input
+            warnings.warn(f"modules {graph.unreached[:4]} run only in training mode and could "
+                          f"not be traced in it ({type(exc).__name__}: {str(exc)[:200]}); they "
+                          "are left unpruned and will not fit the pruned model in training "
+                          "mode. Use a larger example input, or remove them.")
+            return graph
+        trained = ChannelGraph(model, state2, gm2)
+        if len(trained.unreached) < len(graph.unreached):
+            graph = trained
+    return graph
+
+
+def explain(model: nn.Module, example_inputs, **kwargs) -> str:
+    """Print and return a readable list of the channel groups of ``model``."""
+    text = build_graph(model, example_inputs, **kwargs).explain()
+    print(text)
+    return text
+
+
+__all__ = ["ChannelGraph", "ChannelGroup", "Member", "AttrMember", "build_graph", "explain",
+           "NO_CHANNEL"]

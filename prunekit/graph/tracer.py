@@ -1,0 +1,54 @@
+"""torch.fx tracing with clear errors and user-chosen leaf modules."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+
+
+class ChannelTracer(fx.Tracer):
+    """fx tracer that keeps registered and user-named modules as leaves.
+
+    It remembers the module being traced so a failure names the module whose ``forward`` could
+    not be traced (fx's own message only names the Python construct).
+    """
+
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: Iterable[str] = ()):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_names = set(leaf_names)
+        self.prunekit_path: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and type(m) in self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.prunekit_path.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.prunekit_path.pop()
+
+
+def trace(model: nn.Module, leaf_types=(), leaf_names=()) -> fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`TraceError` with advice when fx cannot."""
+    tracer = ChannelTracer(tuple(leaf_types), leaf_names)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, AttributeError, ...
+        where = tracer.prunekit_path[-1] if tracer.prunekit_path else "<root>"
+        where = where or type(model).__name__
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__} (failed inside module '{where}'): "
+            f"{type(exc).__name__}: {exc}. prunekit needs a model whose forward has no "
+            "data-dependent control flow. Make that control flow static, or pass "
+            f"leaf_modules=['{where}'] and register a channel rule for its class with "
+            "prunekit.graph.register_module_rule."
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)

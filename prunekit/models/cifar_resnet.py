@@ -1,0 +1,290 @@
+"""CIFAR ResNet-(6n+2) from He et al., "Deep Residual Learning for Image Recognition",
+CVPR 2016, section 4.2.
+
+A 3x3 stem with 16 channels, three stages of ``n`` basic blocks with 16/32/64 channels
+(stride 2 at the start of stages 2 and 3), global average pooling and a linear classifier.
+Module names follow the widely shared akamaster/CHIP/HRank layout (``conv1``, ``bn1``,
+``layer1..3``, ``linear``) so their checkpoints load without renaming.
+
+The pruning literature disagrees on the shortcut used when a block changes shape, and the
+choice changes both accuracy and what may be pruned, so it is a constructor argument:
+
+* ``"A"``: parameter-free; subsample ``x[:, :, ::2, ::2]`` and zero-pad the new channels
+  split between front and back (akamaster, CHIP, HRank; the shared pretrained weights).
+* ``"A_append"``: the same but the zero channels are appended at the end (FPGM/SFP's
+  ``DownsampleA``: stride-2 pooling then ``torch.cat((x, x.mul(0)), 1)``).
+* ``"B"``: 1x1 strided convolution + BN projection (SWP/PFF), as ``shortcut.0``/``shortcut.1``.
+
+Every shortcut is a module with straight-line tensor code so that ``torch.fx.symbolic_trace``
+works on the whole network, and every activation is a named ``nn.ReLU`` (``relu`` in the stem,
+``relu1``/``relu2`` per block) because activation-based criteria (CHIP, HRank) hook exactly
+"after BN+ReLU of conv1" and "block output after the residual add".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph import register_module_rule
+from ..graph.channels import channel_ids
+from .registry import register_model
+from .weights import PretrainedWeights
+
+__all__ = [
+    "SHORTCUTS",
+    "BasicBlock",
+    "CifarResNet",
+    "ZeroPadShortcut",
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet44",
+    "cifar_resnet56",
+    "cifar_resnet110",
+]
+
+SHORTCUTS = ("A", "A_append", "B")
+STAGE_WIDTHS = (16, 32, 64)
+STAGE_STRIDES = (1, 2, 2)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut: spatial subsampling plus zero channels, no parameters.
+
+    ``front`` zero channels go before the input channels and ``back`` after them; the
+    akamaster/CHIP layout splits ``out - in`` as ``(out - in) // 2`` in front, FPGM/SFP put
+    everything at the back (``append=True``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *,
+                 append: bool = False):
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(
+                "a zero-padding shortcut cannot reduce channels "
+                f"({in_channels} -> {out_channels}); use shortcut='B' for a projection"
+            )
+        pad = out_channels - in_channels
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.front = 0 if append else pad // 2
+        self.back = pad - self.front
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:  # a Python int, so fx traces this branch away
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.front, self.back))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
+                f"front={self.front}, back={self.back}")
+
+
+@register_module_rule(ZeroPadShortcut)
+def zero_pad_shortcut_channels(ctx, node, module: ZeroPadShortcut):
+    """Channel rule: output = [front zero slots] + input channels + [back zero slots].
+
+    The offsets are *mapped*, not protected: the zero slots are channels of their own whose
+    kept counts become the new ``front``/``back``, and each input channel is united with the
+    output position it lands on, because the residual add sums them position by position.
+    Pruning a stage's residual stream therefore also removes the matching positions of the
+    next stages (the identity path carries those channels on), and the shortcut stays a
+    plain ``F.pad`` with new widths: exact, and as fast as before.
+    """
+    x = node.args[0]
+    vec = ctx.channel_vector(ctx.ids(x), 1, module.in_channels)
+    front, back = ctx.new_vars(module.front), ctx.new_vars(module.back)
+    for attr, ids in (("front", front), ("back", back), ("in_channels", vec)):
+        ctx.attr_member(node.target, attr, ids)
+    out = np.concatenate([front, vec, back])
+    ctx.attr_member(node.target, "out_channels", out)
+    return channel_ids(out, ctx.value(x).dim(), 1)
+
+
+def make_shortcut(kind: str, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """The shortcut branch of a block; identity unless the block changes shape."""
+    _check_shortcut(kind)
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    if kind == "B":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+    return ZeroPadShortcut(in_channels, out_channels, stride, append=kind == "A_append")
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU.
+
+    ``mid_channels`` (conv1's output) differs from ``out_channels`` only after pruning.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int,
+                 stride: int = 1, shortcut: str = "A"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = make_shortcut(shortcut, in_channels, out_channels, stride)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs (He et al. 2016, section 4.2).
+
+    Args:
+        depth: 6n+2 (20, 32, 44, 56, 110, ...).
+        num_classes: size of the linear classifier.
+        shortcut: one of :data:`SHORTCUTS` (see the module docstring).
+        mid_channels: per block, the width of conv1's output (3n values); ``None`` = the
+            standard 16/32/64.  Pruned networks are rebuilt from these.
+        out_channels: the stem's output width followed by every block's output width
+            (3n + 1 values); ``None`` = standard.
+    """
+
+    def __init__(self, depth: int, num_classes: int = 10, shortcut: str = "A",
+                 mid_channels: Sequence[int] | None = None,
+                 out_channels: Sequence[int] | None = None):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(
+                f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, ...), got {depth}"
+            )
+        _check_shortcut(shortcut)
+        n = (depth - 2) // 6
+        default_mid, default_out = _standard_widths(n)
+        mid = _widths("mid_channels", mid_channels, default_mid)
+        out = _widths("out_channels", out_channels, default_out)
+        self.depth = depth
+        self.shortcut_type = shortcut
+
+        self.conv1 = nn.Conv2d(3, out[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out[0])
+        self.relu = nn.ReLU()
+        block = 0
+        for stage, stride in enumerate(STAGE_STRIDES):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(out[block], mid[block], out[block + 1],
+                                         stride if i == 0 else 1, shortcut))
+                block += 1
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(out[-1], num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # fan_out as torchvision's ResNet; akamaster used fan_in. Either keeps the
+                # activations' scale stable; it only matters when training from scratch.
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.linear(x)
+
+    def blocks(self) -> list[BasicBlock]:
+        """All basic blocks in forward order."""
+        return [b for layer in (self.layer1, self.layer2, self.layer3) for b in layer]
+
+    def channel_config(self) -> dict[str, list[int] | None]:
+        """Constructor widths read back from the (possibly pruned) modules.
+
+        Reads the weight tensors rather than ``out_channels`` attributes because pruning code
+        may replace a tensor without updating the attribute.
+        """
+        blocks = self.blocks()
+        mid = [b.conv1.weight.shape[0] for b in blocks]
+        out = [self.conv1.weight.shape[0]] + [b.conv2.weight.shape[0] for b in blocks]
+        default_mid, default_out = _standard_widths(len(blocks) // 3)
+        return {
+            "mid_channels": None if mid == default_mid else mid,
+            "out_channels": None if out == default_out else out,
+        }
+
+
+def _check_shortcut(kind: str) -> None:
+    if kind not in SHORTCUTS:
+        valid = ", ".join(map(repr, SHORTCUTS))
+        raise ValueError(f"unknown shortcut {kind!r}; valid options: {valid}")
+
+
+def _standard_widths(n: int) -> tuple[list[int], list[int]]:
+    mid = [w for w in STAGE_WIDTHS for _ in range(n)]
+    return mid, [STAGE_WIDTHS[0]] + mid
+
+
+def _widths(name: str, given: Sequence[int] | None, default: list[int]) -> list[int]:
+    if given is None:
+        return default
+    widths = list(given)
+    if len(widths) != len(default) or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ValueError(
+            f"{name} must be {len(default)} positive ints for this depth, got {given!r}"
+        )
+    return widths
+
+
+def _akamaster(filename: str, top1: float) -> PretrainedWeights:
+    return PretrainedWeights(
+        filename=filename,
+        folder="akamaster_resnet_cifar10",
+        # Trained with the option-A shortcut, 10 classes and standard widths; anything
+        # else would not fit (or, for A_append, would silently mis-route the shortcut).
+        requires={"num_classes": 10, "shortcut": "A", "mid_channels": None, "out_channels": None},
+        top1=top1,
+        source="github.com/akamaster/pytorch_resnet_cifar10 (BSD-2-Clause, Y. Idelbayev)",
+    )
+
+
+# top1: the upstream README's CIFAR-10 test accuracy (%); inputs use ImageNet mean/std.
+@register_model(pretrained=_akamaster("resnet20-*.th", 91.73))
+def cifar_resnet20(num_classes: int = 10, shortcut: str = "A", **kwargs) -> CifarResNet:
+    """ResNet-20 for CIFAR (He et al. 2016, section 4.2): n=3, 0.27M parameters."""
+    return CifarResNet(20, num_classes=num_classes, shortcut=shortcut, **kwargs)
+
+
+@register_model(pretrained=_akamaster("resnet32-*.th", 92.63))
+def cifar_resnet32(num_classes: int = 10, shortcut: str = "A", **kwargs) -> CifarResNet:
+    """ResNet-32 for CIFAR (He et al. 2016, section 4.2): n=5, 0.46M parameters."""
+    return CifarResNet(32, num_classes=num_classes, shortcut=shortcut, **kwargs)
+
+
+@register_model(pretrained=_akamaster("resnet44-*.th", 93.10))
+def cifar_resnet44(num_classes: int = 10, shortcut: str = "A", **kwargs) -> CifarResNet:
+    """ResNet-44 for CIFAR (He et al. 2016, section 4.2): n=7, 0.66M parameters."""
+    return CifarResNet(44, num_classes=num_classes, shortcut=shortcut, **kwargs)
+
+
+@register_model(pretrained=_akamaster("resnet56-*.th", 93.39))
+def cifar_resnet56(num_classes: int = 10, shortcut: str = "A", **kwargs) -> CifarResNet:
+    """ResNet-56 for CIFAR (He et al. 2016, section 4.2): n=9, 0.85M parameters, 125.49M MACs."""
+    return CifarResNet(56, num_classes=num_classes, shortcut=shortcut, **kwargs)
+
+
+@register_model
+def cifar_resnet110(num_classes: int = 10, shortcut: str = "A", **kwargs) -> CifarResNet:
+    """ResNet-110 for CIFAR (He et al. 2016, section 4.2): n=18, 1.73M parameters, 252.89M MACs.
+
+    No shared pretrained weights: the upstream file exceeds the snapshot size limit.
+    """
+    return CifarResNet(110, num_classes=num_classes, shortcut=shortcut, **kwargs)

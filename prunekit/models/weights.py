@@ -1,0 +1,291 @@
+"""Loading checkpoints into prunekit models, with errors that say what to do next.
+
+Pretrained files are looked up, never downloaded.  The weights directory is
+
+1. ``$PRUNEKIT_WEIGHTS`` (the files directly in it, or in a per-source sub-folder), else
+2. ``<data root>/weights/<source folder>/`` where the data root is ``$PRUNEKIT_DATA``, else
+   ``../shared/data`` relative to the working directory, else the ``shared/data`` folder
+   next to the repository that holds this package.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PretrainedWeights",
+    "WeightsLoadError",
+    "WeightsMismatchError",
+    "find_data_root",
+    "find_pretrained_file",
+    "load_weights",
+    "pretrained_checkpoint_info",
+]
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+# DataParallel / DistributedDataParallel and torch.compile wrap the module and prefix every key.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MAX_LISTED = 10
+
+
+class WeightsLoadError(RuntimeError):
+    """A checkpoint could not be read or applied."""
+
+
+class WeightsMismatchError(WeightsLoadError):
+    """The checkpoint's keys or tensor shapes do not fit the model."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str],
+        unexpected: list[str],
+        shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    ):
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.shape_mismatches = shape_mismatches
+
+
+@dataclass(frozen=True, eq=False)
+class PretrainedWeights:
+    """A checkpoint shipped in the shared data folder.
+
+    ``filename`` is a glob (``"resnet56-*.th"``) because the release files carry a hash
+    suffix; ``requires`` lists the constructor arguments the network was trained with.
+    """
+
+    filename: str
+    folder: str
+    requires: Mapping[str, Any] = field(default_factory=dict)
+    top1: float | None = None
+    source: str = ""
+
+
+def load_weights(
+    model: nn.Module, source: str | os.PathLike | Mapping[str, Any], *, strict: bool = True
+) -> nn.Module:
+    """Load a checkpoint file or state dict into ``model`` (in place) and return ``model``.
+
+    Accepts plain state dicts and ``{"state_dict": ...}``-style wrappers, and strips the
+    ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) key prefixes.  Files are
+    read with ``weights_only=True`` onto the CPU.  With ``strict=False`` missing and
+    unexpected keys are tolerated; shape mismatches never are.
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist.
+        WeightsLoadError: the file is not a readable PyTorch checkpoint.
+        WeightsMismatchError: keys or shapes do not fit the model.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        origin = str(source)
+        checkpoint = _read_checkpoint(Path(source))
+    elif isinstance(source, Mapping):
+        origin = "the given state dict"
+        checkpoint = source
+    else:
+        raise TypeError(
+            f"weights source must be a path or a state dict, not {type(source).__name__}"
+        )
+    state = _strip_prefixes(_unwrap(checkpoint, origin))
+    _fill_bn_counters(model, state)
+    _check_fit(model, state, strict, origin)
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def pretrained_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Scalar metadata stored beside the weights, e.g. ``{"best_prec1": 93.62}``.
+
+    ``best_prec1`` is what the akamaster training script recorded on the lossless CIFAR-10
+    test set; an empty dict means the file holds nothing but tensors.
+    """
+    checkpoint = _read_checkpoint(Path(path))
+    if not isinstance(checkpoint, Mapping) or _is_state_dict(checkpoint):
+        return {}
+    info: dict[str, Any] = {}
+    for key, value in checkpoint.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (bool, int, float, str)):
+            info[str(key)] = value
+    return info
+
+
+def find_data_root() -> Path | None:
+    """The shared data folder (see the module docstring), or ``None`` if none exists."""
+    env = os.environ.get("PRUNEKIT_DATA")
+    if env:
+        return Path(env).expanduser()
+    for candidate in _default_data_roots():
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def find_pretrained_file(info: PretrainedWeights) -> Path:
+    """Locate ``info``'s checkpoint on disk; raise FileNotFoundError saying where we looked."""
+    searched = _weights_dirs(info.folder)
+    for directory in searched:
+        matches = sorted(directory.glob(info.filename)) if directory.is_dir() else []
+        if matches:
+            return matches[0]
+    places = "\n  ".join(str(d) for d in searched)
+    raise FileNotFoundError(
+        f"pretrained weights {info.filename!r} not found. Looked in:\n  {places}\n"
+        "Set PRUNEKIT_WEIGHTS to the folder holding the .th files, or PRUNEKIT_DATA to the "
+        "shared data folder (the one containing weights/" + info.folder + "/)."
+    )
+
+
+def _default_data_roots() -> list[Path]:
+    import prunekit
+
+    return [
+        Path.cwd() / ".." / "shared" / "data",
+        Path(prunekit.__file__).resolve().parents[2] / "shared" / "data",
+    ]
+
+
+def _weights_dirs(folder: str) -> list[Path]:
+    env = os.environ.get("PRUNEKIT_WEIGHTS")
+    if env:
+        # An explicit setting is the user's intent; silently falling back would hide typos.
+        base = Path(env).expanduser()
+        return [base, base / folder]
+    env_data = os.environ.get("PRUNEKIT_DATA")
+    roots = [Path(env_data).expanduser()] if env_data else _default_data_roots()
+    return [root / "weights" / folder for root in roots]
+
+
+def _read_checkpoint(path: Path) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"weights path is a directory, expected a checkpoint file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as err:
+        global_ = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if global_ is None:  # e.g. "Unsupported operand": the bytes are not a torch pickle
+            raise _corrupt(path, err) from err
+        raise WeightsLoadError(
+            f"{path} pickles a Python object ({global_.group(1)}) that "
+            "torch.load(weights_only=True) refuses to unpickle. If you trust the file, load it "
+            "yourself with torch.load(path, weights_only=False) and pass the state dict to "
+            "load_weights; otherwise it is corrupt or not a checkpoint - re-download it."
+        ) from err
+    except Exception as err:  # truncated legacy files raise EOFError, KeyError, RuntimeError...
+        raise _corrupt(path, err) from err
+
+
+def _corrupt(path: Path, err: Exception) -> WeightsLoadError:
+    text = str(err).strip()
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    detail = unpickler.group(1) if unpickler else (text.splitlines()[-1] if text else "")
+    return WeightsLoadError(
+        f"{path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}"
+        f"{': ' + detail if detail else ''}); it may be truncated - re-download it."
+    )
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _unwrap(checkpoint: Any, origin: str) -> dict[str, torch.Tensor]:
+    obj = checkpoint
+    for _ in range(3):  # wrappers are sometimes nested, e.g. {"model": {"state_dict": ...}}
+        if _is_state_dict(obj):
+            return dict(obj)
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj), None)
+        if inner is None:
+            break
+        obj = inner
+    if isinstance(checkpoint, Mapping):
+        keys = ", ".join(map(str, list(checkpoint)[:_MAX_LISTED]))
+        what = f"a dict with keys [{keys}]"
+    else:
+        what = f"a {type(checkpoint).__name__}"
+    raise WeightsLoadError(
+        f"no state dict found in {origin}: it holds {what}; expected a mapping of parameter "
+        f"names to tensors, possibly under one of {list(_WRAPPER_KEYS)}"
+    )
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            # Only when every key has it: a real submodule may be called "module".
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _fill_bn_counters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    # Checkpoints from PyTorch < 0.4.1 have no num_batches_tracked buffers; they carry no
+    # information, so keep the model's own rather than reporting them as missing.
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value.clone()
+
+
+def _check_fit(
+    model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, origin: str
+) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        (k, tuple(state[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if not shapes and (not strict or (not missing and not unexpected)):
+        return
+    spec = getattr(model, "prunekit_spec", None)
+    target = type(model).__name__ + (f" ({spec['name']})" if spec else "")
+    lines = [f"weights from {origin} do not fit {target}:"]
+    if strict and missing:
+        lines.append(f"  {len(missing)} missing key(s): {_listing(missing)}")
+    if strict and unexpected:
+        lines.append(f"  {len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+    if shapes:
+        described = [f"{k}: checkpoint {a} vs model {b}" for k, a, b in shapes]
+        lines.append(f"  {len(shapes)} shape mismatch(es):\n    " + _listing(described, "\n    "))
+    lines.append(
+        "Was the checkpoint saved from a different depth, width, shortcut type or "
+        "num_classes? A pruned checkpoint must be loaded into the model rebuilt from its spec."
+    )
+    raise WeightsMismatchError(
+        "\n".join(lines),
+        missing=missing if strict else [],
+        unexpected=unexpected if strict else [],
+        shape_mismatches=shapes,
+    )
+
+
+def _listing(items: list[str], sep: str = ", ") -> str:
+    shown = sep.join(items[:_MAX_LISTED])
+    rest = len(items) - _MAX_LISTED
+    return shown + (f"{sep}... and {rest} more" if rest > 0 else "")

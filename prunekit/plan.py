@@ -1,0 +1,146 @@
+"""Pruning plans: how many channels each group keeps, and which (by score).
+
+A plan is ``{group name: sorted kept channel indices}`` — plain JSON. Rules every plan obeys:
+
+* fixed channels (model input/output, ignored layers, literal sizes in the code) are kept;
+* a group never loses all its channels: a ratio r in [0, 1) removes ``floor(r * n)`` channels,
+  so at least one stays; an explicit plan that keeps none is an error;
+* blocks (grouped convolutions, GroupNorm) lose the same number of channels each;
+* with ``round_to=k`` the kept count is rounded up to a multiple of k (capped at the size).
+"""
+from __future__ import annotations
+
+import math
+from fnmatch import fnmatchcase
+
+import numpy as np
+
+from .graph import ChannelGraph, ChannelGroup
+
+
+class PlanError(ValueError):
+    """A plan or ratio that cannot be applied; the message says why and what to change."""
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
+        raise PlanError(f"{what} must be a number in [0, 1) (the fraction of channels removed); "
+                        f"got {ratio!r}")
+    return float(ratio)
+
+
+def ratios_for_groups(graph: ChannelGraph, ratio: float | None = None,
+                      ratios: dict[str, float] | None = None) -> dict[str, float]:
+    """Per-group removal ratios from a uniform ``ratio`` and/or a ``ratios`` mapping.
+
+    Keys of ``ratios`` are group names or module names (fnmatch patterns allowed); a module
+    name selects the group of that module's output channels. A key matching nothing is an
+    error listing the prunable groups.
+    """
+    result: dict[str, float] = {}
+    if ratio is not None:
+        check_ratio(ratio)
+        result = {g.name: ratio for g in graph.prunable_groups()}
+    for key, value in (ratios or {}).items():
+        check_ratio(value, f"ratio for '{key}'")
+        hits = [g for g in graph.prunable_groups() if _matches(g, key)]
+        if not hits:
+            names = ", ".join(g.name for g in graph.prunable_groups())
+            raise PlanError(f"'{key}' names no prunable channel group or producing module; "
+                            f"prunable groups: {names}")
+        for g in hits:
+            result[g.name] = value
+    return result
+
+
+def _matches(group: ChannelGroup, key: str) -> bool:
+    if fnmatchcase(group.name, key):
+        return True
+    return any(fnmatchcase(m.module, key) for m, _ in group.producers())
+
+
+def keep_count(group: ChannelGroup, ratio: float, round_to: int = 1) -> int:
+    n = group.size
+    keep = n - math.floor(ratio * n + 1e-9)
+    step = _block_count(group)
+    multiple = math.lcm(round_to, step) if round_to > 1 else step
+    keep = min(n, max(multiple, math.ceil(keep / multiple) * multiple))
+    return max(keep, int(group.fixed.sum()))
+
+
+def _block_count(group: ChannelGroup) -> int:
+    return max((int(b.max()) + 1 for b in group.blocks), default=1)
+
+
+def select(group: ChannelGroup, scores: np.ndarray, keep: int) -> list[int]:
+    """Keep the ``keep`` highest-scoring channels; fixed ones always, blocks evenly."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (group.size,):
+        raise PlanError(f"criterion gave {scores.shape} scores for group '{group.name}' "
+                        f"of {group.size} channels")
+    ranked = np.where(group.fixed, np.inf, scores)
+    if not group.blocks:
+        order = np.argsort(-ranked, kind="stable")
+        return sorted(int(i) for i in order[:keep])
+    blocks = _effective_blocks(group)
+    count = int(blocks.max()) + 1
+    per_block = keep // count
+    kept = []
+    for b in range(count):
+        members = np.flatnonzero(blocks == b)
+        order = members[np.argsort(-ranked[members], kind="stable")]
+        if int(group.fixed[members].sum()) > per_block:
+            raise PlanError(f"group '{group.name}': block {b} has more fixed channels than the "
+                            f"{per_block} it may keep; lower the ratio")
+        kept.extend(int(i) for i in order[:per_block])
+    return sorted(kept)
+
+
+def _effective_blocks(group: ChannelGroup) -> np.ndarray:
+    first = group.blocks[0]
+    for other in group.blocks[1:]:
+        if not np.array_equal(first, other):
+            raise PlanError(f"group '{group.name}' has incompatible block constraints "
+                            "(two grouped layers split its channels differently)")
+    if (first < 0).any():
+        raise PlanError(f"group '{group.name}': some channels are outside every block")
+    return first
+
+
+def make_plan(graph: ChannelGraph, scores: dict[str, np.ndarray], ratios: dict[str, float],
+              round_to: int = 1) -> dict[str, list[int]]:
+    """Kept channel indices for every group that loses at least one channel."""
+    if not isinstance(round_to, int) or round_to < 1:
+        raise PlanError(f"round_to must be a positive int, got {round_to!r}")
+    plan = {}
+    for name, ratio in ratios.items():
+        group = graph.by_name[name]
+        keep = keep_count(group, ratio, round_to)
+        if keep < group.size:
+            plan[name] = select(group, scores[name], keep)
+    return plan
+
+
+def validate_plan(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
+    """Reject plans that would empty a group, drop fixed channels or break block structure."""
+    for name, kept in plan.items():
+        if name not in graph.by_name:
+            raise PlanError(f"plan names unknown group '{name}'")
+        group = graph.by_name[name]
+        kept = np.asarray(kept, dtype=np.int64)
+        if kept.size == 0:
+            raise PlanError(f"plan keeps no channel of group '{name}': that would empty "
+                            f"{', '.join(group.modules()[:4])}; keep at least one")
+        if kept.min() < 0 or kept.max() >= group.size or len(set(kept.tolist())) != kept.size:
+            raise PlanError(f"plan for group '{name}' has invalid or repeated indices "
+                            f"(group has {group.size} channels)")
+        mask = np.zeros(group.size, dtype=bool)
+        mask[kept] = True
+        if (group.fixed & ~mask).any():
+            reasons = "; ".join(group.fixed_reasons)
+            raise PlanError(f"plan removes fixed channels of group '{name}' ({reasons})")
+        for blocks in group.blocks:
+            counts = np.bincount(blocks[mask], minlength=int(blocks.max()) + 1)
+            if len(set(counts.tolist())) > 1:
+                raise PlanError(f"plan for group '{name}' keeps unequal counts per block "
+                                f"{counts.tolist()}; grouped layers need equal counts")

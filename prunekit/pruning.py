@@ -1,0 +1,140 @@
+"""``prunekit.prune``: graph -> scores -> plan -> surgery, with MACs/params before and after."""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .criteria import get_criterion
+from .graph import build_graph
+from .measure import count_macs, count_params
+from .plan import PlanError, check_ratio, make_plan, ratios_for_groups, validate_plan
+from .surgery import apply_plan
+
+
+@dataclass
+class PruningResult:
+    """What a pruning did: the plan (JSON-serialisable) and the model's size before and after."""
+
+    plan: dict[str, list[int]]
+    group_sizes: dict[str, int]
+    criterion: str
+    ratios: dict[str, float]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    unreached_modules: list[str] = field(default_factory=list)
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1 - self.macs_after / self.macs_before
+
+    @property
+    def params_reduction(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["macs_reduction"] = self.macs_reduction
+        d["params_reduction"] = self.params_reduction
+        return d
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def summary(self) -> str:
+        return (f"{self.criterion}: MACs {self.macs_before:,} -> {self.macs_after:,} "
+                f"(-{100 * self.macs_reduction:.1f}%), params {self.params_before:,} -> "
+                f"{self.params_after:,} (-{100 * self.params_reduction:.1f}%), "
+                f"{len(self.plan)} groups pruned")
+
+
+def _module_names(model: nn.Module, ignore) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for item in ignore:
+        if isinstance(item, nn.Module):
+            if id(item) not in names:
+                raise ValueError("an ignored module is not part of the model")
+            out.append(names[id(item)])
+        else:
+            if item not in dict(model.named_modules()):
+                raise ValueError(f"ignore names unknown module '{item}'")
+            out.append(item)
+    return out
+
+
+def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | None = None,
+          ratios: dict[str, float] | None = None, macs_reduction: float | None = None,
+          ignore=(), round_to: int = 1, calibration=None, leaf_modules=(),
+          plan: dict[str, list[int]] | None = None) -> PruningResult:
+    """Physically remove channels from ``model`` (in place) and report what changed.
+
+    Exactly one target: ``ratio`` (uniform fraction removed from every prunable group, in
+    [0, 1)), ``ratios`` (per group or module name, fnmatch patterns allowed; may be combined
+    with ``ratio`` as the default), ``macs_reduction`` (the uniform ratio that removes this
+    fraction of MACs, found by bisection), or an explicit ``plan``.
+    ``ignore``: modules (or names) whose output channels are kept, e.g. the classifier.
+    ``calibration``: data for activation-based criteria (an iterable of input batches).
+    """
+    targets = [ratio is not None or ratios is not None, macs_reduction is not None,
+               plan is not None]
+    if sum(targets) != 1:
+        raise PlanError("give exactly one target: ratio/ratios, macs_reduction or plan")
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    ignore = _module_names(model, ignore)
+    graph = build_graph(model, example_inputs, leaf_modules=leaf_modules, ignore=ignore)
+    crit = get_criterion(criterion)
+    macs_before, params_before = count_macs(model, example_inputs), count_params(model)
+
+    group_ratios: dict[str, float] = {}
+    if plan is None:
+        if getattr(crit, "needs_data", False) and calibration is None:
+            raise ValueError(f"criterion '{crit.name}' needs calibration data (calibration=...)")
+        if getattr(crit, "needs_data", False):
+            scores = crit.score(graph, model, calibration)
+        else:
+            scores = crit.score(graph, model)
+        if macs_reduction is not None:
+            group_ratios = _ratios_for_macs(model, graph, scores, example_inputs,
+                                            check_ratio(macs_reduction, "macs_reduction"),
+                                            macs_before, round_to)
+        else:
+            group_ratios = ratios_for_groups(graph, ratio, ratios)
+        plan = make_plan(graph, scores, group_ratios, round_to)
+    validate_plan(graph, plan)
+    apply_plan(model, graph, plan)
+    return PruningResult(
+        plan={k: [int(i) for i in v] for k, v in plan.items()},
+        group_sizes={g.name: g.size for g in graph.groups},
+        criterion=getattr(crit, "name", str(crit)), ratios=group_ratios,
+        macs_before=macs_before, macs_after=count_macs(model, example_inputs),
+        params_before=params_before, params_after=count_params(model),
+        unreached_modules=graph.unreached)
+
+
+def _ratios_for_macs(model, graph, scores, example_inputs, target, macs_before, round_to,
+                     steps: int = 18) -> dict[str, float]:
+    """Bisection on the uniform ratio until the pruned copy loses ``target`` of its MACs."""
+
+    def reduction(r: float) -> float:
+        trial = copy.deepcopy(model)
+        ratios = ratios_for_groups(graph, r)
+        apply_plan(trial, graph, make_plan(graph, scores, ratios, round_to))
+        return 1 - count_macs(trial, example_inputs) / macs_before
+
+    lo, hi = 0.0, 0.999
+    if reduction(hi) < target:
+        raise PlanError(f"macs_reduction {target:.3f} is out of reach: pruning every prunable "
+                        f"group to one channel removes only {reduction(hi):.3f} of the MACs")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if reduction(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return ratios_for_groups(graph, hi)

@@ -1,0 +1,114 @@
+"""Physical channel removal: slice every tensor a ChannelGraph names, then fix module metadata.
+
+The model stays an ordinary nn.Module (same classes, smaller tensors), so it trains, saves and
+exports like any other.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graph import ChannelGraph
+
+
+def removed_channel_roots(graph: ChannelGraph, plan: dict[str, list[int]]) -> set[int]:
+    """Channel identities removed by ``plan`` (group name -> kept channel indices)."""
+    removed: set[int] = set()
+    for name, kept in plan.items():
+        group = graph.by_name[name]
+        keep = np.zeros(group.size, dtype=bool)
+        keep[np.asarray(kept, dtype=np.int64)] = True
+        removed.update(int(r) for r in group.channels[~keep])
+    return removed
+
+
+def kept_positions(roots: np.ndarray, removed: set[int]) -> np.ndarray:
+    if not removed:
+        return np.arange(len(roots))
+    gone = np.isin(roots, np.fromiter(removed, dtype=np.int64, count=len(removed)))
+    return np.flatnonzero(~gone)
+
+
+def apply_plan(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]]) -> nn.Module:
+    """Remove, in place, every channel the plan does not keep; returns ``model``."""
+    removed = removed_channel_roots(graph, plan)
+    if not removed:
+        return model
+    slices: dict[str, list] = defaultdict(list)
+    for member, roots in zip(graph.state.members, graph.member_roots):
+        keep = kept_positions(roots, removed)
+        if len(keep) < len(roots):
+            slices[member.tensor].append((member.dim, keep, member.blocks))
+    touched_modules = set()
+    for tensor_name, cuts in slices.items():
+        _slice_tensor(model, tensor_name, cuts)
+        touched_modules.add(tensor_name.rsplit(".", 1)[0] if "." in tensor_name else "")
+    for attr, roots in zip(graph.state.attr_members, graph.attr_roots):
+        setattr(model.get_submodule(attr.module), attr.attr, int(len(kept_positions(roots, removed))))
+    for name in touched_modules:
+        _fix_metadata(model.get_submodule(name), graph.state.module_meta.get(name, {}))
+    return model
+
+
+def _slice_tensor(model: nn.Module, name: str, cuts) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    old = getattr(owner, attr)
+    data = old.detach()
+    seen_dims = {}
+    # Plain dims first: a grouped input dimension is cut per block of the *kept* output rows.
+    for dim, keep, blocks in sorted(cuts, key=lambda c: c[2] > 1):
+        if dim in seen_dims:
+            if not np.array_equal(seen_dims[dim], keep):
+                raise RuntimeError(f"inconsistent channel selections for {name} dim {dim}")
+            continue
+        seen_dims[dim] = keep
+        index = torch.as_tensor(keep, dtype=torch.long, device=data.device)
+        data = _cut_blocks(data, dim, keep, blocks) if blocks > 1 else data.index_select(dim, index)
+    data = data.clone()
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(data, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = data
+
+
+def _cut_blocks(weight: torch.Tensor, dim: int, keep: np.ndarray, blocks: int) -> torch.Tensor:
+    """Input columns of a grouped conv: block b's rows read input channels of block b only."""
+    cols_per_block = weight.shape[dim]  # in_channels // groups, before the cut
+    rows_per_block = weight.shape[0] // blocks
+    parts = []
+    for b in range(blocks):
+        rows = weight[b * rows_per_block:(b + 1) * rows_per_block]
+        mine = keep[(keep >= b * cols_per_block) & (keep < (b + 1) * cols_per_block)]
+        index = torch.as_tensor(mine - b * cols_per_block, dtype=torch.long, device=weight.device)
+        parts.append(rows.index_select(dim, index))
+    widths = {p.shape[dim] for p in parts}
+    if len(widths) != 1:
+        raise RuntimeError(f"grouped conv blocks keep different channel counts: {sorted(widths)}")
+    return torch.cat(parts, dim=0)
+
+
+def _fix_metadata(module: nn.Module, meta: dict) -> None:
+    """Make a module's bookkeeping attributes agree with its new tensor shapes."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight
+        module.out_channels = w.shape[0]
+        if meta.get("kind") == "depthwise":
+            module.groups = w.shape[0] // meta.get("multiplier", 1)
+            module.in_channels = module.groups
+        else:
+            module.in_channels = w.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        ref = module.weight if module.weight is not None else module.running_mean
+        module.num_features = ref.shape[0]
+    elif isinstance(module, nn.GroupNorm):
+        module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.shape[0]
