@@ -81,7 +81,7 @@ def select(group: ChannelGroup, scores: np.ndarray, keep: int) -> list[int]:
     ranked = np.where(group.fixed, np.inf, scores)
     if not group.blocks:
         order = np.argsort(-ranked, kind="stable")
-        return sorted(int(i) for i in order[:keep])
+        return _keep_every_member_alive(group, ranked, set(int(i) for i in order[:keep]))
     blocks = _effective_blocks(group)
     count = int(blocks.max()) + 1
     per_block = keep // count
@@ -93,6 +93,16 @@ def select(group: ChannelGroup, scores: np.ndarray, keep: int) -> list[int]:
             raise PlanError(f"group '{group.name}': block {b} has more fixed channels than the "
                             f"{per_block} it may keep; lower the ratio")
         kept.extend(int(i) for i in order[:per_block])
+    return sorted(kept)
+
+
+def _keep_every_member_alive(group: ChannelGroup, ranked: np.ndarray, kept: set[int]) -> list[int]:
+    """A group can span layers of different widths (a residual stream that grows stage by
+    stage): keep each layer's best channel if the global choice left that layer empty."""
+    for member, pos in group.members:
+        mine = np.unique(pos[pos >= 0])
+        if mine.size and not kept.intersection(mine.tolist()):
+            kept.add(int(mine[np.argmax(ranked[mine])]))
     return sorted(kept)
 
 

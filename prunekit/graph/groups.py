@@ -170,10 +170,16 @@ class ChannelGraph:
             lines.append(f"[{g.index}] {g.name}: {g.size} channels ({status}{extra})")
             if g.fixed_reasons:
                 lines.append(f"      fixed because: {'; '.join(g.fixed_reasons)}")
+            by_role: dict[str, dict[str, None]] = {}
             for m, pos in g.members:
-                n = int((pos >= 0).sum())
-                where = f"{m.tensor}[dim {m.dim}]"
-                lines.append(f"      {m.role:5s} {where}  ({n} of {len(pos)} positions)")
+                partial = "" if (pos >= 0).all() else f"[{int((pos >= 0).sum())}/{len(pos)}]"
+                by_role.setdefault(m.role, {})[f"{m.module or m.tensor}{partial}"] = None
+            for role in ("out", "param", "norm", "in"):
+                if role in by_role:
+                    names = list(by_role[role])
+                    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)"
+                                                    if len(names) > 8 else "")
+                    lines.append(f"      {role:5s} {shown}")
         if self.unreached:
             lines.append("not reached by the trace (left unpruned): " + ", ".join(self.unreached))
         return "\n".join(lines)

@@ -261,7 +261,7 @@ def _index_ids(ctx, ids, shape, index):
             expanded.extend([slice(None)] * (len(shape) - n_explicit))
         else:
             expanded.append(i)
-    out, d = [], 0
+    d = 0
     result = ids
     axis = 0
     for i in expanded:
@@ -283,7 +283,6 @@ def _index_ids(ctx, ids, shape, index):
             else:
                 ctx.fail(f"unsupported index {i!r} on a channel dimension")
         d += 1
-    del out
     return compress(result)
 
 
@@ -303,6 +302,9 @@ def pad(ctx, node, module=None):
             vec = np.broadcast_to(result, [in_shape[j] if j == d else result.shape[j]
                                            for j in range(ndim)])
             zeros_shape = list(vec.shape)
+            if before < 0 or after < 0:
+                # A literal crop would cut other channels once some are gone: keep them all.
+                ctx.fix(vec, f"channels cropped with literal widths by '{node.name}'")
             lo = max(before, 0)
             hi = max(after, 0)
             core = np.take(vec, np.arange(max(-before, 0), in_shape[d] - max(-after, 0)), axis=d)
@@ -360,7 +362,7 @@ def spatial(ctx, node, module=None):
 register_function_rule(
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.interpolate, F.upsample, torch.nn.functional.pixel_shuffle if False else F.interpolate,
+    F.interpolate, F.upsample,
     rule=spatial,
 )
 
