@@ -122,13 +122,33 @@ def make_plan(graph: ChannelGraph, scores: dict[str, np.ndarray], ratios: dict[s
     """Kept channel indices for every group that loses at least one channel."""
     if not isinstance(round_to, int) or round_to < 1:
         raise PlanError(f"round_to must be a positive int, got {round_to!r}")
-    plan = {}
-    for name, ratio in ratios.items():
-        group = graph.by_name[name]
-        keep = keep_count(group, ratio, round_to)
+    plan: dict[str, list[int]] = {}
+    for group in graph.groups:  # trace order: a required channel's group is planned first
+        if group.name not in ratios:
+            continue
+        locked = _locked_by_requirements(graph, group, plan)
+        keep = keep_count(group, ratios[group.name], round_to)
         if keep < group.size:
-            plan[name] = select(group, scores[name], keep)
+            view = group if not locked.any() else _with_fixed(group, locked)
+            plan[group.name] = select(view, scores[group.name], max(keep, int(view.fixed.sum())))
     return plan
+
+
+def _locked_by_requirements(graph: ChannelGraph, group: ChannelGroup, plan) -> np.ndarray:
+    """Channels that may not go because a channel they require is kept."""
+    locked = np.zeros(group.size, dtype=bool)
+    for (ga, ca), (gb, cb) in getattr(graph, "requirements", ()):
+        if ga == group.index:
+            other = graph.groups[gb]
+            kept_there = plan.get(other.name)
+            if kept_there is None or cb in set(kept_there):
+                locked[ca] = True
+    return locked
+
+
+def _with_fixed(group: ChannelGroup, locked: np.ndarray) -> ChannelGroup:
+    import dataclasses
+    return dataclasses.replace(group, fixed=group.fixed | locked)
 
 
 def validate_plan(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
@@ -149,6 +169,13 @@ def validate_plan(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
         if (group.fixed & ~mask).any():
             reasons = "; ".join(group.fixed_reasons)
             raise PlanError(f"plan removes fixed channels of group '{name}' ({reasons})")
+        for (ga, ca), (gb, cb) in getattr(graph, "requirements", ()):
+            if ga == group.index and ca not in set(kept.tolist()):
+                other = graph.groups[gb]
+                if cb in set(plan.get(other.name, range(other.size))):
+                    raise PlanError(f"plan removes channel {ca} of group '{name}' but keeps "
+                                    f"channel {cb} of group '{other.name}', whose values it "
+                                    "carries (e.g. through a zero-padding shortcut)")
         for blocks in group.blocks:
             counts = np.bincount(blocks[mask], minlength=int(blocks.max()) + 1)
             if len(set(counts.tolist())) > 1:

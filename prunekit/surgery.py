@@ -46,8 +46,16 @@ def apply_plan(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]]
     for tensor_name, cuts in slices.items():
         _slice_tensor(model, tensor_name, cuts)
         touched_modules.add(tensor_name.rsplit(".", 1)[0] if "." in tensor_name else "")
+    kept_by_module: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     for attr, roots in zip(graph.state.attr_members, graph.attr_roots):
-        setattr(model.get_submodule(attr.module), attr.attr, int(len(kept_positions(roots, removed))))
+        kept_by_module[attr.module][attr.attr] = kept_positions(roots, removed)
+    for name, kept in kept_by_module.items():
+        module = model.get_submodule(name)
+        if hasattr(module, "prunekit_apply_kept"):
+            module.prunekit_apply_kept(kept)  # modules that rebuild more than a count
+        else:
+            for attr, positions in kept.items():
+                setattr(module, attr, int(len(positions)))
     for name in touched_modules:
         _fix_metadata(model.get_submodule(name), graph.state.module_meta.get(name, {}))
     return model

@@ -26,6 +26,8 @@ class Member:
     role: str
     module: str
     blocks: int = 1
+    node: str = ""        # the fx node that recorded it
+    input_node: str = ""  # the fx node whose output it reads (consumers: the feature map)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TraceState:
     attr_members: list[AttrMember] = field(default_factory=list)
     fixed: dict[int, str] = field(default_factory=dict)
     divisions: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    requirements: list[tuple[int, int]] = field(default_factory=list)
     module_meta: dict[str, dict] = field(default_factory=dict)
     touched_tensors: set[str] = field(default_factory=set)
 
@@ -132,11 +135,19 @@ class RuleContext:
     # ---- recording ----------------------------------------------------------------------------
     def member(self, tensor: str, dim: int, ids, role: str, module: str, blocks: int = 1):
         vec = np.asarray(ids, dtype=np.int64).reshape(-1)
-        self.state.members.append(Member(tensor, dim, vec, role, module, blocks))
+        first = self.node.args[0] if self.node.args else None
+        source = first.name if hasattr(first, "op") else ""
+        self.state.members.append(Member(tensor, dim, vec, role, module, blocks,
+                                         self.node.name, source))
         self.state.touched_tensors.add(tensor)
 
     def attr_member(self, module: str, attr: str, ids) -> None:
         self.state.attr_members.append(AttrMember(module, attr, np.asarray(ids).reshape(-1)))
+
+    def requires(self, channel: int, other: int) -> None:
+        """Removing ``channel`` is allowed only if ``other`` is removed too (one-way)."""
+        if channel >= 0 and other >= 0:
+            self.state.requirements.append((int(channel), int(other)))
 
     def divisible(self, ids, blocks: int) -> None:
         """Every one of ``blocks`` equal slices of ``ids`` must keep the same number."""

@@ -42,6 +42,17 @@ class ChannelGroup:
     def producers(self) -> list[tuple[Member, np.ndarray]]:
         return [(m, pos) for m, pos in self.members if m.role == "out"]
 
+    def feature_maps(self) -> list[tuple[str, np.ndarray]]:
+        """(fx node, group channel index per channel of its output) for every feature map in
+        which layers consume this group's channels — after BN and activation, and after the
+        residual add for a residual stream: where activation-based criteria (CHIP, HRank,
+        APoZ) look. Maps of one group can differ in width (a stream growing stage by stage)."""
+        seen: dict[str, np.ndarray] = {}
+        for m, pos in self.members:
+            if m.role == "in" and m.input_node and (pos >= 0).all() and m.blocks == 1:
+                seen.setdefault(m.input_node, pos)
+        return list(seen.items())
+
     def modules(self) -> list[str]:
         seen: dict[str, None] = {}
         for m, _ in self.members:
@@ -97,6 +108,7 @@ class ChannelGraph:
         for r in order:
             components.setdefault(link.find(slot_of(r)), []).append(r)
 
+        uf = self.state.uf
         groups = []
         channel_of: dict[int, tuple[int, int]] = {}
         for gi, roots in enumerate(components.values()):
@@ -125,6 +137,12 @@ class ChannelGraph:
             result.append(ChannelGroup(gi, name, np.array(roots, dtype=np.int64), fixed,
                                        reasons, members))
         self._attach_blocks(result, channel_of)
+        # One-way requirements between channels: (group, channel) -> (group, channel).
+        self.requirements = []
+        for a, b in self.state.requirements:
+            ra, rb = uf.find(a), uf.find(b)
+            if ra != rb and ra in channel_of and rb in channel_of:
+                self.requirements.append((channel_of[ra], channel_of[rb]))
         return result
 
     def _attach_blocks(self, groups, channel_of) -> None:

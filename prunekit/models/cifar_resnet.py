@@ -55,54 +55,80 @@ STAGE_STRIDES = (1, 2, 2)
 class ZeroPadShortcut(nn.Module):
     """Option-A shortcut: spatial subsampling plus zero channels, no parameters.
 
-    ``front`` zero channels go before the input channels and ``back`` after them; the
-    akamaster/CHIP layout splits ``out - in`` as ``(out - in) // 2`` in front, FPGM/SFP put
-    everything at the back (``append=True``).
+    Input channel ``i`` lands on output channel ``positions[i]``; every other output channel is
+    zero. Unpruned, the positions are contiguous: ``front = (out - in) // 2`` zero channels
+    before the input (akamaster/CHIP layout) or all of them after it (``append=True``,
+    FPGM/SFP), computed with one ``F.pad``. After pruning the positions may have gaps, and the
+    input is scattered into place instead.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *,
-                 append: bool = False):
+                 append: bool = False, positions: Sequence[int] | None = None):
         super().__init__()
         if out_channels < in_channels:
             raise ValueError(
                 "a zero-padding shortcut cannot reduce channels "
                 f"({in_channels} -> {out_channels}); use shortcut='B' for a projection"
             )
-        pad = out_channels - in_channels
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        front = 0 if append else (out_channels - in_channels) // 2
         self.stride = stride
-        self.front = 0 if append else pad // 2
-        self.back = pad - self.front
+        self.set_positions(list(range(front, front + in_channels)) if positions is None
+                           else [int(p) for p in positions], out_channels)
+
+    def set_positions(self, positions: list[int], out_channels: int) -> None:
+        if len(set(positions)) != len(positions) or any(not 0 <= p < out_channels
+                                                        for p in positions):
+            raise ValueError(f"shortcut positions must be distinct and in [0, {out_channels}); "
+                             f"got {positions}")
+        self.positions = list(positions)
+        self.in_channels = len(positions)
+        self.out_channels = out_channels
+        first = positions[0] if positions else 0
+        contiguous = positions == list(range(first, first + len(positions)))
+        # Contiguous positions are a plain pad; gaps need a scatter (kept as a buffer so it
+        # follows .to(device) and exports to ONNX as ScatterND).
+        self.front = first if contiguous else None
+        self.back = out_channels - first - len(positions) if contiguous else None
+        index = torch.tensor(positions, dtype=torch.long)
+        self.register_buffer("scatter_index", None if contiguous else index, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != 1:  # a Python int, so fx traces this branch away
             x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, self.front, self.back))
+        if self.scatter_index is None:
+            return F.pad(x, (0, 0, 0, 0, self.front, self.back))
+        out = x.new_zeros((x.shape[0], self.out_channels, x.shape[2], x.shape[3]))
+        return out.index_copy(1, self.scatter_index, x)
+
+    def prunekit_apply_kept(self, kept: dict[str, np.ndarray]) -> None:
+        """Surgery callback: ``kept["in"]``/``kept["out"]`` are the kept input/output channel
+        indices; each kept input keeps its slot (the channel rule guarantees the slot stays)."""
+        slot = {int(p): j for j, p in enumerate(kept["out"])}
+        self.set_positions([slot[self.positions[int(i)]] for i in kept["in"]], len(kept["out"]))
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
-                f"front={self.front}, back={self.back}")
+        where = (f"front={self.front}, back={self.back}" if self.scatter_index is None
+                 else f"positions={self.positions}")
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, {where}"
 
 
 @register_module_rule(ZeroPadShortcut)
 def zero_pad_shortcut_channels(ctx, node, module: ZeroPadShortcut):
-    """Channel rule: output = [front zero slots] + input channels + [back zero slots].
+    """Channel rule: the output channels are channels of their own, not the input's.
 
-    The offsets are *mapped*, not protected: the zero slots are channels of their own whose
-    kept counts become the new ``front``/``back``, and each input channel is united with the
-    output position it lands on, because the residual add sums them position by position.
-    Pruning a stage's residual stream therefore also removes the matching positions of the
-    next stages (the identity path carries those channels on), and the shortcut stays a
-    plain ``F.pad`` with new widths: exact, and as fast as before.
+    The offsets are *mapped*, not protected. Output slot ``positions[i]`` carries input ``i``
+    through the residual add, so removing that slot requires removing input ``i`` (else its
+    values would be lost); removing input ``i`` alone is fine: its slot then receives zeros.
+    Stages therefore prune independently (CHIP prunes each stage's stream at its own ratio),
+    and the shortcut rebuilds its positions from whatever both sides keep.
     """
     x = node.args[0]
     vec = ctx.channel_vector(ctx.ids(x), 1, module.in_channels)
-    front, back = ctx.new_vars(module.front), ctx.new_vars(module.back)
-    for attr, ids in (("front", front), ("back", back), ("in_channels", vec)):
-        ctx.attr_member(node.target, attr, ids)
-    out = np.concatenate([front, vec, back])
-    ctx.attr_member(node.target, "out_channels", out)
+    out = ctx.new_vars(module.out_channels)
+    for i, p in enumerate(module.positions):
+        ctx.requires(out[p], vec[i])
+    ctx.attr_member(node.target, "in", vec)
+    ctx.attr_member(node.target, "out", out)
     return channel_ids(out, ctx.value(x).dim(), 1)
 
 
