@@ -54,7 +54,11 @@ __all__ = [
 
 SCHEDULES = ("cosine", "multistep", "constant")
 LAST_CHECKPOINT, BEST_CHECKPOINT, LOG_FILE = "last.pt", "best.pt", "log.jsonl"
-#: Keys of every ``log.jsonl`` line (and of every ``fit(...)["history"]`` entry).
+#: Keys of every ``log.jsonl`` line (and of every ``fit(...)["history"]`` entry): ``lr`` is the
+#: rate of the epoch's last iteration, ``train_*`` average over the epoch's training batches
+#: (all ranks), ``val_*`` are null without a val_set, ``seconds`` is the epoch's wall time and
+#: ``images/s`` the training throughput (validation excluded). Lines may also hold
+#: ``train_extra_loss`` (mean of the hooks' extra_loss terms).
 LOG_KEYS = ("epoch", "lr", "train_loss", "train_top1", "val_top1", "val_loss", "seconds",
             "images/s")
 CHECKPOINT_FORMAT = 1
@@ -121,7 +125,8 @@ class TrainConfig:
         def is_number(value: Any) -> bool:
             return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
-        require(is_int(self.epochs) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}")
+        require(is_int(self.epochs) and self.epochs >= 1,
+                f"epochs must be an int >= 1, got {self.epochs!r}")
         require(is_number(self.lr) and self.lr >= 0, f"lr must be >= 0, got {self.lr!r}")
         require(is_number(self.momentum) and 0 <= self.momentum < 1,
                 f"momentum must be in [0, 1), got {self.momentum!r}")
@@ -283,15 +288,22 @@ class _Hooks:
                  for term in [hook.extra_loss(model)] if term is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
+    def _stateful(self) -> list[Any]:
+        return [hook for hook in self.hooks if hasattr(hook, "state_dict")]
+
     def state_dicts(self) -> list[Any]:
-        return [hook.state_dict() if hasattr(hook, "state_dict") else None for hook in self.hooks]
+        """States of the hooks that have ``state_dict``, in order (stateless hooks, e.g. one
+        that only logs, may be added or dropped between a run and its resume)."""
+        return [hook.state_dict() for hook in self._stateful()]
 
     def load_state_dicts(self, states: Sequence[Any], path: Path) -> None:
-        if len(states) != len(self.hooks):
+        stateful = self._stateful()
+        if len(states) != len(stateful):
             raise CheckpointError(f"{path} holds the state of {len(states)} hook(s) but fit() got "
-                                  f"{len(self.hooks)}; pass the same hooks to resume")
-        for hook, state in zip(self.hooks, states):
-            if state is not None and hasattr(hook, "load_state_dict"):
+                                  f"{len(stateful)} hook(s) with state_dict(); pass the same hooks "
+                                  "to resume")
+        for hook, state in zip(stateful, states):
+            if hasattr(hook, "load_state_dict"):
                 hook.load_state_dict(state)
 
 
@@ -438,7 +450,11 @@ class _Trainer:
     def train_epoch(self, epoch: int, loader) -> _EpochResult:
         config, device = self.config, self.device
         self.train_model.train()
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, seen, extra
+        # Sums stay on the device: calling .item() every step would stall CUDA.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        extra_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen, saw_extra = 0, False
         lr = self.optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -449,7 +465,7 @@ class _Trainer:
                     break
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
                     logits = _first_output(self.train_model(inputs))
@@ -468,29 +484,29 @@ class _Trainer:
                 self.hooks.call("after_step", self.global_step)
                 self.global_step += 1
 
-                # Accumulate on the device: calling .item() every step would stall CUDA.
                 batch = targets.numel()
-                totals += torch.stack([
-                    loss.detach().double() * batch,
-                    (logits.detach().argmax(1) == targets).sum().double(),
-                    torch.tensor(float(batch), dtype=torch.float64, device=device),
-                    (extra.detach().double() if extra is not None else totals.new_zeros(())) * batch,
-                ])
+                seen += batch
+                loss_sum += loss.detach().double() * batch
+                correct += (logits.detach().argmax(1) == targets).sum()
+                if extra is not None:
+                    saw_extra = True
+                    extra_sum += extra.detach().double() * batch
                 bar.update()
                 if not bar.disable and (index % 20 == 0 or index + 1 == self.steps_per_epoch):
-                    loss_sum, correct, seen, _ = totals.tolist()
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", top1=f"{100 * correct / seen:.2f}",
-                                    lr=f"{lr:.4g}")
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                                    top1=f"{100 * correct.item() / seen:.2f}", lr=f"{lr:.4g}")
         finally:
             bar.close()
+        seconds = time.perf_counter() - started
+        totals = torch.stack([loss_sum, correct, extra_sum,
+                              torch.tensor(float(seen), dtype=torch.float64, device=device)])
         if self.ddp.enabled:  # every rank trained on its own shard: report the global numbers
             dist.all_reduce(totals)
-        loss_sum, correct, seen, extra_sum = totals.tolist()
-        if seen == 0:
+        loss_total, correct_total, extra_total, seen_total = totals.tolist()
+        if seen_total == 0:
             raise ValueError("the training loader yielded no batches")
-        has_extra = any(hasattr(hook, "extra_loss") for hook in self.hooks.hooks)
-        return _EpochResult(loss_sum / seen, 100.0 * correct / seen, lr, int(seen),
-                            time.perf_counter() - started, extra_sum / seen if has_extra else None)
+        return _EpochResult(loss_total / seen_total, 100.0 * correct_total / seen_total, lr,
+                            int(seen_total), seconds, extra_total / seen_total if saw_extra else None)
 
     def checkpoint(self, epoch: int, history: list[dict], best: dict) -> dict[str, Any]:
         return {
@@ -692,6 +708,7 @@ def _fit(model, train_set, val_set, config: TrainConfig, out_dir: Path, hooks: _
                 "val_top1": None if val is None else val["top1"],
                 "val_loss": None if val is None else val["loss"],
                 "seconds": time.perf_counter() - epoch_started,
+                # Training throughput of all ranks together; validation is not included.
                 "images/s": result.images / result.seconds if result.seconds > 0 else None,
             }
             if result.extra_loss is not None:
@@ -720,7 +737,7 @@ def _fit(model, train_set, val_set, config: TrainConfig, out_dir: Path, hooks: _
         "history": history,
         "best_val_top1": best["val_top1"],
         "best_epoch": best["epoch"],
-        "epochs_run": config.epochs - start_epoch,
+        "epochs_run": max(config.epochs - start_epoch, 0),
         "resumed_from_epoch": start_epoch if checkpoint is not None else None,
         "final_val_top1": history[-1]["val_top1"] if history else None,
         "out_dir": str(out_dir),
