@@ -1,8 +1,11 @@
 """The ``prunekit`` command line.
 
     prunekit eval --model cifar_resnet56 --weights pretrained [--data DIR] [--split test] [--json]
-    prunekit models
-    prunekit explain --model cifar_resnet56
+    prunekit prune --model cifar_resnet56 --weights pretrained --criterion l1 --macs-reduction 0.5
+                   [--finetune-epochs 2 ...] --out runs/l1_50
+    prunekit prune --recipe chip_resnet56_47 --out runs/chip47
+    prunekit finetune RUN_DIR --epochs 10      prunekit export RUN_DIR/model.safetensors --onnx
+    prunekit report RUN_DIR...                 prunekit models | explain
 """
 from __future__ import annotations
 
@@ -26,9 +29,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortcut", default=None, help="CIFAR ResNet shortcut: A, A_append or B")
 
 
-def _build_model(args) -> torch.nn.Module:
+def _model_spec(args) -> dict:
+    """A zoo model by name, or a saved (pruned) model given as a .safetensors path."""
+    if args.model.endswith(".safetensors"):
+        return {"path": args.model}
     kwargs = {"shortcut": args.shortcut} if args.shortcut else {}
-    return models.create(args.model, weights=args.weights, **kwargs)
+    return {"name": args.model, "weights": args.weights, "kwargs": kwargs}
+
+
+def _build_model(args) -> torch.nn.Module:
+    from .pipeline import load_model
+    return load_model(_model_spec(args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +64,47 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ev.set_defaults(func=cmd_eval)
 
+    pr = sub.add_parser("prune", help="prune, fine-tune, measure and save (report.json)")
+    pr.add_argument("--recipe", default=None, help="a recipe name (recipes/) or YAML file")
+    pr.add_argument("--model", default=None, help="model name or saved .safetensors")
+    pr.add_argument("--weights", default=None)
+    pr.add_argument("--shortcut", default=None)
+    pr.add_argument("--criterion", default=None, help="l1, l2, fpgm, bn_scale, hrank, chip, ...")
+    target = pr.add_mutually_exclusive_group()
+    target.add_argument("--ratio", type=float, default=None, help="uniform fraction removed")
+    target.add_argument("--macs-reduction", type=float, default=None,
+                        help="fraction of MACs to remove (uniform ratio found by bisection)")
+    target.add_argument("--chip-sparsity", default=None, help="e.g. '[0.]+[0.15]*2+[0.4]*27'")
+    target.add_argument("--global-ratio", type=float, default=None,
+                        help="fraction of all channels removed by one global ranking")
+    pr.add_argument("--ignore", default="", help="comma-separated modules whose outputs stay")
+    pr.add_argument("--round-to", type=int, default=None)
+    pr.add_argument("--out", required=True, help="run directory (rerun to resume)")
+    _add_train_args(pr, prefix="finetune-")
+    _add_common_run_args(pr)
+    pr.set_defaults(func=cmd_prune)
+
+    ft = sub.add_parser("finetune", help="fine-tune a saved model (resumable)")
+    ft.add_argument("model", help="a .safetensors file written by prunekit, or a run directory")
+    ft.add_argument("--out", default=None, help="default: <run dir>/finetune-more")
+    _add_train_args(ft, prefix="")
+    _add_common_run_args(ft)
+    ft.set_defaults(func=cmd_finetune)
+
+    exp = sub.add_parser("export", help="export a saved model to ONNX and/or TorchScript")
+    exp.add_argument("model", help="a .safetensors file written by prunekit, or a run directory")
+    exp.add_argument("--onnx", action="store_true")
+    exp.add_argument("--torchscript", action="store_true")
+    exp.add_argument("--out", default=None, help="output path stem (default: next to the model)")
+    exp.add_argument("--input-size", type=int, default=32)
+    exp.set_defaults(func=cmd_export)
+
+    rep = sub.add_parser("report", help="Markdown table + PNG plot of accuracy vs MACs")
+    rep.add_argument("runs", nargs="+", help="run directories containing report.json")
+    rep.add_argument("--out", default="report", help="output stem: OUT.md and OUT.png")
+    rep.add_argument("--split", default=None, help="which accuracy to plot (default: test)")
+    rep.set_defaults(func=cmd_report)
+
     ls = sub.add_parser("models", help="list the registered models")
     ls.add_argument("pattern", nargs="?", default=None)
     ls.set_defaults(func=lambda a: print("\n".join(models.list_models(a.pattern))) or 0)
@@ -62,6 +114,135 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--input-size", type=int, default=32)
     ex.set_defaults(func=cmd_explain)
     return parser
+
+
+TRAIN_FIELDS = (("epochs", int), ("lr", float), ("momentum", float), ("weight_decay", float),
+                ("schedule", str), ("warmup_epochs", int), ("label_smoothing", float),
+                ("batch_size", int), ("num_workers", int))
+
+
+# From a pretrained network: a tenth of the from-scratch learning rate (as FPGM/CHIP do).
+FINETUNE_DEFAULTS = {"epochs": 0, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+                     "schedule": "cosine", "batch_size": 128}
+
+
+def _add_train_args(p, prefix: str) -> None:
+    for name, kind in TRAIN_FIELDS:
+        p.add_argument(f"--{prefix}{name.replace('_', '-')}", type=kind, default=None,
+                       dest=f"train_{name}")
+    p.add_argument(f"--{prefix}nesterov", action="store_true", default=None, dest="train_nesterov")
+    p.add_argument(f"--{prefix}milestones", default=None, dest="train_milestones",
+                   help="comma-separated epochs for the multistep schedule")
+    p.add_argument(f"--{prefix}max-steps", type=int, default=None,
+                   dest="train_max_steps_per_epoch", help="cap steps per epoch (smoke runs)")
+
+
+def _add_common_run_args(p) -> None:
+    p.add_argument("--data", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-splits", default="test,test-lossless")
+    p.add_argument("--latency-batches", default="1,64")
+    p.add_argument("--latency-runs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on a class-balanced subset of N images (smoke runs)")
+
+
+def _train_overrides(args) -> dict:
+    out = {}
+    for name, _ in TRAIN_FIELDS + (("nesterov", bool), ("max_steps_per_epoch", int)):
+        value = getattr(args, f"train_{name}", None)
+        if value is not None:
+            out[name] = value
+    if getattr(args, "train_milestones", None):
+        out["milestones"] = [int(m) for m in args.train_milestones.split(",")]
+    if args.device != "auto":
+        out["device"] = args.device
+    out["seed"] = args.seed
+    return out
+
+
+def _run_options(args) -> dict:
+    return {"data": args.data, "seed": args.seed,
+            "eval_splits": [s for s in args.eval_splits.split(",") if s],
+            "latency_batches": tuple(int(b) for b in args.latency_batches.split(",") if b),
+            "latency_runs": args.latency_runs, "limit": args.limit}
+
+
+def cmd_prune(args) -> int:
+    from .pipeline import run_prune, summary_table
+    from .recipes import load_recipe
+    options = load_recipe(args.recipe) if args.recipe else {}
+    recipe_name = options.get("name")
+    if args.model:
+        options["model"] = _model_spec(args)
+    if "model" not in options:
+        raise ValueError("give --model (and --weights) or --recipe")
+    if args.criterion:
+        options["criterion"] = {"name": args.criterion}
+    plan = dict(options.get("plan") or {})
+    for key, value in (("ratio", args.ratio), ("macs_reduction", args.macs_reduction),
+                       ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio)):
+        if value is not None:
+            for target in ("ratio", "ratios", "macs_reduction", "chip_sparsity", "conv_rates",
+                           "global_ratio"):
+                plan.pop(target, None)
+            plan[key] = value
+    if args.ignore:
+        plan["ignore"] = [n for n in args.ignore.split(",") if n]
+    if args.round_to:
+        plan["round_to"] = args.round_to
+    options["plan"] = plan
+    options["finetune"] = {**FINETUNE_DEFAULTS, **(options.get("finetune") or {}),
+                           **_train_overrides(args)}
+    options.update(_run_options(args), out=args.out, recipe=recipe_name)
+    report = run_prune(options)
+    print(summary_table(report))
+    print(f"wrote {args.out}/report.json and {args.out}/model.safetensors")
+    return 0
+
+
+def _saved_model_path(path: str) -> str:
+    from pathlib import Path
+    p = Path(path)
+    return str(p / "model.safetensors") if p.is_dir() else str(p)
+
+
+def cmd_finetune(args) -> int:
+    from pathlib import Path
+    from .pipeline import finetune_saved
+    source = _saved_model_path(args.model)
+    out = args.out or str(Path(source).parent / "finetune-more")
+    options = {**_run_options(args),
+               "finetune": {**FINETUNE_DEFAULTS, "epochs": 1, **_train_overrides(args)}}
+    report = finetune_saved(source, out, options)
+    print(json.dumps({k: report[k] for k in ("best_val_top1", "best_epoch", "status")}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+    from . import io
+    source = Path(_saved_model_path(args.model))
+    model = io.load(source).eval()
+    example = torch.randn(1, 3, args.input_size, args.input_size)
+    stem = Path(args.out) if args.out else source.with_suffix("")
+    if not (args.onnx or args.torchscript):
+        raise ValueError("choose --onnx and/or --torchscript")
+    if args.onnx:
+        print(f"wrote {io.export_onnx(model, stem.with_suffix('.onnx'), example)} "
+              "(onnxruntime output checked against PyTorch)")
+    if args.torchscript:
+        print(f"wrote {io.export_torchscript(model, stem.with_suffix('.pt'), example)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    md, png = write_report(args.runs, args.out, split=args.split)
+    print(open(md).read())
+    print(f"wrote {md} and {png}")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -133,6 +314,10 @@ def main(argv=None) -> int:
             models.WeightsLoadError) as exc:
         print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"prunekit {args.command}: interrupted; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -118,20 +118,63 @@ def _effective_blocks(group: ChannelGroup) -> np.ndarray:
 
 
 def make_plan(graph: ChannelGraph, scores: dict[str, np.ndarray], ratios: dict[str, float],
-              round_to: int = 1) -> dict[str, list[int]]:
-    """Kept channel indices for every group that loses at least one channel."""
+              round_to: int = 1, counts: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """Kept channel indices for every group that loses at least one channel.
+
+    ``ratios`` (fraction removed) or ``counts`` (channels kept, e.g. from a paper's width
+    formula) say how many; ``scores`` say which.
+    """
     if not isinstance(round_to, int) or round_to < 1:
         raise PlanError(f"round_to must be a positive int, got {round_to!r}")
+    wanted = {name: keep_count(graph.by_name[name], r, round_to) for name, r in ratios.items()}
+    for name, keep in (counts or {}).items():
+        group = graph.by_name[name]
+        if not 1 <= keep <= group.size:
+            raise PlanError(f"group '{name}' of {group.size} channels cannot keep {keep}; "
+                            "keep at least one channel and at most all of them")
+        wanted[name] = keep
     plan: dict[str, list[int]] = {}
     for group in graph.groups:  # trace order: a required channel's group is planned first
-        if group.name not in ratios:
+        if group.name not in wanted or wanted[group.name] >= group.size:
             continue
         locked = _locked_by_requirements(graph, group, plan)
-        keep = keep_count(group, ratios[group.name], round_to)
+        view = group if not locked.any() else _with_fixed(group, locked)
+        keep = max(wanted[group.name], int(view.fixed.sum()))
         if keep < group.size:
-            view = group if not locked.any() else _with_fixed(group, locked)
-            plan[group.name] = select(view, scores[group.name], max(keep, int(view.fixed.sum())))
+            plan[group.name] = select(view, scores[group.name], keep)
     return plan
+
+
+def global_counts(graph: ChannelGraph, scores: dict[str, np.ndarray], ratio: float, *,
+                  normalize: str | None = "mean", max_ratio: float = 0.9) -> dict[str, int]:
+    """Channels kept per group when ``ratio`` of all prunable channels go by one global ranking.
+
+    Scores are first normalised per group (``"mean"``: divided by the group's mean score,
+    ``"max"``: by its max, ``"l2"``: by its L2 norm, None: raw) because criteria differ in scale
+    from layer to layer; no group loses more than ``max_ratio`` of its channels.
+    """
+    check_ratio(ratio)
+    check_ratio(max_ratio, "max_ratio")
+    entries = []
+    for g in graph.prunable_groups():
+        s = np.asarray(scores[g.name], dtype=np.float64)
+        scale = {"mean": np.abs(s).mean(), "max": np.abs(s).max(), "l2": np.linalg.norm(s),
+                 None: 1.0}.get(normalize, None)
+        if scale is None:
+            raise PlanError(f"normalize must be 'mean', 'max', 'l2' or None, got {normalize!r}")
+        s = s / scale if scale > 0 else s
+        entries.extend((value, g.name) for value, fixed in zip(s, g.fixed) if not fixed)
+    entries.sort(key=lambda e: e[0])
+    budget = math.floor(ratio * len(entries))
+    removed = {g.name: 0 for g in graph.prunable_groups()}
+    limit = {g.name: math.floor(max_ratio * g.size) for g in graph.prunable_groups()}
+    for _, name in entries:
+        if budget == 0:
+            break
+        if removed[name] < limit[name]:
+            removed[name] += 1
+            budget -= 1
+    return {name: graph.by_name[name].size - r for name, r in removed.items() if r}
 
 
 def _locked_by_requirements(graph: ChannelGraph, group: ChannelGroup, plan) -> np.ndarray:

@@ -11,7 +11,8 @@ from torch import nn
 from .criteria import get_criterion
 from .graph import build_graph
 from .measure import count_macs, count_params
-from .plan import PlanError, check_ratio, make_plan, ratios_for_groups, validate_plan
+from .plan import (PlanError, check_ratio, keep_count, make_plan, ratios_for_groups,
+                   validate_plan)
 from .surgery import apply_plan
 
 
@@ -99,13 +100,14 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
             scores = crit.score(graph, model, calibration)
         else:
             scores = crit.score(graph, model)
+        counts = None
         if macs_reduction is not None:
-            group_ratios = _ratios_for_macs(model, graph, scores, example_inputs,
-                                            check_ratio(macs_reduction, "macs_reduction"),
-                                            macs_before, round_to)
+            counts = _counts_for_macs(model, graph, scores, example_inputs,
+                                      check_ratio(macs_reduction, "macs_reduction"),
+                                      macs_before, round_to)
         else:
             group_ratios = ratios_for_groups(graph, ratio, ratios)
-        plan = make_plan(graph, scores, group_ratios, round_to)
+        plan = make_plan(graph, scores, group_ratios, round_to, counts=counts)
     validate_plan(graph, plan)
     apply_plan(model, graph, plan)
     return PruningResult(
@@ -117,24 +119,46 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
         unreached_modules=graph.unreached)
 
 
-def _ratios_for_macs(model, graph, scores, example_inputs, target, macs_before, round_to,
-                     steps: int = 18) -> dict[str, float]:
-    """Bisection on the uniform ratio until the pruned copy loses ``target`` of its MACs."""
+def _counts_for_macs(model, graph, scores, example_inputs, target, macs_before, round_to,
+                     steps: int = 16, tolerance: float = 0.01) -> dict[str, int]:
+    """Kept channels per group that remove ``target`` of the MACs (to within one channel).
 
-    def reduction(r: float) -> float:
+    Bisection on the uniform ratio finds the largest ratio that stays below the target; then
+    groups lose one more channel each, in turn (largest group first), until the reduction lands
+    in [target, target + tolerance] — a uniform ratio alone moves in steps of whole channels of
+    every group at once, which on small networks overshoots by several points.
+    """
+    def reduction(counts: dict[str, int]) -> float:
         trial = copy.deepcopy(model)
-        ratios = ratios_for_groups(graph, r)
-        apply_plan(trial, graph, make_plan(graph, scores, ratios, round_to))
+        apply_plan(trial, graph, make_plan(graph, scores, {}, round_to, counts=counts))
         return 1 - count_macs(trial, example_inputs) / macs_before
 
+    def uniform(r: float) -> dict[str, int]:
+        return {g.name: keep_count(g, r, round_to) for g in graph.prunable_groups()}
+
     lo, hi = 0.0, 0.999
-    if reduction(hi) < target:
+    if reduction(uniform(hi)) < target:
         raise PlanError(f"macs_reduction {target:.3f} is out of reach: pruning every prunable "
-                        f"group to one channel removes only {reduction(hi):.3f} of the MACs")
+                        f"group as far as allowed removes only {reduction(uniform(hi)):.3f}")
     for _ in range(steps):
         mid = (lo + hi) / 2
-        if reduction(mid) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return ratios_for_groups(graph, hi)
+        lo, hi = (lo, mid) if reduction(uniform(mid)) >= target else (mid, hi)
+    counts = uniform(lo)
+    current = reduction(counts)
+    step = max(round_to, 1)
+    order = sorted(graph.prunable_groups(), key=lambda g: -g.size)
+    progressed = True
+    while progressed:
+        progressed = False
+        for g in order:
+            if g.blocks or counts[g.name] - step < max(1, int(g.fixed.sum())):
+                continue
+            trial = {**counts, g.name: counts[g.name] - step}
+            value = reduction(trial)
+            if value >= target:
+                if value <= target + tolerance:
+                    return trial
+                continue  # this group's channels are too costly for the remaining gap
+            if value > current:
+                counts, current, progressed = trial, value, True
+    return uniform(hi)  # no combination lands within the tolerance: the nearest above it

@@ -1,10 +1,24 @@
 """Channel importance criteria: each a small class with a ``name`` and ``score(graph, model)``.
 
 ``score`` returns ``{group name: scores}`` with one score per channel of the group; higher means
-more important (kept first). ``get_criterion("l1")`` looks one up by name.
-"""
-from .base import Criterion, CRITERIA, get_criterion, register_criterion
-from .weight import L1Norm, RandomCriterion
+more important (kept first). ``get_criterion("l1")`` looks one up by name; options go as keyword
+arguments (``get_criterion("chip", round_decimals=4)``) or build the class directly.
 
-__all__ = ["Criterion", "CRITERIA", "get_criterion", "register_criterion", "L1Norm",
-           "RandomCriterion"]
+Registered names:
+
+* weights only: ``l1``, ``l2`` (SFP), ``fpgm`` (FPGM, incl. FPGM-mix), ``bn_scale`` (Network
+  Slimming), ``random``;
+* feature maps on calibration data (``needs_data``; ``score(graph, model, calibration)``):
+  ``hrank``, ``chip``, ``apoz``, sharing one streaming pass
+  (:func:`prunekit.criteria.calibration.run_calibration`);
+* gradients on labelled calibration data (``needs_data``): ``taylor`` (Taylor-FO-BN).
+"""
+from .base import CRITERIA, Criterion, combine_scores, get_criterion, register_criterion
+from .weight import FPGM, BNScale, L1Norm, L2Norm, RandomCriterion
+from .activation import APoZ, CHIP, ActivationCriterion, HRank
+from .gradient import Taylor
+from .calibration import run_calibration
+
+__all__ = ["Criterion", "CRITERIA", "get_criterion", "register_criterion", "combine_scores",
+           "L1Norm", "L2Norm", "FPGM", "BNScale", "RandomCriterion", "ActivationCriterion",
+           "HRank", "CHIP", "APoZ", "Taylor", "run_calibration"]
