@@ -57,10 +57,10 @@ def chip_resnet_counts(graph: ChannelGraph, model: nn.Module, sparsity) -> dict[
     output streams] + [one ratio per block for conv1's output]; stage 3's stream is never
     pruned.
 
-    The stem feeds stage 1's stream through an identity shortcut, so prunekit gives them one
-    width: the stage-1 ratio. (The CHIP code keeps the stem at full width and crops it in the
-    first block's shortcut, which discards stem channels; with the released settings' stem
-    ratio 0 that is the only difference, and it shows as slightly fewer MACs here.)
+    The stem feeds stage 1's stream through an identity shortcut, so by default prunekit gives
+    them one width: the stage-1 ratio. The CHIP code keeps the stem at full width and crops it
+    in the first block's shortcut, discarding stem channels; a model built with
+    ``chip_stem_crop=True`` reproduces that architecture exactly (and its MACs).
     """
     ratios = parse_ratio_list(sparsity) if isinstance(sparsity, str) else list(sparsity)
     blocks = [name for name, _ in model.named_modules() if re.fullmatch(r"layer\d\.\d+", name)]
@@ -68,9 +68,13 @@ def chip_resnet_counts(graph: ChannelGraph, model: nn.Module, sparsity) -> dict[
         raise PlanError(f"a CHIP sparsity for this ResNet needs 3 + {len(blocks)} = "
                         f"{3 + len(blocks)} ratios, got {len(ratios)}")
     counts: dict[str, int] = {}
-    if ratios[0] not in (0.0, ratios[1]):
-        warnings.warn("the stem shares its channels with stage 1's stream here; the stem "
-                      "ratio is replaced by the stage-1 ratio")
+    separate_stem = graph.group("conv1") is not graph.group("layer1.0.conv2")
+    if separate_stem:
+        _count_for(graph, "conv1", ratios[0], counts)
+    elif ratios[0] not in (0.0, ratios[1]):
+        warnings.warn("the stem shares its channels with stage 1's stream here (build the "
+                      "model with chip_stem_crop=True to separate them); the stem ratio is "
+                      "replaced by the stage-1 ratio")
     _count_for(graph, "layer1.0.conv2", ratios[1], counts)
     _count_for(graph, "layer2.0.conv2", ratios[2], counts)
     for block, ratio in zip(blocks, ratios[3:]):

@@ -209,6 +209,10 @@ def validate_plan(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
                             f"(group has {group.size} channels)")
         mask = np.zeros(group.size, dtype=bool)
         mask[kept] = True
+        for member, pos in group.members:
+            if member.role == "out" and (pos >= 0).all() and not mask[pos].any():
+                raise PlanError(f"plan for group '{name}' keeps none of the channels of "
+                                f"{member.module}: that would empty the layer; keep at least one")
         if (group.fixed & ~mask).any():
             reasons = "; ".join(group.fixed_reasons)
             raise PlanError(f"plan removes fixed channels of group '{name}' ({reasons})")

@@ -42,9 +42,11 @@ def apply_plan(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]]
         keep = kept_positions(roots, removed)
         if len(keep) < len(roots):
             slices[member.tensor].append((member.dim, keep, member.blocks))
+    # Cut every tensor before replacing any, so an impossible cut leaves the model untouched.
+    cut = {name: _sliced(model, name, cuts) for name, cuts in slices.items()}
     touched_modules = set()
-    for tensor_name, cuts in slices.items():
-        _slice_tensor(model, tensor_name, cuts)
+    for tensor_name, data in cut.items():
+        _replace_tensor(model, tensor_name, data)
         touched_modules.add(tensor_name.rsplit(".", 1)[0] if "." in tensor_name else "")
     kept_by_module: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     for attr, roots in zip(graph.state.attr_members, graph.attr_roots):
@@ -61,11 +63,9 @@ def apply_plan(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]]
     return model
 
 
-def _slice_tensor(model: nn.Module, name: str, cuts) -> None:
+def _sliced(model: nn.Module, name: str, cuts) -> torch.Tensor:
     owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    old = getattr(owner, attr)
-    data = old.detach()
+    data = getattr(model.get_submodule(owner_name), attr).detach()
     seen_dims = {}
     # Plain dims first: a grouped input dimension is cut per block of the *kept* output rows.
     for dim, keep, blocks in sorted(cuts, key=lambda c: c[2] > 1):
@@ -76,7 +76,13 @@ def _slice_tensor(model: nn.Module, name: str, cuts) -> None:
         seen_dims[dim] = keep
         index = torch.as_tensor(keep, dtype=torch.long, device=data.device)
         data = _cut_blocks(data, dim, keep, blocks) if blocks > 1 else data.index_select(dim, index)
-    data = data.clone()
+    return data.clone()
+
+
+def _replace_tensor(model: nn.Module, name: str, data: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    old = getattr(owner, attr)
     if isinstance(old, nn.Parameter):
         setattr(owner, attr, nn.Parameter(data, requires_grad=old.requires_grad))
     else:

@@ -150,6 +150,19 @@ class ChannelGraph:
         for ids, count in self.state.divisions:
             roots = uf.roots(ids)
             per_block = len(roots) // count
+            spanned = {channel_of[int(r)][0] for r in roots if r >= 0 and int(r) in channel_of}
+            if len(spanned) > 1:
+                # A grouped layer whose blocks mix channels of several groups: equal counts
+                # per block would tie the groups' plans together; keep those channels instead.
+                for gi in spanned:
+                    group = groups[gi]
+                    for r in roots:
+                        if r >= 0 and channel_of.get(int(r), (None,))[0] == gi:
+                            group.fixed[channel_of[int(r)][1]] = True
+                    reason = "input of a grouped layer that mixes several channel groups"
+                    if reason not in group.fixed_reasons:
+                        group.fixed_reasons.append(reason)
+                continue
             target = None
             block_of = None
             for p, r in enumerate(roots):

@@ -30,10 +30,11 @@ class ChannelTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         self.prunekit_path.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.prunekit_path.pop()
+        result = super().call_module(m, forward, args, kwargs)
+        # Popped only on success: after a failure the innermost module stays on top, so the
+        # error can name it.
+        self.prunekit_path.pop()
+        return result
 
 
 def trace(model: nn.Module, leaf_types=(), leaf_names=()) -> fx.GraphModule:

@@ -63,7 +63,8 @@ class ZeroPadShortcut(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *,
-                 append: bool = False, positions: Sequence[int] | None = None):
+                 append: bool = False, positions: Sequence[int] | None = None,
+                 lossy: bool = False):
         super().__init__()
         if out_channels < in_channels:
             raise ValueError(
@@ -72,29 +73,41 @@ class ZeroPadShortcut(nn.Module):
             )
         front = 0 if append else (out_channels - in_channels) // 2
         self.stride = stride
+        # lossy=True reproduces CHIP's cropping shortcut: pruning may drop an input channel
+        # from the shortcut (position -1) while the layer before keeps it. The pruned network
+        # then computes something else than the masked one; only recipes that reproduce CHIP
+        # ask for it.
+        self.lossy = lossy
         self.set_positions(list(range(front, front + in_channels)) if positions is None
                            else [int(p) for p in positions], out_channels)
 
     def set_positions(self, positions: list[int], out_channels: int) -> None:
-        if len(set(positions)) != len(positions) or any(not 0 <= p < out_channels
-                                                        for p in positions):
-            raise ValueError(f"shortcut positions must be distinct and in [0, {out_channels}); "
-                             f"got {positions}")
+        carried = [p for p in positions if p >= 0]
+        if len(set(carried)) != len(carried) or any(p >= out_channels for p in carried) or \
+                (len(carried) < len(positions) and not self.lossy):
+            raise ValueError(f"shortcut positions must be distinct, in [0, {out_channels}) "
+                             f"(or -1 for a dropped input if lossy); got {positions}")
         self.positions = list(positions)
         self.in_channels = len(positions)
         self.out_channels = out_channels
-        first = positions[0] if positions else 0
-        contiguous = positions == list(range(first, first + len(positions)))
+        first = carried[0] if carried else 0
+        contiguous = carried == list(range(first, first + len(carried)))
         # Contiguous positions are a plain pad; gaps need a scatter (kept as a buffer so it
         # follows .to(device) and exports to ONNX as ScatterND).
         self.front = first if contiguous else None
-        self.back = out_channels - first - len(positions) if contiguous else None
-        index = torch.tensor(positions, dtype=torch.long)
-        self.register_buffer("scatter_index", None if contiguous else index, persistent=False)
+        self.back = out_channels - first - len(carried) if contiguous else None
+        dropped = len(carried) < len(positions)
+        self.register_buffer("carry_index", torch.tensor(
+            [i for i, p in enumerate(positions) if p >= 0], dtype=torch.long) if dropped else None,
+            persistent=False)
+        self.register_buffer("scatter_index", None if contiguous else
+                             torch.tensor(carried, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != 1:  # a Python int, so fx traces this branch away
             x = x[:, :, :: self.stride, :: self.stride]
+        if self.carry_index is not None:
+            x = x.index_select(1, self.carry_index)
         if self.scatter_index is None:
             return F.pad(x, (0, 0, 0, 0, self.front, self.back))
         out = x.new_zeros((x.shape[0], self.out_channels, x.shape[2], x.shape[3]))
@@ -102,9 +115,11 @@ class ZeroPadShortcut(nn.Module):
 
     def prunekit_apply_kept(self, kept: dict[str, np.ndarray]) -> None:
         """Surgery callback: ``kept["in"]``/``kept["out"]`` are the kept input/output channel
-        indices; each kept input keeps its slot (the channel rule guarantees the slot stays)."""
+        indices; each kept input keeps its slot (the channel rule guarantees the slot stays
+        unless the shortcut is lossy, where a removed slot drops the input: -1)."""
         slot = {int(p): j for j, p in enumerate(kept["out"])}
-        self.set_positions([slot[self.positions[int(i)]] for i in kept["in"]], len(kept["out"]))
+        self.set_positions([slot.get(self.positions[int(i)], -1) for i in kept["in"]],
+                           len(kept["out"]))
 
     def extra_repr(self) -> str:
         where = (f"front={self.front}, back={self.back}" if self.scatter_index is None
@@ -126,7 +141,8 @@ def zero_pad_shortcut_channels(ctx, node, module: ZeroPadShortcut):
     vec = ctx.channel_vector(ctx.ids(x), 1, module.in_channels)
     out = ctx.new_vars(module.out_channels)
     for i, p in enumerate(module.positions):
-        ctx.requires(out[p], vec[i])
+        if p >= 0 and not module.lossy:
+            ctx.requires(out[p], vec[i])
     ctx.attr_member(node.target, "in", vec)
     ctx.attr_member(node.target, "out", out)
     return channel_ids(out, ctx.value(x).dim(), 1)
@@ -179,11 +195,14 @@ class CifarResNet(nn.Module):
             standard 16/32/64.  Pruned networks are rebuilt from these.
         out_channels: the stem's output width followed by every block's output width
             (3n + 1 values); ``None`` = standard.
+        chip_stem_crop: give the first block a lossy channel-mapping shortcut so that the
+            stem and stage 1's stream can be pruned to different widths, as CHIP's code does
+            (a reproduction option; it changes what the pruned network computes).
     """
 
     def __init__(self, depth: int, num_classes: int = 10, shortcut: str = "A",
                  mid_channels: Sequence[int] | None = None,
-                 out_channels: Sequence[int] | None = None):
+                 out_channels: Sequence[int] | None = None, chip_stem_crop: bool = False):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(
@@ -208,6 +227,12 @@ class CifarResNet(nn.Module):
                                          stride if i == 0 else 1, shortcut))
                 block += 1
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        if chip_stem_crop:
+            # CHIP's CIFAR code prunes the stem and stage 1's stream to different widths and
+            # crops the stem's output in the first block's shortcut (methods.md 1.6, pitfall 3).
+            if shortcut == "B":
+                raise ValueError("chip_stem_crop needs a zero-padding shortcut ('A')")
+            self.layer1[0].shortcut = ZeroPadShortcut(out[0], out[1], 1, lossy=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out[-1], num_classes)
         self._init_weights()
