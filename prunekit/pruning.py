@@ -1,7 +1,6 @@
 """``prunekit.prune``: graph -> scores -> plan -> surgery, with MACs/params before and after."""
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import prunekit
+import prunekit.export
 import prunekit.io as pio
 from prunekit.models import UnknownModelError, WeightsLoadError, WeightsMismatchError
 
@@ -345,7 +346,7 @@ def test_onnx_missing_dependency(resnet56, tmp_path, monkeypatch):
 
 def test_export_check_reports_max_difference():
     with pytest.raises(pio.ExportCheckError, match="max abs difference 0.5"):
-        pio._assert_match([torch.zeros(2, 3)], [np.full((2, 3), 0.5, np.float32)], "model", 2)
+        prunekit.export._assert_match([torch.zeros(2, 3)], [np.full((2, 3), 0.5, np.float32)], "model", 2)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -133,7 +133,8 @@ def _zero_rows(a: torch.Tensor) -> torch.Tensor:
     """[B, C] bool: rows that are exactly zero (their CI is exactly 0)."""
     if a.shape[-1] == 0:
         return torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
-    return torch.linalg.vector_norm(a, ord=float("inf"), dim=-1) == 0   # one pass, no temporary
+    # exact; amax/amin are vectorised reductions (vector_norm(inf) and aminmax are 4x slower)
+    return (a.amax(dim=-1) == 0) & (a.amin(dim=-1) == 0)
 
 
 def _chunks(total: int, per_item: int, chunk_elements: int | None):
@@ -402,8 +403,8 @@ def _gram_eig_ci(a: torch.Tensor, chunk_elements: int | None) -> torch.Tensor:
     out = full[:, None].expand(n_img, n_ch).clone()
     if n_ch == 1:
         return out
-    ar = torch.arange(n_ch, device=a.device)
-    idx = torch.stack([torch.cat([ar[:i], ar[i + 1:]]) for i in range(n_ch)])   # [C, C-1]
+    off_diag = ~torch.eye(n_ch, dtype=torch.bool, device=a.device)
+    idx = torch.arange(n_ch, device=a.device).expand(n_ch, n_ch)[off_diag].view(n_ch, n_ch - 1)
     for sl in _chunks(n_img, n_ch * (n_ch - 1) ** 2, chunk_elements):
         sub = g[sl][:, idx[:, :, None], idx[:, None, :]]                # [b, C, C-1, C-1]
         mu = torch.linalg.eigvalsh(sub)

@@ -1,12 +1,11 @@
 """Run the traced model once on example inputs and let each node's rule record channel facts."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .channels import NO_CHANNEL, channel_ids, no_channels
+from .channels import channel_ids, no_channels
 from .context import RuleContext, TraceState
 from .errors import UnsupportedOpError
 from .registry import FUNCTION_RULES, LEAF_TYPES, METHOD_RULES, module_rule_for

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
