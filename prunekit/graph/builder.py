@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 
 from .channels import channel_ids, no_channels
 from .context import RuleContext, TraceState
-from .errors import UnsupportedOpError
+from .errors import GraphError, UnsupportedOpError
 from .registry import FUNCTION_RULES, LEAF_TYPES, METHOD_RULES, module_rule_for
 from .tracer import trace
 
@@ -35,6 +36,14 @@ class _ChannelInterpreter(fx.Interpreter):
         self.ids: dict[str, object] = {}
         self.values: dict[str, object] = {}
         self.fixed_modules = fixed_modules
+
+    def call_module(self, target, args, kwargs):
+        # Rules need shapes only: layers that keep their input's shape need not run (under
+        # fake tensors BatchNorm alone would cost more than every convolution).
+        if isinstance(self.module.get_submodule(target), SHAPE_PRESERVING) and args and \
+                isinstance(args[0], torch.Tensor):
+            return args[0]
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
@@ -107,6 +116,11 @@ def _pack_tuple(ctx, node, module=None):
     return [ctx.ids(a) for a in list(node.args) + list(node.kwargs.values())]
 
 
+SHAPE_PRESERVING = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Identity,
+                    nn.Dropout, nn.Dropout2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
+                    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.PReLU)
+
+
 def _flatten_args(arg):
     if isinstance(arg, fx.Node):
         return [arg]
@@ -133,8 +147,20 @@ def _has_tensor_input(n: fx.Node, values) -> bool:
 def record_channels(model: nn.Module, example_inputs, *, leaf_modules=(), fixed_modules=()):
     """Trace ``model`` and run it once, returning the traced module and the recorded state."""
     gm = trace(model, leaf_types=tuple(LEAF_TYPES), leaf_names=leaf_modules)
+    inputs = _as_tuple(example_inputs)
+    try:
+        # Rules need shapes, not values: fake tensors give them without computing the
+        # convolutions (ResNet-50 at 224x224: ~0.5 s instead of seconds).
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            return gm, _record(gm, fixed_modules, inputs)
+    except GraphError:
+        raise
+    except Exception:  # an op fake tensors cannot run: compute for real
+        with torch.no_grad():
+            return gm, _record(gm, fixed_modules, inputs)
+
+
+def _record(gm, fixed_modules, inputs) -> TraceState:
     state = TraceState()
-    interpreter = _ChannelInterpreter(gm, state, set(fixed_modules))
-    with torch.no_grad():
-        interpreter.run(*_as_tuple(example_inputs))
-    return gm, state
+    _ChannelInterpreter(gm, state, set(fixed_modules)).run(*inputs)
+    return state

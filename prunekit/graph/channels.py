@@ -55,6 +55,15 @@ class UnionFind:
                           dtype=np.int64, count=flat.size)
         return out.reshape(ids.shape)
 
+    def all_roots(self) -> np.ndarray:
+        """Representative of every variable at once (pointer jumping in numpy)."""
+        parent = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
+
 
 def no_channels(ndim: int) -> np.ndarray:
     return np.full((1,) * ndim, NO_CHANNEL, dtype=np.int64)

@@ -72,8 +72,13 @@ class ChannelGraph:
         self.state = state
         self.traced = gm
         uf = state.uf
-        self.member_roots = [uf.roots(m.ids) for m in state.members]
-        self.attr_roots = [uf.roots(a.ids) for a in state.attr_members]
+        table = uf.all_roots()
+
+        def roots(ids: np.ndarray) -> np.ndarray:
+            return np.where(ids >= 0, table[np.maximum(ids, 0)], NO_CHANNEL)
+
+        self.member_roots = [roots(m.ids) for m in state.members]
+        self.attr_roots = [roots(a.ids) for a in state.attr_members]
         self.fixed_roots: dict[int, str] = {}
         for v, reason in state.fixed.items():
             self.fixed_roots.setdefault(uf.find(v), reason)
@@ -117,14 +122,15 @@ class ChannelGraph:
             groups.append(roots)
 
         members_per_group: list[list] = [[] for _ in groups]
+        known = np.array(sorted(channel_of), dtype=np.int64)
+        group_of = np.array([channel_of[r][0] for r in known.tolist()], dtype=np.int64)
+        index_of = np.array([channel_of[r][1] for r in known.tolist()], dtype=np.int64)
         for m, roots in zip(self.state.members, self.member_roots):
-            hits: dict[int, np.ndarray] = {}
-            for p, r in enumerate(roots):
-                if r >= 0 and int(r) in channel_of:
-                    gi, ci = channel_of[int(r)]
-                    hits.setdefault(gi, np.full(len(roots), -1, dtype=np.int64))[p] = ci
-            for gi, pos in hits.items():
-                members_per_group[gi].append((m, pos))
+            at = np.clip(np.searchsorted(known, roots), 0, max(len(known) - 1, 0))
+            hit = (roots >= 0) & (known[at] == roots) if len(known) else roots < -1
+            gis = np.where(hit, group_of[at], -1)
+            for gi in np.unique(gis[gis >= 0]).tolist():
+                members_per_group[gi].append((m, np.where(gis == gi, index_of[at], -1)))
 
         result = []
         names: set[str] = set()
