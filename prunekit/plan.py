@@ -16,6 +16,7 @@ from fnmatch import fnmatchcase
 import numpy as np
 
 from .graph import ChannelGraph, ChannelGroup
+from .graph.groups import STRADDLING
 
 
 class PlanError(ValueError):
@@ -69,7 +70,7 @@ def keep_count(group: ChannelGroup, ratio: float, round_to: int = 1) -> int:
 
 
 def _block_count(group: ChannelGroup) -> int:
-    return max((int(b.max()) + 1 for b in group.blocks), default=1)
+    return max([int(b.max()) + 1 for b in group.blocks if b.max() >= 0] + [1])
 
 
 def select(group: ChannelGroup, scores: np.ndarray, keep: int) -> list[int]:
@@ -83,17 +84,33 @@ def select(group: ChannelGroup, scores: np.ndarray, keep: int) -> list[int]:
         order = np.argsort(-ranked, kind="stable")
         return _keep_every_member_alive(group, ranked, set(int(i) for i in order[:keep]))
     blocks = _effective_blocks(group)
+    if blocks is None:
+        return list(range(group.size))  # no consistent block structure: keep the group
     count = int(blocks.max()) + 1
-    per_block = keep // count
-    kept = []
-    for b in range(count):
-        members = np.flatnonzero(blocks == b)
-        order = members[np.argsort(-ranked[members], kind="stable")]
-        if int(group.fixed[members].sum()) > per_block:
-            raise PlanError(f"group '{group.name}': block {b} has more fixed channels than the "
-                            f"{per_block} it may keep; lower the ratio")
-        kept.extend(int(i) for i in order[:per_block])
-    return sorted(kept)
+    members = [np.flatnonzero(blocks == b) for b in range(count)]
+    free = np.flatnonzero(blocks < 0)  # channels outside the grouped layer: no constraint
+    if len({len(m) for m in members}) > 1:
+        return list(range(group.size))
+    share = keep * (group.size - len(free)) / group.size
+    per_block = max(int(share // count), 1, max(int(group.fixed[m].sum()) for m in members))
+    while per_block < len(members[0]):
+        kept = set()
+        for m in members:
+            kept.update(int(i) for i in m[np.argsort(-ranked[m], kind="stable")][:per_block])
+        n_free = max(keep - len(kept), int(group.fixed[free].sum()), 0)
+        kept.update(int(i) for i in free[np.argsort(-ranked[free], kind="stable")][:n_free])
+        if _every_member_alive(group, kept):
+            return sorted(kept)
+        per_block += 1  # a layer would be emptied: keep one more per block
+    return list(range(group.size))
+
+
+def _every_member_alive(group: ChannelGroup, kept: set[int]) -> bool:
+    for member, pos in group.members:
+        mine = np.unique(pos[pos >= 0])
+        if member.role == "out" and mine.size and not kept.intersection(mine.tolist()):
+            return False
+    return True
 
 
 def _keep_every_member_alive(group: ChannelGroup, ranked: np.ndarray, kept: set[int]) -> list[int]:
@@ -106,14 +123,15 @@ def _keep_every_member_alive(group: ChannelGroup, ranked: np.ndarray, kept: set[
     return sorted(kept)
 
 
-def _effective_blocks(group: ChannelGroup) -> np.ndarray:
+def _effective_blocks(group: ChannelGroup) -> np.ndarray | None:
+    """The block label of each channel (-1: outside every block), or None when the group's
+    grouped layers disagree or a channel straddles two blocks: then it stays whole."""
     first = group.blocks[0]
+    if any((b == STRADDLING).any() for b in group.blocks):
+        return None
     for other in group.blocks[1:]:
         if not np.array_equal(first, other):
-            raise PlanError(f"group '{group.name}' has incompatible block constraints "
-                            "(two grouped layers split its channels differently)")
-    if (first < 0).any():
-        raise PlanError(f"group '{group.name}': some channels are outside every block")
+            return None
     return first
 
 
@@ -141,7 +159,9 @@ def make_plan(graph: ChannelGraph, scores: dict[str, np.ndarray], ratios: dict[s
         view = group if not locked.any() else _with_fixed(group, locked)
         keep = max(wanted[group.name], int(view.fixed.sum()))
         if keep < group.size:
-            plan[group.name] = select(view, scores[group.name], keep)
+            kept = select(view, scores[group.name], keep)
+            if len(kept) < group.size:
+                plan[group.name] = kept
     return plan
 
 
@@ -224,7 +244,14 @@ def validate_plan(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
                                     f"channel {cb} of group '{other.name}', whose values it "
                                     "carries (e.g. through a zero-padding shortcut)")
         for blocks in group.blocks:
-            counts = np.bincount(blocks[mask], minlength=int(blocks.max()) + 1)
+            if (blocks == STRADDLING).any():
+                if not mask.all():
+                    raise PlanError(f"group '{name}' has channels shared between blocks of a "
+                                    "grouped layer (a channel shuffle before or after it); it "
+                                    "cannot lose channels")
+                continue
+            inside = mask & (blocks >= 0)
+            counts = np.bincount(blocks[inside], minlength=int(blocks.max()) + 1)
             if len(set(counts.tolist())) > 1:
                 raise PlanError(f"plan for group '{name}' keeps unequal counts per block "
                                 f"{counts.tolist()}; grouped layers need equal counts")

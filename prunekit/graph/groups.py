@@ -15,6 +15,9 @@ from .channels import NO_CHANNEL, UnionFind
 from .context import AttrMember, Member, TraceState
 
 
+STRADDLING = -2  # block label of a group whose channels straddle a grouped layer's blocks
+
+
 @dataclass
 class ChannelGroup:
     """Channels that must be removed together, wherever they appear.
@@ -178,8 +181,12 @@ class ChannelGraph:
                 if target is None:
                     target = gi
                     block_of = np.full(groups[gi].size, -1, dtype=np.int64)
-                if gi == target and block_of[ci] < 0:
-                    block_of[ci] = p // per_block
+                if block_of[ci] >= 0 and block_of[ci] != p // per_block:
+                    # One channel in two blocks (a shuffle met a grouped layer): no per-block
+                    # count can be honoured; STRADDLING marks the group as unprunable.
+                    block_of[:] = STRADDLING
+                    break
+                block_of[ci] = p // per_block
             if target is not None:
                 groups[target].blocks.append(block_of)
 
