@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_busy, cpu_name, load_avg  # benchmarks/machine.py
 
 from prunekit.criteria.nuclear import (
     channel_independence,
@@ -58,39 +59,6 @@ BATCH = 128
 
 
 # --------------------------------------------------------------------------- environment
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_avg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def cpu_busy(seconds: float = 1.0) -> float | None:
-    """Fraction of all CPUs busy (any process) during ``seconds`` while this one sleeps."""
-    def sample():
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)
-    try:
-        t0, i0 = sample()
-        time.sleep(seconds)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(1 - (i1 - i0) / max(t1 - t0, 1), 3)
-
-
 # --------------------------------------------------------------------------- features
 def hooked_layers() -> list[str]:
     names = ["relu"]

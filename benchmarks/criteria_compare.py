@@ -14,7 +14,6 @@ criterion finishes, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -57,10 +56,13 @@ def run_one(name: str, root, args, calibration) -> dict:
     config = TrainConfig(epochs=args.epochs, lr=0.01, momentum=0.9, weight_decay=5e-4,
                          schedule="cosine", batch_size=128, seed=args.seed)
     start = time.perf_counter()
-    fit(model, data.CIFAR10(root, split="train", train_augment=True),
-        data.CIFAR10(root, split="val"), config, Path(args.work) / name, resume=False)
+    if args.epochs > 0:
+        fit(model, data.CIFAR10(root, split="train", train_augment=True),
+            data.CIFAR10(root, split="val"), config, Path(args.work) / name, resume=False)
+        row["after_finetune"] = evaluate(model.eval(), root)
+    else:
+        row["after_finetune"] = None
     row["finetune_seconds"] = time.perf_counter() - start
-    row["after_finetune"] = evaluate(model.eval(), root)
     return row
 
 
@@ -71,7 +73,7 @@ def plot(rows, path: Path) -> None:
 
     names = [r["criterion"] for r in rows]
     pruned = [r["after_pruning"]["test"] for r in rows]
-    tuned = [r["after_finetune"]["test"] for r in rows]
+    tuned = [(r["after_finetune"] or {}).get("test", 0.0) for r in rows]
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
     xs = range(len(rows))
     ax.bar([i - 0.2 for i in xs], pruned, width=0.4, label="right after pruning", color="#bbb")
@@ -93,10 +95,11 @@ def table(rows) -> str:
              "lossless-1k after FT | prune s | FT s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        tuned = r["after_finetune"] or {}
         lines.append(f"| {r['criterion']} | {r['macs'] / 1e6:.2f}M | {100 * r['macs_reduction']:.1f} | "
                      f"{r['params'] / 1e6:.3f}M | {r['after_pruning']['test']:.2f} | "
-                     f"{r['after_finetune']['test']:.2f} | "
-                     f"{r['after_finetune']['test-lossless']:.1f} | {r['prune_seconds']:.0f} | "
+                     f"{tuned.get('test', float('nan')):.2f} | "
+                     f"{tuned.get('test-lossless', float('nan')):.1f} | {r['prune_seconds']:.0f} | "
                      f"{r['finetune_seconds']:.0f} |")
     return "\n".join(lines)
 
