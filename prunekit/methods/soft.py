@@ -1,0 +1,331 @@
+"""Training-time soft pruning: SFP (He et al., IJCAI 2018), FPGM-soft (He et al., CVPR 2019)
+and ASFP (asymptotic SFP, He et al., TCyb 2020).
+
+:class:`SoftPruning` is a :func:`prunekit.train.fit` hook. Before the first training step and
+at the end of every epoch it scores the channels of every prunable group on the *current*
+weights (``"l2"`` = SFP, ``"fpgm"`` = FPGM, or any criterion that needs no data), makes a plan
+at the current rate and zeroes the masked channels: the producers' rows and biases, and the
+bias (beta) and running mean of their normalisation layer, so that a BN shift cannot keep a
+masked channel alive (the reference code leaves BN alone, methods.md 4.4 pitfall 3): the
+channel's output is then exactly zero in train and eval mode. The BN weight (gamma) is kept by
+default, because a zero gamma also zeroes every gradient reaching the filter through the BN
+layer, so the filter could never regrow (only a leftover momentum buffer could revive it);
+``zero_norm_weight=True`` zeroes it too. Consumer columns are NOT zeroed and nothing freezes
+the filter (SFP's code), so it may regrow during the next epoch. Caveat: a channel whose output
+is exactly zero and then goes through a ReLU gets no gradient (ReLU'(0) = 0); in practice it
+regrows through the momentum buffer it carried when it was masked, and a filter masked before
+any training step (no momentum yet) stays at zero until it is unmasked. With
+``mask_grads=True`` the gradients of masked producer rows and BN weight/bias are zeroed after
+every backward, as FPGM's code does (``do_grad_mask``); prunekit also zeroes their momentum
+buffers when masking, which closes the reference code's momentum/nesterov leak, so masked
+channels stay exactly zero until the next re-masking.
+
+At the end, :meth:`SoftPruning.finalize` / :func:`finalize` removes the channels of the last
+mask physically (:func:`prunekit.prune` with ``plan=``). Because masked channels are exactly
+zero in producers and norm affine parameters, the compact model computes what the masked one
+computes (eval mode).
+
+Schedules (fraction of the target ratio applied to the masks used during epoch ``e``):
+
+* ``"constant"`` (SFP, FPGM): the target from the start, ``rate(e) = target``.
+* ``"asymptotic"`` (ASFP): ``rate(e) = target * (1 - exp(-k * e))`` with
+  ``k = 4 ln(4) / epochs``, so that ``rate(0) = 0`` and ``rate(epochs / 4) = 3/4 * target``.
+  This is **prunekit's choice**: the ASFP paper's exact schedule is unverified and no public
+  code exists (methods.md 4.1). The mask computed at the end of the last epoch (which is the
+  one :meth:`finalize` removes) uses the full target, ``rate(e >= epochs) = target``.
+
+The mask used during epoch ``e`` is computed at ``on_epoch_end(e - 1)`` (or before training
+for ``e = 0``), at ``rate(e)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..criteria import get_criterion
+from ..graph import ChannelGraph, build_graph
+from ..plan import check_ratio, make_plan, ratios_for_groups
+from ..surgery import kept_positions, removed_channel_roots
+
+__all__ = ["SOFT_SCHEDULES", "SoftPruning", "asymptotic_rate", "finalize", "soft_prune",
+           "zero_masked_channels"]
+
+SOFT_SCHEDULES = ("constant", "asymptotic")
+
+
+def asymptotic_rate(target: float, epoch: float, epochs: int) -> float:
+    """ASFP rate at ``epoch``: ``target * (1 - exp(-k * epoch))``, ``k = 4 ln 4 / epochs``
+    (3/4 of the target at a quarter of the epochs; prunekit's choice, see the module doc);
+    ``target`` from ``epoch >= epochs`` on."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs!r}")
+    if epoch >= epochs:
+        return float(target)
+    k = 4 * math.log(4) / epochs
+    return float(target * (1 - math.exp(-k * max(epoch, 0))))
+
+
+def _masked_entries(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]], *,
+                    zero_norm_weight: bool = False, for_grads: bool = False
+                    ) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(tensor, dim, positions) of every entry the plan masks.
+
+    Values (``for_grads=False``): producer rows and biases, norm biases and running means, and
+    norm weights only with ``zero_norm_weight``. Gradients (``for_grads=True``): producer rows
+    and biases, norm weights and biases. Consumer columns ("in") are never touched.
+    """
+    removed = removed_channel_roots(graph, plan)
+    entries = []
+    if not removed:
+        return entries
+    for member, roots in zip(graph.state.members, graph.member_roots):
+        if member.blocks > 1 or member.role not in ("out", "norm"):
+            continue
+        if member.role == "norm":
+            attr = member.tensor.rpartition(".")[2]
+            wanted = {"bias", "weight"} if for_grads else \
+                {"bias", "running_mean"} | ({"weight"} if zero_norm_weight else set())
+            if attr not in wanted:
+                continue
+        keep = kept_positions(roots, removed)
+        if len(keep) == len(roots):
+            continue
+        drop = sorted(set(range(len(roots))) - set(keep.tolist()))
+        tensor = _tensor(model, member.tensor)
+        entries.append((tensor, member.dim,
+                        torch.as_tensor(drop, dtype=torch.long, device=tensor.device)))
+    return entries
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+@torch.no_grad()
+def zero_masked_channels(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]],
+                         *, zero_norm_weight: bool = False) -> nn.Module:
+    """Soft-mask variant of :func:`prunekit.zero_removed_channels`: zeroes, for the channels
+    ``plan`` removes, the producers' rows and biases and the norm layers' bias (beta) and
+    running mean, but NOT the consumers' input columns, so the filters may regrow.
+
+    That makes the channel's output exactly zero in train mode (batch mean of zeros is 0) and
+    in eval mode ((0 - 0) / sigma * gamma + 0). The norm weight (gamma) is zeroed only with
+    ``zero_norm_weight=True``: a zero gamma also zeroes every gradient reaching the filter
+    through the norm layer, so the channel could never regrow (except through a leftover
+    momentum buffer).
+    """
+    for tensor, dim, drop in _masked_entries(model, graph, plan,
+                                             zero_norm_weight=zero_norm_weight):
+        tensor.index_fill_(dim, drop, 0)
+    return model
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if example_inputs is None:
+        return None
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+class SoftPruning:
+    """Soft filter pruning hook for :func:`prunekit.train.fit` (SFP / FPGM-soft / ASFP).
+
+    Arguments: ``graph`` (a :class:`ChannelGraph` of the model) or ``model`` +
+    ``example_inputs`` to build it (``ignore`` / ``leaf_modules`` as in :func:`prunekit.prune`);
+    ``criterion``: a name or instance of a criterion that needs no data (``"l2"`` SFP,
+    ``"fpgm"`` FPGM); ``ratio`` (uniform fraction removed per prunable group) and/or ``ratios``
+    (per group/module, fnmatch patterns, see :func:`prunekit.plan.ratios_for_groups`);
+    ``schedule``: ``"constant"`` or ``"asymptotic"`` (needs ``epochs``, the total epochs of
+    training); ``mask_grads``: zero the gradients of masked entries after every backward
+    (FPGM's code) instead of letting them regrow (SFP's code).
+
+    Lifecycle inside ``fit``: ``on_train_start`` records the model and optimizer; the initial
+    mask (rate(start epoch), current weights) is applied at the first ``on_epoch_start``, i.e.
+    still before any training step. It is deferred from ``on_train_start`` because ``fit``
+    calls ``load_state_dict`` *after* ``on_train_start`` when resuming: masking there would
+    zero channels of the restored weights that the saved plan kept. A resumed hook instead
+    re-applies its saved plan (a no-op on the restored, already masked, weights).
+    ``on_epoch_end(e)`` recomputes the mask for epoch ``e + 1`` from the current weights.
+    """
+
+    def __init__(self, graph: ChannelGraph | None = None, *, model: nn.Module | None = None,
+                 example_inputs=None, criterion: Any = "l2", ratio: float | None = None,
+                 ratios: dict[str, float] | None = None, schedule: str = "constant",
+                 mask_grads: bool = False, epochs: int | None = None, ignore: Sequence = (),
+                 leaf_modules: Sequence = (), zero_norm_weight: bool = False) -> None:
+        if schedule not in SOFT_SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SOFT_SCHEDULES)}")
+        if schedule == "asymptotic" and (not isinstance(epochs, int) or epochs < 1):
+            raise ValueError("schedule='asymptotic' needs epochs=<total training epochs>")
+        if ratio is None and ratios is None:
+            raise ValueError("give the target: ratio=... and/or ratios={...}")
+        if ratio is not None:
+            check_ratio(ratio)
+        self.example_inputs = _as_tuple(example_inputs)
+        self.ignore, self.leaf_modules = list(ignore), list(leaf_modules)
+        if graph is None:
+            if model is None or self.example_inputs is None:
+                raise ValueError("give graph=... or model=... and example_inputs=...")
+            graph = build_graph(model, self.example_inputs, leaf_modules=self.leaf_modules,
+                                ignore=self.ignore)
+        self.graph = graph
+        self.criterion = get_criterion(criterion)
+        if getattr(self.criterion, "needs_data", False):
+            raise ValueError(f"criterion '{self.criterion.name}' needs calibration data; soft "
+                             "pruning re-scores every epoch and supports weight criteria only "
+                             "(e.g. 'l2', 'fpgm', 'l1')")
+        self.target = ratios_for_groups(graph, ratio, ratios)  # {group: target ratio}
+        self.schedule, self.mask_grads, self.epochs = schedule, bool(mask_grads), epochs
+        self.zero_norm_weight = bool(zero_norm_weight)
+        self.model: nn.Module | None = model
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.plan: dict[str, list[int]] = {}
+        self.epoch = -1          # the epoch the current plan was computed for (-1: none yet)
+        self.history: list[dict[str, Any]] = []  # per mask: epoch, rate fraction, #masked
+        self._entries: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        self._pending_initial = False
+
+    # ------------------------------------------------------------------ schedule and masks
+    def fraction(self, epoch: int) -> float:
+        """Fraction of the target ratios applied to the mask used during ``epoch``."""
+        if self.schedule == "constant":
+            return 1.0
+        return asymptotic_rate(1.0, epoch, self.epochs)
+
+    def rates(self, epoch: int) -> dict[str, float]:
+        """Per-group removal ratios of the mask used during ``epoch``."""
+        f = self.fraction(epoch)
+        return {name: min(r * f, r) for name, r in self.target.items()}
+
+    def update_mask(self, epoch: int) -> dict[str, list[int]]:
+        """Recompute the plan for ``epoch`` from the current weights and apply it."""
+        model = self._require_model()
+        scores = self.criterion.score(self.graph, model)
+        plan = make_plan(self.graph, scores, self.rates(epoch))
+        self.plan = {k: [int(i) for i in v] for k, v in plan.items()}
+        self.epoch = int(epoch)
+        self.apply_mask()
+        self.history.append({"epoch": int(epoch), "fraction": self.fraction(epoch),
+                             "masked": self.masked_count()})
+        return self.plan
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """Zero the current plan's producer rows/biases and norm bias/running mean (norm
+        weight too with ``zero_norm_weight``); with ``mask_grads`` also the momentum buffers
+        of the producer rows/biases and norm weight/bias."""
+        model = self._require_model()
+        for tensor, dim, drop in _masked_entries(model, self.graph, self.plan,
+                                                 zero_norm_weight=self.zero_norm_weight):
+            tensor.index_fill_(dim, drop, 0)
+        self._entries = _masked_entries(model, self.graph, self.plan, for_grads=True)
+        for tensor, dim, drop in self._entries:
+            if self.mask_grads and self.optimizer is not None:
+                buffer = self.optimizer.state.get(tensor, {}).get("momentum_buffer")
+                if buffer is not None:
+                    buffer.index_fill_(dim, drop, 0)
+
+    def masked_count(self) -> int:
+        return sum(self.graph.by_name[name].size - len(kept) for name, kept in self.plan.items())
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("SoftPruning has no model yet: pass model=... or call "
+                               "on_train_start(model, optimizer) first")
+        return self.model
+
+    # ------------------------------------------------------------------ fit hook protocol
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        if self.epoch < 0:  # fresh hook; a resume replaces this by load_state_dict
+            self._pending_initial = True
+        else:
+            self.apply_mask()
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self._pending_initial:
+            self._pending_initial = False
+            self.update_mask(epoch)
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        if not self.mask_grads:
+            return
+        for tensor, dim, drop in self._entries:
+            if tensor.grad is not None:
+                tensor.grad.index_fill_(dim, drop, 0)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.update_mask(epoch + 1)
+
+    def state_dict(self) -> dict:
+        return {"plan": {k: list(v) for k, v in self.plan.items()}, "epoch": self.epoch,
+                "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plan = {str(k): [int(i) for i in v] for k, v in state["plan"].items()}
+        self.epoch = int(state["epoch"])
+        self.history = [dict(h) for h in state.get("history", [])]
+        self._pending_initial = self.epoch < 0
+        if self.model is not None and not self._pending_initial:
+            self.apply_mask()
+
+    # ------------------------------------------------------------------ the compact model
+    def finalize(self, model: nn.Module | None = None, example_inputs=None):
+        """Physically remove the channels of the last mask; returns the PruningResult."""
+        return finalize(model if model is not None else self._require_model(), self.graph,
+                        self, example_inputs)
+
+
+def finalize(model: nn.Module, graph: ChannelGraph, hook, example_inputs=None):
+    """Remove the masked channels of ``hook`` (a :class:`SoftPruning`, or a plan dict) from
+    ``model`` in place with :func:`prunekit.prune` and return the PruningResult.
+
+    The mask is re-applied first (a no-op after training), so that the compact model computes
+    exactly what the masked model computes (eval mode).
+    """
+    from ..pruning import prune
+
+    if isinstance(hook, SoftPruning):
+        plan = hook.plan
+        example_inputs = example_inputs if example_inputs is not None else hook.example_inputs
+        ignore, leaf_modules = hook.ignore, hook.leaf_modules
+    else:
+        plan, ignore, leaf_modules = dict(hook), (), ()
+    example_inputs = _as_tuple(example_inputs)
+    if example_inputs is None:
+        raise ValueError("finalize needs example_inputs (the hook was built from a graph)")
+    device = next(model.parameters()).device
+    example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x
+                           for x in example_inputs)
+    zero_masked_channels(model, graph, plan)
+    result = prune(model, example_inputs, plan=plan, ignore=ignore, leaf_modules=leaf_modules)
+    if isinstance(hook, SoftPruning):
+        result.criterion = f"soft-{getattr(hook.criterion, 'name', hook.criterion)}"
+    return result
+
+
+def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criterion: Any = "l2",
+               ratio: float | None = None, ratios: dict[str, float] | None = None,
+               schedule: str = "constant", mask_grads: bool = False, example_inputs=None,
+               ignore: Sequence = (), leaf_modules: Sequence = (), resume: bool = True):
+    """Soft-prune ``model`` during :func:`prunekit.train.fit`, then remove the last mask.
+
+    Returns ``(model, PruningResult, fit summary)``; ``model`` is pruned in place and holds the
+    weights of the last epoch (``best.pt`` in ``out_dir`` is the best *masked* model on the
+    val split, kept for reference; the compact model is built from the last mask).
+    """
+    from ..train import TrainConfig, fit
+
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if example_inputs is None:
+        raise ValueError("soft_prune needs example_inputs (e.g. torch.randn(1, 3, 32, 32))")
+    hook = SoftPruning(model=model, example_inputs=example_inputs, criterion=criterion,
+                       ratio=ratio, ratios=ratios, schedule=schedule, mask_grads=mask_grads,
+                       epochs=config.epochs, ignore=ignore, leaf_modules=leaf_modules)
+    summary = fit(model, train_set, val_set, config, out_dir, hooks=[hook], resume=resume)
+    result = hook.finalize(model)
+    return model, result, summary
