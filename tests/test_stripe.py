@@ -1,0 +1,224 @@
+"""Tests for the stripe-wise pruning (SWP) executor ``prunekit.nn.StripeConv2d``."""
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit import models
+from prunekit.nn import StripeConv2d, stripe_prune_model
+
+torch.set_num_threads(1)
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _random_mask(out: int, k: int, removed: float, gen: torch.Generator) -> torch.Tensor:
+    """Boolean [out, k, k] mask with round(removed * total) stripes removed."""
+    total = out * k * k
+    n_removed = int(round(removed * total))
+    perm = torch.randperm(total, generator=gen)
+    mask = torch.ones(total, dtype=torch.bool)
+    mask[perm[:n_removed]] = False
+    return mask.view(out, k, k)
+
+
+def _masked_reference(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, conv.weight * mask[:, None].to(conv.weight.dtype), conv.bias,
+                    conv.stride, conv.padding, conv.dilation)
+
+
+CASES = [
+    # (kernel, stride, padding, dilation, bias)
+    c for c in itertools.product([1, 3, 5], [1, 2], [0, 1, 2], [1, 2], [True, False])
+]
+
+
+@pytest.mark.parametrize("removed", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("k,stride,padding,dilation,bias", CASES)
+def test_matches_masked_dense_conv(removed, k, stride, padding, dilation, bias):
+    gen = torch.Generator().manual_seed(hash((removed, k, stride, padding, dilation, bias)) % 2**31)
+    cin, cout = 5, 7
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    mask = _random_mask(cout, k, removed, gen)
+    sconv = StripeConv2d.from_dense(conv, mask)
+    assert sconv.stripe_count == int(mask.sum())
+    for n, (h, w) in [(1, (11, 9)), (3, (13, 15))]:
+        x = torch.randn(n, cin, h, w, generator=gen)
+        ref = _masked_reference(conv, mask, x)
+        out = sconv(x)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(sconv.dense_weight(), conv.weight.detach() * mask[:, None], **TOL)
+
+
+def test_rectangular_kernel_and_same_padding():
+    gen = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(4, 6, (3, 5), padding="same", dilation=(2, 1))
+    mask = torch.rand(6, 3, 5, generator=gen) > 0.5
+    sconv = StripeConv2d.from_dense(conv, mask)
+    x = torch.randn(2, 4, 9, 10, generator=gen)
+    ref = F.conv2d(x, conv.weight * mask[:, None], conv.bias, 1, "same", (2, 1))
+    torch.testing.assert_close(sconv(x), ref, **TOL)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (2, 0)])
+def test_all_kept_equals_dense(stride, padding):
+    conv = nn.Conv2d(6, 8, 3, stride=stride, padding=padding)
+    sconv = StripeConv2d.from_dense(conv, torch.ones(8, 3, 3, dtype=torch.bool))
+    assert sconv.stripe_count == 8 * 9
+    x = torch.randn(2, 6, 10, 9)
+    torch.testing.assert_close(sconv(x), conv(x), **TOL)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_all_removed_gives_bias(bias):
+    conv = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=bias)
+    sconv = StripeConv2d.from_dense(conv, torch.zeros(8, 3, 3, dtype=torch.bool))
+    assert sconv.stripe_count == 0 and sconv.segments == ()
+    x = torch.randn(2, 6, 9, 9)
+    out = sconv(x)
+    assert out.shape == conv(x).shape
+    expected = torch.zeros_like(out)
+    if bias:
+        expected = expected + conv.bias.detach().view(1, -1, 1, 1)
+    torch.testing.assert_close(out, expected)
+
+
+def test_empty_filter_outputs_zero_and_positions_skipped():
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    mask = torch.zeros(4, 3, 3, dtype=torch.bool)
+    mask[0, 1, 1] = True
+    mask[2, 0, 2] = True
+    mask[2, 1, 1] = True
+    sconv = StripeConv2d.from_dense(conv, mask)
+    assert [(i, j) for i, j, _, _ in sconv.segments] == [(0, 2), (1, 1)]
+    out = sconv(torch.randn(1, 3, 5, 5))
+    assert torch.all(out[:, 1] == 0) and torch.all(out[:, 3] == 0)
+    assert "stripes=3/36" in repr(sconv) and "positions=2/9" in repr(sconv)
+
+
+def test_macs_hand_computed():
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    mask = torch.zeros(32, 3, 3, dtype=torch.bool)
+    mask[:10, 1, 1] = True       # 10 stripes
+    mask[5:12, 0, 0] = True      # 7 stripes
+    sconv = StripeConv2d.from_dense(conv, mask)
+    # 32x32 input, stride 2, pad 1, k 3 -> 16x16 output; 17 stripes * 16 C_in * 256
+    assert sconv.output_hw((32, 32)) == (16, 16)
+    assert sconv.macs((32, 32)) == 17 * 16 * 16 * 16
+    # odd size, no padding: (9 - 2 - 1)//2 + 1 = 4, (7 - 2 - 1)//2 + 1 = 3
+    conv2 = nn.Conv2d(3, 2, 3, stride=2)
+    s2 = StripeConv2d.from_dense(conv2, torch.ones(2, 3, 3, dtype=torch.bool))
+    assert s2.macs((9, 7)) == 18 * 3 * 4 * 3
+    # all kept == dense conv MACs
+    assert s2.macs((9, 7)) == 2 * 3 * 9 * 4 * 3
+
+
+def _resnet_with_masks(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = models.create("cifar_resnet20").eval()
+    # Non-trivial BN statistics so that every path matters.
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1, generator=gen)
+            m.running_var.uniform_(0.5, 1.5, generator=gen)
+    masks = {name: _random_mask(m.out_channels, 3, 0.5, gen)
+             for name, m in net.named_modules()
+             if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)}
+    return net, masks
+
+
+def test_cifar_resnet20_equivalence():
+    net, masks = _resnet_with_masks()
+    assert len(masks) == 19
+    reference = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            conv = reference.get_submodule(name)
+            conv.weight.mul_(mask[:, None].to(conv.weight.dtype))
+    stripe_prune_model(net, masks)
+    n_stripe = sum(isinstance(m, StripeConv2d) for m in net.modules())
+    assert n_stripe == 19
+    assert not any(type(m) is nn.Conv2d and m.kernel_size == (3, 3) for m in net.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x), **TOL)
+
+
+def test_stripe_prune_model_errors():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(KeyError):
+        stripe_prune_model(net, {"nope": torch.ones(4, 3, 3, dtype=torch.bool)})
+    with pytest.raises(TypeError):
+        stripe_prune_model(net, {"1": torch.ones(4, 3, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError):
+        stripe_prune_model(net, {"0": torch.ones(4, 2, 2, dtype=torch.bool)})
+    with pytest.raises(ValueError):
+        StripeConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), torch.ones(4, 3, 3, dtype=torch.bool))
+
+
+def _small_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(6, 5, 5, padding=2, dilation=2)).eval()
+    gen = torch.Generator().manual_seed(0)
+    masks = {"0": _random_mask(8, 3, 0.5, gen), "3": _random_mask(6, 3, 0.5, gen),
+             "5": _random_mask(5, 5, 0.75, gen)}
+    return stripe_prune_model(net, masks)
+
+
+def test_onnx_export_matches_onnxruntime():
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    net = _small_net()
+    x = torch.randn(2, 3, 15, 15)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), buf, opset_version=17, dynamo=False,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    model = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(model)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    for xb in (x, torch.randn(5, 3, 15, 15)):
+        (y,) = sess.run(None, {"x": xb.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(y), net(xb), **TOL)
+
+
+def test_torchscript_trace_roundtrip():
+    net = _small_net()
+    x = torch.randn(2, 3, 15, 15)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, (x,))
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+        x2 = torch.randn(2, 3, 15, 15)
+        torch.testing.assert_close(loaded(x2), net(x2), **TOL)
+
+
+def test_state_dict_and_grad():
+    conv = nn.Conv2d(4, 5, 3, padding=1)
+    mask = torch.rand(5, 3, 3) > 0.5
+    a = StripeConv2d.from_dense(conv, mask)
+    b = StripeConv2d(4, 5, 3, mask, padding=1)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    torch.testing.assert_close(a(x), b(x))
+    a(x).sum().backward()
+    assert a.weight.grad is not None and a.weight.grad.shape == a.weight.shape
