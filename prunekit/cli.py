@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--weights", default=None)
     pr.add_argument("--shortcut", default=None)
     pr.add_argument("--criterion", default=None, help="l1, l2, fpgm, bn_scale, hrank, chip, ...")
+    pr.add_argument("--method", default=None, choices=("oneshot", "sfp", "asfp", "fpgm-soft"),
+                    help="one-shot pruning + fine-tuning (default), or soft pruning during "
+                         "fine-tuning (SFP, ASFP, FPGM-soft; needs --ratio)")
     target = pr.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=float, default=None, help="uniform fraction removed")
     target.add_argument("--macs-reduction", type=float, default=None,
@@ -180,6 +183,8 @@ def cmd_prune(args) -> int:
         raise ValueError("give --model (and --weights) or --recipe")
     if args.criterion:
         options["criterion"] = {"name": args.criterion}
+    if args.method:
+        options["method"] = {} if args.method == "oneshot" else {"name": args.method}
     plan = dict(options.get("plan") or {})
     for key, value in (("ratio", args.ratio), ("macs_reduction", args.macs_reduction),
                        ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio)):

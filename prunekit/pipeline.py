@@ -138,6 +138,10 @@ def run_prune(options: dict) -> dict:
     with timer("measure_before"):
         report["before"] = measure_model(model, root, splits, **measure_kw)
 
+    method = options.get("method") or {}
+    if method.get("name") in SOFT_METHODS:
+        return _run_soft(model, options, method, root, splits, measure_kw, report, timer, out)
+
     pruned_path = out / "pruned.safetensors"
     if pruned_path.exists():
         with timer("load_pruned"):
@@ -177,6 +181,45 @@ def run_prune(options: dict) -> dict:
             metrics={s: a["top1"] for s, a in final["accuracy"].items()})
     report["stage_seconds"] = timer.seconds
     report["speedup"] = measure.speedup(report["before"], final)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+# Training-time methods: (criterion, rate schedule, zero gradients of masked filters).
+SOFT_METHODS = {"sfp": ("l2", "constant", False), "asfp": ("l2", "asymptotic", False),
+                "fpgm-soft": ("fpgm", "constant", True)}
+
+
+def _run_soft(model, options, method, root, splits, measure_kw, report, timer, out) -> dict:
+    """SFP / ASFP / FPGM-soft: masks during fine-tuning, physical removal at the end."""
+    from .methods import soft_prune
+
+    criterion, schedule, mask_grads = SOFT_METHODS[method["name"]]
+    criterion = (options.get("criterion") or {}).get("name", criterion)
+    plan_cfg = options.get("plan") or {}
+    if "ratio" not in plan_cfg and "ratios" not in plan_cfg:
+        raise PlanError(f"method {method['name']} needs a ratio (or ratios) in the plan")
+    config = TrainConfig.from_dict(options.get("finetune") or {})
+    if config.epochs < 1:
+        raise ValueError(f"method {method['name']} trains while it prunes: give "
+                         "--finetune-epochs >= 1")
+    with timer("soft_prune"):
+        model, result, summary = soft_prune(
+            model, data.CIFAR10(root, split="train", train_augment=True),
+            data.CIFAR10(root, split="val", limit=options.get("limit")), config,
+            out / "finetune", criterion=criterion, ratio=plan_cfg.get("ratio"),
+            ratios=plan_cfg.get("ratios"), schedule=method.get("schedule", schedule),
+            mask_grads=method.get("mask_grads", mask_grads),
+            example_inputs=torch.randn(*CIFAR_INPUT), ignore=plan_cfg.get("ignore", ()))
+    report.update(plan=result.plan, finetune=summary)
+    with timer("measure_finetuned"):
+        report["finetuned"] = measure_model(model.eval(), root, splits, **measure_kw)
+    report["pruned"] = report["finetuned"]  # soft pruning has no separate one-shot stage
+    io.save(model, out / "model.safetensors", method=method, plan=result.plan,
+            recipe=options.get("recipe"),
+            metrics={s: a["top1"] for s, a in report["finetuned"]["accuracy"].items()})
+    report["stage_seconds"] = timer.seconds
+    report["speedup"] = measure.speedup(report["before"], report["finetuned"])
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 

@@ -99,3 +99,19 @@ def test_cli_prune_rejects_bad_ratio(tmp_path, capsys):
                  str(tmp_path), "--out", str(tmp_path / "r")])
     assert code == 2
     assert "[0, 1)" in capsys.readouterr().err or True
+
+
+@pytest.mark.shared_data
+@needs_shared
+def test_cli_soft_pruning_method(tmp_path):
+    run = tmp_path / "sfp"
+    assert main(["prune", "--model", "cifar_resnet20", "--weights", "pretrained", "--data",
+                 str(SHARED), "--method", "asfp", "--ratio", "0.3", "--finetune-epochs", "2",
+                 "--finetune-max-steps", "2", "--finetune-batch-size", "16", "--eval-splits",
+                 "test-lossless", "--limit", "50", "--latency-batches", "1",
+                 "--latency-runs", "2", "--out", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["finetuned"]["macs"] < report["before"]["macs"]
+    assert report["plan"] and report["finetune"]["epochs_run"] == 2
+    loaded = pio.load(run / "model.safetensors")
+    assert prunekit.count_macs(loaded, torch.randn(1, 3, 32, 32)) == report["finetuned"]["macs"]
