@@ -95,26 +95,21 @@ class ChannelGraph:
                    if m.role in ("out", "param")]
         sources += [(a, r) for a, r in zip(self.state.attr_members, self.attr_roots)]
         # Channels produced by one layer belong to one group; shared channels join groups.
-        order: dict[int, None] = {}
+        valid = [r[r >= 0] for _, r in sources]
+        flat = np.concatenate(valid) if valid else np.zeros(0, dtype=np.int64)
+        order, first_seen = np.unique(flat, return_index=True)
+        order = order[np.argsort(first_seen, kind="stable")]  # first appearance, trace order
+        slot = {int(r): i for i, r in enumerate(order.tolist())}
         link = UnionFind()
-        slot: dict[int, int] = {}
-
-        def slot_of(root: int) -> int:
-            if root not in slot:
-                slot[root] = int(link.make(1)[0])
-            return slot[root]
-
-        for _, roots in sources:
-            valid = [int(r) for r in roots if r >= 0]
-            for r in valid:
-                order.setdefault(r, None)
-            for r in valid[1:]:
-                link.union(slot_of(valid[0]), slot_of(r))
-            if valid:
-                slot_of(valid[0])
+        link.make(len(order))
+        for roots in valid:
+            if len(roots) > 1:
+                head = slot[int(roots[0])]
+                for r in np.unique(roots[1:]).tolist():
+                    link.union(head, slot[r])
         components: dict[int, list[int]] = {}
-        for r in order:
-            components.setdefault(link.find(slot_of(r)), []).append(r)
+        for r in order.tolist():
+            components.setdefault(link.find(slot[r]), []).append(r)
 
         uf = self.state.uf
         groups = []
