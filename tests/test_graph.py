@@ -6,7 +6,6 @@ physically pruned model computes (eval mode, random BN statistics).
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -24,6 +23,7 @@ from prunekit.models.cifar_resnet import ZeroPadShortcut
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -216,7 +216,9 @@ def architectures(draw):
     n_ops = draw(st.integers(2, 9))
     for _ in range(n_ops):
         kind = draw(st.sampled_from(["conv", "bn", "act", "residual", "cat", "chunk", "split",
-                                     "shuffle", "se", "pool"]))
+                                     "shuffle", "se", "pool", "add2", "padchan",
+                                     "spatial_attn", "upsample"]))
+        # "crop" (x[:, a:b]) is left out until test_literal_channel_slice passes.
         if kind == "conv":
             k = draw(st.sampled_from([1, 3]))
             stride = draw(st.sampled_from([1, 2])) if s >= 6 else 1
@@ -264,6 +266,28 @@ def architectures(draw):
         elif kind == "pool" and s >= 4:
             ops.append(("pool", dict(fn=draw(st.sampled_from(["max", "avg"])))))
             s //= 2
+        elif kind == "add2":
+            # two convolutions of the same input, summed: their outputs become one group
+            cout = draw(st.sampled_from([2, 4, 6]))
+            ops.append(("add2", dict(cin=c, cout=cout)))
+            c = cout
+        elif kind == "padchan":
+            # zero channels padded with literal widths in forward (a hand-written option A)
+            front, back = draw(st.integers(0, 2)), draw(st.integers(1, 3))
+            ops.append(("padchan", dict(front=front, back=back)))
+            c += front + back
+        elif kind == "crop" and c >= 2:
+            # a literal channel slice: the dropped channels are simply never read again
+            start = draw(st.integers(0, 1))
+            stop = draw(st.integers(start + 1, c))
+            ops.append(("crop", dict(start=start, stop=stop)))
+            c = stop - start
+        elif kind == "spatial_attn":
+            # CBAM-style: mean and max over channels -> conv(2 -> 1) -> sigmoid gate
+            ops.append(("spatial_attn", dict()))
+        elif kind == "upsample" and s <= 8:
+            ops.append(("upsample", dict()))
+            s *= 2
     head = draw(st.sampled_from(["pool", "flatten", "view_literal"]))
     ops.append(("head", dict(c=c, s=s, kind=head)))
     return ops, size
@@ -305,6 +329,15 @@ class _RandomNet(nn.Module):
                 layer.fc2 = nn.Conv2d(p["squeeze"], p["c"], 1)
             elif kind == "pool":
                 layer.fn = p["fn"]
+            elif kind == "add2":
+                layer.a = nn.Conv2d(p["cin"], p["cout"], 1, bias=False)
+                layer.b = nn.Conv2d(p["cin"], p["cout"], 3, padding=1)
+            elif kind == "padchan":
+                layer.widths = (0, 0, 0, 0, p["front"], p["back"])
+            elif kind == "crop":
+                layer.start, layer.stop = p["start"], p["stop"]
+            elif kind == "spatial_attn":
+                layer.conv = nn.Conv2d(2, 1, 3, padding=1)
             elif kind == "head":
                 # "pool": global average pool; "flatten": torch.flatten of the whole map, so
                 # every channel owns s*s input columns of the Linear; "view_literal":
@@ -343,6 +376,17 @@ class _RandomNet(nn.Module):
                 x = x * scale
             elif kind == "pool":
                 x = F.max_pool2d(x, 2) if layer.fn == "max" else F.avg_pool2d(x, 2)
+            elif kind == "add2":
+                x = layer.a(x) + layer.b(x)
+            elif kind == "padchan":
+                x = F.pad(x, layer.widths)
+            elif kind == "crop":
+                x = x[:, layer.start:layer.stop]
+            elif kind == "spatial_attn":
+                pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], 1)
+                x = x * torch.sigmoid(layer.conv(pooled))
+            elif kind == "upsample":
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
             elif kind == "head":
                 if layer.kind == "pool":
                     x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
@@ -390,7 +434,7 @@ def test_single_channel_dense_conv_is_not_depthwise(prune_and_compare):
         nn.ReLU(),
         nn.Conv2d(1, 6, 1),              # in_channels == groups == 1 again
         nn.Flatten(),
-        nn.LazyLinear(2) if False else nn.Linear(6 * 4 * 4, 2),
+        nn.Linear(6 * 4 * 4, 2),
     )
     x = _x(2, 1, 4, 4)
     graph = prunekit.build_graph(model, x[:1])
@@ -637,6 +681,31 @@ def test_explicit_plan_emptying_a_layer_is_rejected():
         assert torch.equal(v, state[k]), k
 
 
+class _LiteralChannelSlice(nn.Module):
+    """Reads channels 2..5 of an 8-channel conv output through a literal slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(4, 3)
+        with torch.no_grad():  # l1 ranks channels 0, 5, 6, 7 first
+            self.conv.weight[[0, 5, 6, 7]] *= 100
+
+    def forward(self, x):
+        x = self.conv(x)[:, 2:6]
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_literal_channel_slice(prune_and_compare):
+    model = _LiteralChannelSlice().eval()
+    x = _x(2, 3, 4, 4)
+    check = prune_and_compare(model, x, criterion="l1", ratio=0.5)
+    sliced = set(range(2, 6))
+    group = check.graph.group("conv")
+    assert sliced <= set(np.flatnonzero(group.fixed).tolist())
+    assert model.fc.in_features == 4
+
+
 # ================================================================================================
 # Errors and extension points
 # ================================================================================================
@@ -680,6 +749,40 @@ def test_trace_error_names_the_failing_submodule():
     msg = str(err.value)
     assert "failed inside module 'gate'" in msg
     assert "leaf_modules=['gate']" in msg
+
+
+def test_trace_error_names_a_nested_submodule_by_its_path():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 3, 1), _NetWithGate())
+
+        def forward(self, x):
+            return self.block(x)
+
+    with pytest.raises(TraceError) as err:
+        prunekit.build_graph(Outer(), _x(1, 3, 8, 8))
+    assert "failed inside module 'block.1.gate'" in str(err.value)
+
+
+class _GateAtRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+def test_trace_error_at_the_root_gives_usable_advice():
+    with pytest.raises(TraceError) as err:
+        prunekit.build_graph(_GateAtRoot(), _x(1, 3, 8, 8))
+    msg = str(err.value)
+    assert "_GateAtRoot" in msg
+    assert "leaf_modules=['<root>']" not in msg
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import copy
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.fx
@@ -181,14 +180,27 @@ def test_ratios_unknown_key_lists_the_groups():
     _assert_untouched(model, state)
 
 
-def test_macs_reduction_reaches_the_target():
-    model = _resnet()
-    result = prunekit.prune(model, X[:1], macs_reduction=0.5)
+@pytest.mark.parametrize("depth, shortcut, round_to", [(20, "A", 1), (56, "A", 8), (56, "B", 8)])
+def test_macs_reduction_reaches_the_target(depth, shortcut, round_to, prune_and_compare):
+    model = _resnet(depth, shortcut)
+    check = prune_and_compare(model, X, macs_reduction=0.5, round_to=round_to,
+                              ignore=["linear"])
+    result = check.result
     achieved = result.macs_reduction
     assert achieved == pytest.approx(1 - result.macs_after / result.macs_before)
     assert 0.5 - 0.005 <= achieved <= 0.5 + 0.02, achieved
     assert result.macs_after == prunekit.count_macs(model, X[:1])
-    assert result.plan and all(len(k) >= 1 for k in result.plan.values())
+    assert result.plan
+    for name, kept in result.plan.items():
+        assert len(kept) >= 1
+        assert len(kept) % round_to == 0 or len(kept) == result.group_sizes[name]
+
+
+def test_example_inputs_may_be_a_tuple():
+    model = _resnet()
+    result = prunekit.prune(model, (X[:1],), ratio=0.5, ignore=["linear"])
+    assert result.macs_after < result.macs_before
+    assert model(X).shape == (2, 10)
 
 
 def test_macs_reduction_out_of_reach_is_rejected():

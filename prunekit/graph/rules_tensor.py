@@ -278,7 +278,12 @@ def _index_ids(ctx, ids, shape, index):
             if isinstance(i, int):
                 result = np.take(result, i, axis=axis)
             elif isinstance(i, slice):
-                result = np.take(result, np.arange(shape[d])[i], axis=axis)
+                picked = np.arange(shape[d])[i]
+                if len(picked) != shape[d]:
+                    # A literal slice picks positions, and positions move when channels go:
+                    # keep every channel of the sliced dimension.
+                    ctx.fix(result, "sliced with literal indices")
+                result = np.take(result, picked, axis=axis)
                 axis += 1
             else:
                 ctx.fail(f"unsupported index {i!r} on a channel dimension")

@@ -42,13 +42,18 @@ def trace(model: nn.Module, leaf_types=(), leaf_names=()) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, AttributeError, ...
-        where = tracer.prunekit_path[-1] if tracer.prunekit_path else "<root>"
-        where = where or type(model).__name__
+        where = tracer.prunekit_path[-1] if tracer.prunekit_path else ""
+        if where:
+            advice = (f"Make that control flow static, or pass leaf_modules=['{where}'] and "
+                      "register a channel rule for its class with "
+                      "prunekit.graph.register_module_rule.")
+        else:  # the model's own forward: it cannot be a leaf of itself
+            advice = (f"The branch is in {type(model).__name__}.forward itself: make it static "
+                      "(no Python `if` on tensor values), or move it into a submodule and pass "
+                      "that submodule as leaf_modules=[...] with a registered channel rule.")
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__} (failed inside module '{where}'): "
-            f"{type(exc).__name__}: {exc}. prunekit needs a model whose forward has no "
-            "data-dependent control flow. Make that control flow static, or pass "
-            f"leaf_modules=['{where}'] and register a channel rule for its class with "
-            "prunekit.graph.register_module_rule."
+            f"torch.fx could not trace {type(model).__name__} (failed inside module "
+            f"'{where or type(model).__name__}'): {type(exc).__name__}: {exc}. prunekit needs a "
+            f"model whose forward has no data-dependent control flow. {advice}"
         ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
