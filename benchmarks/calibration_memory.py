@@ -40,7 +40,9 @@ def main() -> None:
     batches = calibration_batches(root, {"batches": args.images // args.batch_size,
                                          "batch_size": args.batch_size}, seed=0)
     criterion = get_criterion(args.criterion)
-    # One warm-up batch so allocator pools and lazy imports are in the baseline.
+    loaded = max_rss_mb()
+    # One warm-up batch so allocator pools and lazy imports are in the baseline: what remains
+    # is how memory grows with the number of images (it should not).
     criterion.score(graph, model, batches[:1])
     before = max_rss_mb()
     start = time.perf_counter()
@@ -59,7 +61,9 @@ def main() -> None:
     all_maps_mb = sum(torch.Size(s[1:]).numel() * 4 for s in shapes.values()) * \
         len(batches) * args.batch_size / 2**20
     result = {"criterion": args.criterion, "images": len(batches) * args.batch_size,
-              "batch_size": args.batch_size, "rss_before_mb": before, "rss_peak_mb": after,
+              "batch_size": args.batch_size, "rss_loaded_mb": loaded,
+              "rss_after_one_batch_mb": before, "rss_peak_mb": after,
+              "one_batch_working_set_mb": before - loaded,
               "growth_mb": after - before, "seconds": seconds, "feature_maps": len(shapes),
               "all_maps_if_kept_mb": all_maps_mb, "threads": torch.get_num_threads()}
     Path(f"{args.out}_{args.criterion}.json").write_text(json.dumps(result, indent=1))
