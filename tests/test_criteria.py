@@ -63,9 +63,9 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-class SliceNet(nn.Module):
-    """One group seen in two feature maps of different widths: all 8 channels after ReLU and
-    channels 2..5 after a sigmoid (pos = [2, 3, 4, 5])."""
+class TwoMapNet(nn.Module):
+    """One group seen in two feature maps: all 8 channels after ReLU (read by conv2) and the
+    same channels after a sigmoid (read by conv3)."""
 
     def __init__(self):
         super().__init__()
@@ -73,15 +73,27 @@ class SliceNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(8)
         self.relu = nn.ReLU()
         self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.conv2(x) + self.conv3(torch.sigmoid(x))
+
+    def maps(self, x):
+        a = self.relu(self.bn1(self.conv1(x)))
+        return a, torch.sigmoid(a)
+
+
+class SliceNet(TwoMapNet):
+    """Reads channels 2..5 by a literal slice: positions that pruning would shift."""
+
+    def __init__(self):
+        super().__init__()
         self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
         return self.conv2(x) + self.conv3(torch.sigmoid(x[:, 2:6]))
-
-    def maps(self, x):
-        a = self.relu(self.bn1(self.conv1(x)))
-        return a, torch.sigmoid(a[:, 2:6])
 
 
 def tiny(seed=0, randomize_norms=None, **kwargs):
@@ -448,26 +460,33 @@ def test_apoz_counts_zeros(randomize_norms):
     assert scores["conv2"][0] == -1.0 and int(np.argmin(scores["conv2"])) == 0
 
 
-def test_maps_of_different_widths_combine_by_position(nuclear):
+def test_maps_of_one_group_combine_per_channel(nuclear):
     torch.manual_seed(0)
-    model = SliceNet().eval()
+    model = TwoMapNet().eval()
     graph = graph_of(model)
     group = graph.group("conv1")
-    assert sorted(len(p) for _, p in group.feature_maps()) == [4, 8]
+    assert sorted(len(p) for _, p in group.feature_maps()) == [8, 8]
     data = batches(n=2, b=2)
     with torch.no_grad():
-        full = [model.maps(x)[0] for x in data]
-        part = [model.maps(x)[1] for x in data]
+        first = [model.maps(x)[0] for x in data]
+        second = [model.maps(x)[1] for x in data]
     for crit, ref in ((HRank, ref_rank), (CHIP, ref_ci), (APoZ, lambda m: -ref_apoz(m))):
-        a, b = ref(full), ref(part)
-        expected = {"mean": a.copy(), "sum": a.copy(), "first": a.copy(), "last": a.copy()}
-        expected["mean"][2:6] = (a[2:6] + b) / 2
-        expected["sum"][2:6] = a[2:6] + b
-        expected["last"][2:6] = b
+        a, b = ref(first), ref(second)
+        expected = {"mean": (a + b) / 2, "sum": a + b, "first": a, "last": b}
         for mode, want in expected.items():
             got = quiet(crit(combine=mode, progress=False).score, graph, model, data)["conv1"]
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4,
                                        err_msg=f"{crit.name} combine={mode}")
+
+
+def test_literal_channel_slice_keeps_the_group_unscored():
+    # x[:, 2:6] would read other channels once some are removed, so the group is fixed and
+    # criteria have nothing to score there.
+    model = SliceNet().eval()
+    graph = graph_of(model)
+    assert not graph.group("conv1").prunable
+    scores = quiet(HRank(progress=False).score, graph, model, batches(n=1, b=2))
+    assert "conv1" not in scores
 
 
 def test_residual_streams_get_finite_scores(nuclear):
