@@ -53,10 +53,10 @@ def run_one(name: str, root, args, calibration) -> dict:
                    macs_reduction=result.macs_reduction)
     row["prune_seconds"] = time.perf_counter() - start
     row["after_pruning"] = evaluate(model, root)
-    config = TrainConfig(epochs=args.epochs, lr=0.01, momentum=0.9, weight_decay=5e-4,
-                         schedule="cosine", batch_size=128, seed=args.seed)
     start = time.perf_counter()
     if args.epochs > 0:
+        config = TrainConfig(epochs=args.epochs, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                             schedule="cosine", batch_size=128, seed=args.seed)
         fit(model, data.CIFAR10(root, split="train", train_augment=True),
             data.CIFAR10(root, split="val"), config, Path(args.work) / name, resume=False)
         row["after_finetune"] = evaluate(model.eval(), root)
