@@ -73,16 +73,25 @@ def plot(rows, path: Path) -> None:
 
     names = [r["criterion"] for r in rows]
     pruned = [r["after_pruning"]["test"] for r in rows]
-    tuned = [(r["after_finetune"] or {}).get("test", 0.0) for r in rows]
+    tuned = [(r["after_finetune"] or {}).get("test") for r in rows]
+    has_tuned = any(v is not None for v in tuned)
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
     xs = range(len(rows))
-    ax.bar([i - 0.2 for i in xs], pruned, width=0.4, label="right after pruning", color="#bbb")
-    ax.bar([i + 0.2 for i in xs], tuned, width=0.4, label="after fine-tuning", color="#3574b3")
-    for i, v in enumerate(tuned):
-        ax.text(i + 0.2, v + 0.5, f"{v:.1f}", ha="center", fontsize=8)
+    width = 0.4 if has_tuned else 0.6
+    left = [i - 0.2 for i in xs] if has_tuned else list(xs)
+    ax.bar(left, pruned, width=width, label="right after pruning", color="#bbb")
+    for x, v in zip(left, pruned):
+        ax.text(x, v + 0.5, f"{v:.1f}", ha="center", fontsize=8)
+    if has_tuned:
+        ax.bar([i + 0.2 for i in xs], [v or 0 for v in tuned], width=0.4,
+               label="after fine-tuning", color="#3574b3")
+        for i, v in enumerate(tuned):
+            if v is not None:
+                ax.text(i + 0.2, v + 0.5, f"{v:.1f}", ha="center", fontsize=8)
     ax.set_xticks(list(xs), names, rotation=30)
     ax.set_ylabel("top-1 % on test (10,000 JPEG-decoded images)")
-    ax.set_title("ResNet-56, ~47% MACs removed, same fine-tuning budget")
+    ax.set_title("ResNet-56, ~47% MACs removed" + (", same fine-tuning budget" if has_tuned
+                                                     else ", no fine-tuning (one-shot)"))
     ax.legend(loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
