@@ -43,7 +43,8 @@ from torch import nn
 from . import __version__
 from .models.cifar_resnet import ZeroPadShortcut
 from .models.registry import SPEC_ATTR, UnknownModelError, create
-from .models.weights import WeightsLoadError, WeightsMismatchError
+from .models.weights import (WeightsLoadError, WeightsMismatchError, compare_state, listing,
+                             mismatch_lines)
 
 __all__ = [
     "FORMAT",
@@ -60,7 +61,6 @@ FORMAT = "prunekit/1"
 SPEC_KEY = "prunekit_spec"
 SAVED_SPEC_ATTR = "prunekit_saved_spec"
 SOURCES = ("prunekit", "torchvision")
-_MAX_LISTED = 10
 
 # Module attributes that describe shape rather than behaviour: pruning rewrites them, and a
 # rebuilt base model would otherwise keep the unpruned values. Matched with isinstance, so
@@ -441,31 +441,19 @@ def _restore_structure(model: nn.Module, modules: Mapping[str, Any], path: Path)
     if absent:
         raise WeightsMismatchError(
             f"the spec in {path} describes modules the rebuilt base model lacks: "
-            f"{_listing(absent)}. The file may come from an incompatible version; re-save it.",
+            f"{listing(absent)}. The file may come from an incompatible version; re-save it.",
             missing=[], unexpected=[], shape_mismatches=[])
 
 
 def _load_checked(model: nn.Module, tensors: dict[str, torch.Tensor], strict: bool, path: Path,
                   base_name: str | None, unresizable: list[str], hint: str) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    shapes = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items()
-              if k in tensors and tensors[k].shape != v.shape]
+    missing, unexpected, shapes = compare_state(model.state_dict(), tensors)
     if shapes or (strict and (missing or unexpected)):
         source = f"{path}" + (f" (a pruned {base_name})" if base_name else "")
-        target = type(model).__name__
-        lines = [f"weights in {source} do not fit the {target} model:"]
-        if strict and missing:
-            lines.append(f"  {len(missing)} missing tensor(s): {_listing(missing)}")
-        if strict and unexpected:
-            lines.append(f"  {len(unexpected)} unexpected tensor(s): {_listing(unexpected)}")
-        if shapes:
-            described = [f"{k}: file {a} vs model {b}" for k, a, b in shapes]
-            lines.append(f"  {len(shapes)} shape mismatch(es):\n    "
-                         + _listing(described, "\n    "))
+        lines = [f"weights in {source} do not fit the {type(model).__name__} model:"]
+        lines += mismatch_lines(missing, unexpected, shapes, strict, source="file")
         if unresizable:
-            lines.append(f"  not resizable (custom state dict entries): {_listing(unresizable)}")
+            lines.append(f"  not resizable (custom state dict entries): {listing(unresizable)}")
         lines.append(hint)
         raise WeightsMismatchError("\n".join(lines), missing=missing if strict else [],
                                    unexpected=unexpected if strict else [],
@@ -502,12 +490,6 @@ def _jsonable(value: Any, what: str) -> Any:
     except (TypeError, ValueError) as err:
         raise TypeError(f"{what} must be JSON-serialisable to be stored in the spec ({err})") \
             from None
-
-
-def _listing(items: list[str], sep: str = ", ") -> str:
-    shown = sep.join(items[:_MAX_LISTED])
-    rest = len(items) - _MAX_LISTED
-    return shown + (f"{sep}... and {rest} more" if rest > 0 else "")
 
 
 # --- export internals --------------------------------------------------------------------

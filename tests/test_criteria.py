@@ -26,7 +26,7 @@ from prunekit.criteria import (APoZ, BNScale, CHIP, CRITERIA, FPGM, HRank, L1Nor
                                Taylor, combine_scores, get_criterion, run_calibration)
 from prunekit.plan import make_plan, ratios_for_groups
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 # ---------------------------------------------------------------------------------------------

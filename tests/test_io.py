@@ -35,14 +35,7 @@ TORCHVISION = {  # name -> classifier kept unpruned
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are too small to gain from intra-op threads, and on a busy machine the
-    # threads' spin-waiting made this file 5x slower; restored for the other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 def _pruned_cifar(key, randomize_norms):

@@ -30,14 +30,7 @@ FAST = [("quadrature", "gram"), ("quadrature", "svd"), ("secular", "gram"), ("se
 ALL = FAST + [("direct", "auto")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """MKL's threaded LAPACK on many tiny matrices is slow when other processes compete for
-    the CPU; one thread keeps the reference loops fast and the timing of this file stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 def assert_ci_close(actual, expected, features, what=""):

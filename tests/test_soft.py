@@ -12,12 +12,7 @@ from prunekit.methods import SoftPruning, asymptotic_rate, finalize, soft_prune
 from prunekit.train import TrainConfig, fit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 class TinyNet(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 from prunekit import models
 from prunekit.nn import StripeConv2d, stripe_prune_model
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -250,29 +250,38 @@ def _fill_bn_counters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             state[key] = value.clone()
 
 
+def compare_state(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]):
+    """(missing keys, unexpected keys, [(key, given shape, expected shape)]) of a state dict."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [(k, tuple(given[k].shape), tuple(v.shape)) for k, v in expected.items()
+              if k in given and given[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+
+def mismatch_lines(missing, unexpected, shapes, strict: bool, source: str = "checkpoint") -> list[str]:
+    """The readable lines of a :class:`WeightsMismatchError` (shared by checkpoints and .safetensors)."""
+    lines = []
+    if strict and missing:
+        lines.append(f"  {len(missing)} missing key(s): {listing(missing)}")
+    if strict and unexpected:
+        lines.append(f"  {len(unexpected)} unexpected key(s): {listing(unexpected)}")
+    if shapes:
+        described = [f"{k}: {source} {a} vs model {b}" for k, a, b in shapes]
+        lines.append(f"  {len(shapes)} shape mismatch(es):\n    " + listing(described, "\n    "))
+    return lines
+
+
 def _check_fit(
     model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, origin: str
 ) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        (k, tuple(state[k].shape), tuple(v.shape))
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    missing, unexpected, shapes = compare_state(model.state_dict(), state)
     if not shapes and (not strict or (not missing and not unexpected)):
         return
     spec = getattr(model, "prunekit_spec", None)
     target = type(model).__name__ + (f" ({spec['name']})" if spec else "")
     lines = [f"weights from {origin} do not fit {target}:"]
-    if strict and missing:
-        lines.append(f"  {len(missing)} missing key(s): {_listing(missing)}")
-    if strict and unexpected:
-        lines.append(f"  {len(unexpected)} unexpected key(s): {_listing(unexpected)}")
-    if shapes:
-        described = [f"{k}: checkpoint {a} vs model {b}" for k, a, b in shapes]
-        lines.append(f"  {len(shapes)} shape mismatch(es):\n    " + _listing(described, "\n    "))
+    lines += mismatch_lines(missing, unexpected, shapes, strict)
     lines.append(
         "Was the checkpoint saved from a different depth, width, shortcut type or "
         "num_classes? A pruned checkpoint must be loaded into the model rebuilt from its spec."
@@ -285,7 +294,7 @@ def _check_fit(
     )
 
 
-def _listing(items: list[str], sep: str = ", ") -> str:
+def listing(items: list[str], sep: str = ", ") -> str:
     shown = sep.join(items[:_MAX_LISTED])
     rest = len(items) - _MAX_LISTED
     return shown + (f"{sep}... and {rest} more" if rest > 0 else "")
