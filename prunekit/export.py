@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .measure import _eval_mode
+
 
 __all__ = ["ExportCheckError", "export_onnx", "export_torchscript"]
 
@@ -50,9 +52,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = _example_args(example_input)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         with torch.no_grad():
             outputs = _flat_outputs(model(*args))
         inputs = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
@@ -61,8 +61,6 @@ def export_onnx(
         onnx.checker.check_model(str(path))  # by path, so models with external data work too
         if check:
             _compare_onnx(model, args, path, dynamic_batch)
-    finally:
-        model.train(was_training)
     return path
 
 
@@ -78,9 +76,7 @@ def export_torchscript(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = _example_args(example_input)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         with warnings.catch_warnings(), torch.no_grad():
             # torch.jit is deprecated in favour of torch.export; the caller asked for it anyway.
             warnings.filterwarnings("ignore", r".*torch\.jit\.\w+` is deprecated", FutureWarning)
@@ -95,8 +91,6 @@ def export_torchscript(
                         got = [o.cpu().numpy() for o in _flat_outputs(reloaded(*batch))]
                         _assert_match(_flat_outputs(model(*batch)), got,
                                       f"TorchScript model {path}", batch[0].shape[0])
-    finally:
-        model.train(was_training)
     return path
 
 
