@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
-from machine import cpu_busy, cpu_name  # benchmarks/machine.py
+from machine import cpu_busy, cpu_name, interleaved_latency  # benchmarks/machine.py
 
 from prunekit import io, measure, models
 
@@ -31,19 +30,14 @@ def main() -> None:
             "pruned": io.load(args.pruned).eval()}
     x = torch.randn(1, 3, 32, 32)
     busy = cpu_busy()
-    medians = {name: {1: [], 64: []} for name in nets}
-    for _ in range(args.rounds):
-        for name, net in nets.items():
-            lat = measure.measure_latency(net, x, batch_sizes=(1, 64), runs=args.runs)
-            for bs, ms in lat.median_ms.items():
-                medians[name][bs].append(ms)
+    medians = interleaved_latency(nets, x, rounds=args.rounds, runs=args.runs)
     result = {"base": args.base, "pruned": args.pruned, "rounds": args.rounds,
               "runs_per_round": args.runs, "threads": torch.get_num_threads(),
               "cpu": cpu_name(), "cpu_busy_before": busy, "cpu_busy_after": cpu_busy(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "macs": {n: measure.count_macs(m, x) for n, m in nets.items()}}
     for name in nets:
-        result[f"{name}_ms"] = {str(bs): statistics.median(v) for bs, v in medians[name].items()}
+        result[f"{name}_ms"] = medians[name]
     result["latency_speedup"] = {bs: result["unpruned_ms"][bs] / result["pruned_ms"][bs]
                                  for bs in ("1", "64")}
     result["macs_speedup"] = result["macs"]["unpruned"] / result["macs"]["pruned"]

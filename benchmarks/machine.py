@@ -38,3 +38,21 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return round(1 - (i1 - i0) / max(t1 - t0, 1), 3)
+
+
+def interleaved_latency(nets: dict, example, *, rounds: int = 5, runs: int = 30,
+                        batch_sizes=(1, 64)) -> dict:
+    """Median latency (ms) per model and batch size, timing every model once per round, back
+    to back, so load from other processes hits all models alike."""
+    import statistics
+
+    from prunekit import measure
+
+    samples = {name: {bs: [] for bs in batch_sizes} for name in nets}
+    for _ in range(rounds):
+        for name, net in nets.items():
+            lat = measure.measure_latency(net, example, batch_sizes=batch_sizes, runs=runs)
+            for bs, ms in lat.median_ms.items():
+                samples[name][bs].append(ms)
+    return {name: {str(bs): statistics.median(v) for bs, v in per.items()}
+            for name, per in samples.items()}

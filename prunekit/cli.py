@@ -70,9 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--weights", default=None)
     pr.add_argument("--shortcut", default=None)
     pr.add_argument("--criterion", default=None, help="l1, l2, fpgm, bn_scale, hrank, chip, ...")
-    pr.add_argument("--method", default=None, choices=("oneshot", "sfp", "asfp", "fpgm-soft"),
-                    help="one-shot pruning + fine-tuning (default), or soft pruning during "
-                         "fine-tuning (SFP, ASFP, FPGM-soft; needs --ratio)")
+    pr.add_argument("--method", default=None,
+                    choices=("oneshot", "sfp", "asfp", "fpgm-soft", "lfpc"),
+                    help="one-shot pruning + fine-tuning (default), soft pruning during "
+                         "fine-tuning (SFP, ASFP, FPGM-soft), or LFPC (criteria search, then "
+                         "SFP with the learned per-layer criteria); these need --ratio or "
+                         "--macs-reduction")
+    pr.add_argument("--search-epochs", type=int, default=None,
+                    help="LFPC: epochs of the criteria search (default 1)")
+    pr.add_argument("--alpha-lr", type=float, default=None,
+                    help="LFPC: Adam lr of the sampler logits (default 1e-4)")
+    pr.add_argument("--frozen-search", action="store_true",
+                    help="LFPC: keep the weights fixed during the search (sampler only)")
     target = pr.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=float, default=None, help="uniform fraction removed")
     target.add_argument("--macs-reduction", type=float, default=None,
@@ -174,6 +183,7 @@ def _run_options(args) -> dict:
 
 def cmd_prune(args) -> int:
     from .pipeline import run_prune, summary_table
+    from .plan import check_ratio
     from .recipes import load_recipe
     options = load_recipe(args.recipe) if args.recipe else {}
     recipe_name = options.get("name")
@@ -185,10 +195,22 @@ def cmd_prune(args) -> int:
         options["criterion"] = {"name": args.criterion}
     if args.method:
         options["method"] = {} if args.method == "oneshot" else {"name": args.method}
+    method = options.get("method") or {}
+    if method.get("name") == "lfpc":
+        if args.search_epochs is not None:
+            method["search"] = {**(method.get("search") or {}), "epochs": args.search_epochs}
+        if args.alpha_lr is not None:
+            method["sampler"] = {**(method.get("sampler") or {}), "alpha_lr": args.alpha_lr}
+        if args.frozen_search:
+            method["train_weights"] = False
+    elif args.search_epochs is not None or args.alpha_lr is not None or args.frozen_search:
+        raise ValueError("--search-epochs, --alpha-lr and --frozen-search belong to --method lfpc")
     plan = dict(options.get("plan") or {})
     for key, value in (("ratio", args.ratio), ("macs_reduction", args.macs_reduction),
                        ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio)):
         if value is not None:
+            if key != "chip_sparsity":  # fail before loading data or measuring anything
+                check_ratio(value, "--" + key.replace("_", "-"))
             for target in ("ratio", "ratios", "macs_reduction", "chip_sparsity", "conv_rates",
                            "global_ratio"):
                 plan.pop(target, None)

@@ -139,7 +139,7 @@ def run_prune(options: dict) -> dict:
         report["before"] = measure_model(model, root, splits, **measure_kw)
 
     method = options.get("method") or {}
-    if method.get("name") in SOFT_METHODS:
+    if method.get("name") in SOFT_METHODS or method.get("name") == "lfpc":
         return _run_soft(model, options, method, root, splits, measure_kw, report, timer, out)
 
     pruned_path = out / "pruned.safetensors"
@@ -191,26 +191,40 @@ SOFT_METHODS = {"sfp": ("l2", "constant", False), "asfp": ("l2", "asymptotic", F
 
 
 def _run_soft(model, options, method, root, splits, measure_kw, report, timer, out) -> dict:
-    """SFP / ASFP / FPGM-soft: masks during fine-tuning, physical removal at the end."""
-    from .methods import soft_prune
+    """SFP / ASFP / FPGM-soft / LFPC: masks during training, physical removal at the end."""
+    from .methods import lfpc_prune, plot_choices, soft_prune
 
-    criterion, schedule, mask_grads = SOFT_METHODS[method["name"]]
-    criterion = (options.get("criterion") or {}).get("name", criterion)
+    name = method["name"]
     plan_cfg = options.get("plan") or {}
-    if "ratio" not in plan_cfg and "ratios" not in plan_cfg:
-        raise PlanError(f"method {method['name']} needs a ratio (or ratios) in the plan")
+    targets = {k: plan_cfg[k] for k in ("ratio", "ratios", "macs_reduction") if k in plan_cfg}
+    if not targets:
+        raise PlanError(f"method {name} needs a ratio, ratios or macs_reduction in the plan")
     config = TrainConfig.from_dict(options.get("finetune") or {})
     if config.epochs < 1:
-        raise ValueError(f"method {method['name']} trains while it prunes: give "
-                         "--finetune-epochs >= 1")
+        raise ValueError(f"method {name} trains while it prunes: give --finetune-epochs >= 1")
+    train_set = data.CIFAR10(root, split="train", train_augment=True)
+    val_set = data.CIFAR10(root, split="val", limit=options.get("limit"))
+    common = dict(example_inputs=torch.randn(*CIFAR_INPUT), ignore=plan_cfg.get("ignore", ()),
+                  **targets)
     with timer("soft_prune"):
-        model, result, summary = soft_prune(
-            model, data.CIFAR10(root, split="train", train_augment=True),
-            data.CIFAR10(root, split="val", limit=options.get("limit")), config,
-            out / "finetune", criterion=criterion, ratio=plan_cfg.get("ratio"),
-            ratios=plan_cfg.get("ratios"), schedule=method.get("schedule", schedule),
-            mask_grads=method.get("mask_grads", mask_grads),
-            example_inputs=torch.randn(*CIFAR_INPUT), ignore=plan_cfg.get("ignore", ()))
+        if name == "lfpc":
+            search = {**config.to_dict(), "epochs": 1, **(method.get("search") or {})}
+            model, result, info = lfpc_prune(
+                model, train_set, val_set, search, config, out / "lfpc",
+                criteria=method.get("criteria", ("l1", "l2", "fpgm")),
+                train_weights=method.get("train_weights", True),
+                mask_grads=method.get("mask_grads", False), **(method.get("sampler") or {}),
+                **common)
+            report["lfpc"] = {k: info[k] for k in ("choices", "criteria", "search_history")}
+            summary = info["sfp"]
+            plot_choices(info["choices"], out / "lfpc_choices.png")
+        else:
+            criterion, schedule, mask_grads = SOFT_METHODS[name]
+            model, result, summary = soft_prune(
+                model, train_set, val_set, config, out / "finetune",
+                criterion=(options.get("criterion") or {}).get("name", criterion),
+                schedule=method.get("schedule", schedule),
+                mask_grads=method.get("mask_grads", mask_grads), **common)
     report.update(plan=result.plan, finetune=summary)
     with timer("measure_finetuned"):
         report["finetuned"] = measure_model(model.eval(), root, splits, **measure_kw)

@@ -72,3 +72,39 @@ def validate_recipe(recipe, where: str = "recipe") -> None:
                            "global_ratio") if k in plan]
     if len(targets) > 1 and set(targets) != {"ratio", "ratios"}:
         raise RecipeError(f"{where}: the plan has several targets {targets}; keep one")
+    _validate_method(recipe.get("method") or {}, where)
+    _validate_train(recipe.get("finetune") or {}, f"{where}: finetune")
+
+
+METHODS = ("sfp", "asfp", "fpgm-soft", "lfpc")
+METHOD_KEYS = {"name", "schedule", "mask_grads", "criteria", "train_weights", "search", "sampler"}
+SAMPLER_KEYS = {"tau_max", "tau_min", "hard", "alpha_lr", "alpha_betas", "alpha_weight_decay",
+                "init_std", "batch_size", "mask_every"}
+
+
+def _validate_method(method, where: str) -> None:
+    if not isinstance(method, dict):
+        raise RecipeError(f"{where}: 'method' must be a mapping such as {{name: sfp}}")
+    if not method:
+        return
+    if method.get("name") not in METHODS:
+        raise RecipeError(f"{where}: unknown method {method.get('name')!r}; valid: {METHODS} "
+                          "(omit 'method' for one-shot pruning)")
+    bad = set(method) - METHOD_KEYS
+    if bad:
+        raise RecipeError(f"{where}: unknown method keys {sorted(bad)}; valid: {sorted(METHOD_KEYS)}")
+    bad = set(method.get("sampler") or {}) - SAMPLER_KEYS
+    if bad:
+        raise RecipeError(f"{where}: unknown sampler keys {sorted(bad)}; valid: {sorted(SAMPLER_KEYS)}")
+    _validate_train(method.get("search") or {}, f"{where}: method.search")
+
+
+def _validate_train(section, where: str) -> None:
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    bad = set(section) - known
+    if bad:
+        raise RecipeError(f"{where}: unknown keys {sorted(bad)}; valid: {sorted(known)}")

@@ -98,7 +98,8 @@ def test_cli_prune_rejects_bad_ratio(tmp_path, capsys):
     code = main(["prune", "--model", "cifar_resnet20", "--ratio", "1.5", "--data",
                  str(tmp_path), "--out", str(tmp_path / "r")])
     assert code == 2
-    assert "[0, 1)" in capsys.readouterr().err or True
+    err = capsys.readouterr().err
+    assert "--ratio" in err and "[0, 1)" in err and "CIFAR-10 not found" not in err
 
 
 @pytest.mark.shared_data
@@ -115,3 +116,29 @@ def test_cli_soft_pruning_method(tmp_path):
     assert report["plan"] and report["finetune"]["epochs_run"] == 2
     loaded = pio.load(run / "model.safetensors")
     assert prunekit.count_macs(loaded, torch.randn(1, 3, 32, 32)) == report["finetuned"]["macs"]
+
+
+@pytest.mark.shared_data
+@needs_shared
+def test_cli_lfpc_method_reports_choices(tmp_path):
+    run = tmp_path / "lfpc"
+    assert main(["prune", "--model", "cifar_resnet20", "--weights", "pretrained", "--data",
+                 str(SHARED), "--method", "lfpc", "--macs-reduction", "0.5",
+                 "--search-epochs", "1", "--alpha-lr", "0.01", "--finetune-epochs", "1",
+                 "--finetune-max-steps", "2", "--finetune-batch-size", "16", "--eval-splits",
+                 "test-lossless", "--limit", "50", "--latency-batches", "1",
+                 "--latency-runs", "2", "--out", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert 0.5 <= 1 - report["finetuned"]["macs"] / report["before"]["macs"] <= 0.51
+    choices = report["lfpc"]["choices"]
+    assert len(choices) == len(report["plan"])
+    assert {c["choice"] for c in choices} <= {"l1", "l2", "fpgm"}
+    assert (run / "lfpc_choices.png").exists()
+    assert (run / "lfpc" / "search" / "last.pt").exists() and (run / "lfpc" / "sfp" / "last.pt").exists()
+
+
+def test_cli_lfpc_flags_need_lfpc(tmp_path, capsys):
+    code = main(["prune", "--model", "cifar_resnet20", "--ratio", "0.3", "--alpha-lr", "0.1",
+                 "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "--method lfpc" in capsys.readouterr().err

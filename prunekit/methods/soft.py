@@ -47,7 +47,7 @@ from torch import nn
 
 from ..criteria import get_criterion
 from ..graph import ChannelGraph, build_graph
-from ..plan import check_ratio, make_plan, ratios_for_groups
+from ..plan import check_ratio, keep_count, make_plan, ratios_for_groups
 from ..surgery import kept_positions, removed_channel_roots
 
 __all__ = ["SOFT_SCHEDULES", "SoftPruning", "asymptotic_rate", "finalize", "soft_prune",
@@ -137,7 +137,10 @@ class SoftPruning:
     ``example_inputs`` to build it (``ignore`` / ``leaf_modules`` as in :func:`prunekit.prune`);
     ``criterion``: a name or instance of a criterion that needs no data (``"l2"`` SFP,
     ``"fpgm"`` FPGM); ``ratio`` (uniform fraction removed per prunable group) and/or ``ratios``
-    (per group/module, fnmatch patterns, see :func:`prunekit.plan.ratios_for_groups`);
+    (per group/module, fnmatch patterns, see :func:`prunekit.plan.ratios_for_groups`), or
+    ``macs_reduction`` (per-group counts that remove this fraction of the MACs, within 1%, as
+    :func:`prunekit.prune` finds them; needs ``model`` and ``example_inputs``), or ``keep``
+    (channels kept per group name, e.g. LFPC's search counts);
     ``schedule``: ``"constant"`` or ``"asymptotic"`` (needs ``epochs``, the total epochs of
     training); ``mask_grads``: zero the gradients of masked entries after every backward
     (FPGM's code) instead of letting them regrow (SFP's code).
@@ -155,13 +158,18 @@ class SoftPruning:
                  example_inputs=None, criterion: Any = "l2", ratio: float | None = None,
                  ratios: dict[str, float] | None = None, schedule: str = "constant",
                  mask_grads: bool = False, epochs: int | None = None, ignore: Sequence = (),
-                 leaf_modules: Sequence = (), zero_norm_weight: bool = False) -> None:
+                 leaf_modules: Sequence = (), zero_norm_weight: bool = False,
+                 macs_reduction: float | None = None, keep: dict[str, int] | None = None
+                 ) -> None:
         if schedule not in SOFT_SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SOFT_SCHEDULES)}")
         if schedule == "asymptotic" and (not isinstance(epochs, int) or epochs < 1):
             raise ValueError("schedule='asymptotic' needs epochs=<total training epochs>")
-        if ratio is None and ratios is None:
-            raise ValueError("give the target: ratio=... and/or ratios={...}")
+        given = [ratio is not None or ratios is not None, macs_reduction is not None,
+                 keep is not None]
+        if sum(given) != 1:
+            raise ValueError("give one target: ratio=... and/or ratios={...}, macs_reduction=... "
+                             "or keep={group: channels kept}")
         if ratio is not None:
             check_ratio(ratio)
         self.example_inputs = _as_tuple(example_inputs)
@@ -177,7 +185,17 @@ class SoftPruning:
             raise ValueError(f"criterion '{self.criterion.name}' needs calibration data; soft "
                              "pruning re-scores every epoch and supports weight criteria only "
                              "(e.g. 'l2', 'fpgm', 'l1')")
-        self.target = ratios_for_groups(graph, ratio, ratios)  # {group: target ratio}
+        if keep is not None:
+            self.target_keep = self._checked_keep(keep)
+        elif macs_reduction is None:
+            self.target = ratios_for_groups(graph, ratio, ratios)  # {group: target ratio}
+            self.target_keep = {name: keep_count(graph.by_name[name], r)
+                                for name, r in self.target.items()}
+        else:
+            self.target_keep = self._counts_for_macs(model, macs_reduction)
+        if ratio is None and ratios is None:
+            self.target = {name: 1 - k / graph.by_name[name].size
+                           for name, k in self.target_keep.items()}
         self.schedule, self.mask_grads, self.epochs = schedule, bool(mask_grads), epochs
         self.zero_norm_weight = bool(zero_norm_weight)
         self.model: nn.Module | None = model
@@ -200,11 +218,42 @@ class SoftPruning:
         f = self.fraction(epoch)
         return {name: min(r * f, r) for name, r in self.target.items()}
 
+    def counts(self, epoch: int) -> dict[str, int]:
+        """Kept channels per group in the mask used during ``epoch``: the target counts at
+        the full rate (exactly, also for a ``macs_reduction`` target), else the channel count
+        of the scaled ratio."""
+        if self.fraction(epoch) >= 1:
+            return dict(self.target_keep)
+        return {name: keep_count(self.graph.by_name[name], r)
+                for name, r in self.rates(epoch).items()}
+
+    def _checked_keep(self, keep: dict[str, int]) -> dict[str, int]:
+        out = {}
+        for name, k in keep.items():
+            if name not in self.graph.by_name:
+                raise ValueError(f"keep names unknown group '{name}'")
+            size = self.graph.by_name[name].size
+            if not 1 <= int(k) <= size:
+                raise ValueError(f"group '{name}' of {size} channels cannot keep {k}")
+            out[name] = int(k)
+        return out
+
+    def _counts_for_macs(self, model: nn.Module | None, target: float) -> dict[str, int]:
+        from ..measure import count_macs
+        from ..pruning import _counts_for_macs
+
+        if model is None or self.example_inputs is None:
+            raise ValueError("macs_reduction needs model=... and example_inputs=...")
+        check_ratio(target, "macs_reduction")
+        scores = self.criterion.score(self.graph, model)
+        return _counts_for_macs(model, self.graph, scores, self.example_inputs, target,
+                                count_macs(model, self.example_inputs), 1)
+
     def update_mask(self, epoch: int) -> dict[str, list[int]]:
         """Recompute the plan for ``epoch`` from the current weights and apply it."""
         model = self._require_model()
         scores = self.criterion.score(self.graph, model)
-        plan = make_plan(self.graph, scores, self.rates(epoch))
+        plan = make_plan(self.graph, scores, {}, counts=self.counts(epoch))
         self.plan = {k: [int(i) for i in v] for k, v in plan.items()}
         self.epoch = int(epoch)
         self.apply_mask()
@@ -311,7 +360,8 @@ def finalize(model: nn.Module, graph: ChannelGraph, hook, example_inputs=None):
 def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criterion: Any = "l2",
                ratio: float | None = None, ratios: dict[str, float] | None = None,
                schedule: str = "constant", mask_grads: bool = False, example_inputs=None,
-               ignore: Sequence = (), leaf_modules: Sequence = (), resume: bool = True):
+               ignore: Sequence = (), leaf_modules: Sequence = (), resume: bool = True,
+               macs_reduction: float | None = None):
     """Soft-prune ``model`` during :func:`prunekit.train.fit`, then remove the last mask.
 
     Returns ``(model, PruningResult, fit summary)``; ``model`` is pruned in place and holds the
@@ -325,7 +375,8 @@ def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criteri
         raise ValueError("soft_prune needs example_inputs (e.g. torch.randn(1, 3, 32, 32))")
     hook = SoftPruning(model=model, example_inputs=example_inputs, criterion=criterion,
                        ratio=ratio, ratios=ratios, schedule=schedule, mask_grads=mask_grads,
-                       epochs=config.epochs, ignore=ignore, leaf_modules=leaf_modules)
+                       epochs=config.epochs, ignore=ignore, leaf_modules=leaf_modules,
+                       macs_reduction=macs_reduction)
     summary = fit(model, train_set, val_set, config, out_dir, hooks=[hook], resume=resume)
     result = hook.finalize(model)
     return model, result, summary
