@@ -71,11 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--shortcut", default=None)
     pr.add_argument("--criterion", default=None, help="l1, l2, fpgm, bn_scale, hrank, chip, ...")
     pr.add_argument("--method", default=None,
-                    choices=("oneshot", "sfp", "asfp", "fpgm-soft", "lfpc"),
+                    choices=("oneshot", "sfp", "asfp", "fpgm-soft", "lfpc", "swp"),
                     help="one-shot pruning + fine-tuning (default), soft pruning during "
                          "fine-tuning (SFP, ASFP, FPGM-soft), or LFPC (criteria search, then "
                          "SFP with the learned per-layer criteria); these need --ratio or "
-                         "--macs-reduction")
+                         "--macs-reduction; or SWP (trains a filter skeleton for "
+                         "--finetune-epochs, then removes stripes, filters and blocks)")
+    pr.add_argument("--sr", type=float, default=None,
+                    help="SWP: L1 weight alpha of the filter skeleton (default 1e-5)")
+    pr.add_argument("--threshold", type=float, default=None,
+                    help="SWP: stripes with |skeleton| <= threshold are removed (default 0.01)")
+    pr.add_argument("--stripe-executor", default=None, choices=("stripe", "dense"),
+                    help="SWP: run pruned convs as StripeConv2d (default) or as dense convs "
+                         "with zero stripes")
     pr.add_argument("--search-epochs", type=int, default=None,
                     help="LFPC: epochs of the criteria search (default 1)")
     pr.add_argument("--alpha-lr", type=float, default=None,
@@ -205,6 +213,11 @@ def cmd_prune(args) -> int:
             method["train_weights"] = False
     elif args.search_epochs is not None or args.alpha_lr is not None or args.frozen_search:
         raise ValueError("--search-epochs, --alpha-lr and --frozen-search belong to --method lfpc")
+    swp_flags = {"sr": args.sr, "threshold": args.threshold, "executor": args.stripe_executor}
+    if method.get("name") == "swp":
+        method.update({k: v for k, v in swp_flags.items() if v is not None})
+    elif any(v is not None for v in swp_flags.values()):
+        raise ValueError("--sr, --threshold and --stripe-executor belong to --method swp")
     plan = dict(options.get("plan") or {})
     for key, value in (("ratio", args.ratio), ("macs_reduction", args.macs_reduction),
                        ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio)):

@@ -52,6 +52,7 @@ __all__ = [
     "load",
     "load_state_into",
     "read_spec",
+    "register_replacement",
     "register_structural_attributes",
     "save",
     "structural_attributes",
@@ -118,6 +119,60 @@ def register_structural_attributes(
                         restore or known_restore)
 
 
+# Modules that pruning puts in place of others (SWP's StripeConv2d for a Conv2d, ShortcutBlock
+# for an emptied residual block). Such a class defines ``prunekit_init(self) -> dict`` (JSON)
+# and a classmethod ``prunekit_build(original, init)`` that rebuilds it on a fresh base model,
+# given the module it replaced there.
+_REPLACEMENTS: dict[str, type] = {}
+
+
+def register_replacement(cls: type) -> type:
+    """Let :func:`save` / :func:`load` store modules of class ``cls`` that replaced a module of
+    the base model (class decorator; see ``_REPLACEMENTS``)."""
+    if not (hasattr(cls, "prunekit_init") and hasattr(cls, "prunekit_build")):
+        raise TypeError(f"{cls.__name__} needs prunekit_init() and a prunekit_build classmethod")
+    _REPLACEMENTS[cls.__name__] = cls
+    return cls
+
+
+def _replaced_modules(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, Any]]:
+    from .methods import swp  # noqa: F401  registers StripeConv2d and ShortcutBlock
+
+    reference_modules = dict(reference.named_modules())
+    replaced: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "prunekit_init") or any(name.startswith(r + ".") for r in replaced):
+            continue
+        if type(reference_modules.get(name)) is type(module):
+            continue
+        if type(module).__name__ not in _REPLACEMENTS:
+            raise TypeError(f"module '{name}' ({type(module).__name__}) replaced a module of the "
+                            "base model but its class is not registered with "
+                            "prunekit.io.register_replacement")
+        replaced[name] = {"class": type(module).__name__,
+                          "init": _jsonable(module.prunekit_init(), f"{name} init")}
+    return replaced
+
+
+def _rebuild_replaced(model: nn.Module, replaced: Mapping[str, Any], path: Path) -> None:
+    from .methods import swp  # noqa: F401  registers StripeConv2d and ShortcutBlock
+
+    for name, entry in replaced.items():
+        cls = _REPLACEMENTS.get(entry.get("class"))
+        if cls is None:
+            raise WeightsLoadError(f"{path}: module '{name}' is a {entry.get('class')!r}, which "
+                                   "this prunekit does not know; upgrade prunekit")
+        try:
+            original = model.get_submodule(name)
+        except AttributeError as exc:
+            raise WeightsMismatchError(f"{path}: the base model has no module '{name}' to "
+                                       "replace; the file may come from another version",
+                                       missing=[], unexpected=[], shape_mismatches=[]) from exc
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, cls.prunekit_build(original, entry["init"]))
+
+
 def structural_attributes(module: nn.Module) -> dict[str, Any]:
     """The structural attributes of ``module`` as JSON values (tuples become lists)."""
     names: list[str] = []
@@ -176,6 +231,7 @@ def save(
     model = _unwrap(model)
     path = Path(path)
     base_spec = _resolve_base(model, base)
+    reference = _reference_model(base_spec)
     tensors = {}
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor):
@@ -188,7 +244,8 @@ def save(
         "format": FORMAT,
         "base": base_spec,
         "shapes": {key: list(t.shape) for key, t in tensors.items()},
-        "modules": _changed_modules(model, _reference_model(base_spec)),
+        "modules": _changed_modules(model, reference),
+        "replaced": _replaced_modules(model, reference),
         "method": _jsonable(method, "method"),
         "recipe": _jsonable(recipe, "recipe"),
         "plan": _jsonable(plan, "plan"),
@@ -253,6 +310,7 @@ def load(
             missing=[], unexpected=[], shape_mismatches=[],
         )
     model = create_base(base["source"], base["name"], **base["kwargs"])
+    _rebuild_replaced(model, spec.get("replaced", {}), path)
     unresizable = _resize_tensors(model, tensors)
     _restore_structure(model, spec["modules"], path)
     _load_checked(model, tensors, strict, path, base["name"], unresizable,

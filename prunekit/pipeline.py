@@ -141,6 +141,8 @@ def run_prune(options: dict) -> dict:
     method = options.get("method") or {}
     if method.get("name") in SOFT_METHODS or method.get("name") == "lfpc":
         return _run_soft(model, options, method, root, splits, measure_kw, report, timer, out)
+    if method.get("name") == "swp":
+        return _run_swp(model, options, method, root, splits, measure_kw, report, timer, out)
 
     pruned_path = out / "pruned.safetensors"
     if pruned_path.exists():
@@ -229,6 +231,38 @@ def _run_soft(model, options, method, root, splits, measure_kw, report, timer, o
     with timer("measure_finetuned"):
         report["finetuned"] = measure_model(model.eval(), root, splits, **measure_kw)
     report["pruned"] = report["finetuned"]  # soft pruning has no separate one-shot stage
+    io.save(model, out / "model.safetensors", method=method, plan=result.plan,
+            recipe=options.get("recipe"),
+            metrics={s: a["top1"] for s, a in report["finetuned"]["accuracy"].items()})
+    report["stage_seconds"] = timer.seconds
+    report["speedup"] = measure.speedup(report["before"], report["finetuned"])
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def _run_swp(model, options, method, root, splits, measure_kw, report, timer, out) -> dict:
+    """SWP: train the filter skeleton (resumable), then stripe-prune and measure."""
+    from .methods.swp import FilterSkeleton, swp_prune
+
+    config = TrainConfig.from_dict(options.get("finetune") or {})
+    if config.epochs < 1:
+        raise ValueError("method swp trains the filter skeleton: give --finetune-epochs >= 1")
+    example = torch.randn(*CIFAR_INPUT)
+    skeleton = FilterSkeleton(model, example, sr=method.get("sr", 1e-5),
+                              threshold=method.get("threshold", 0.01),
+                              ignore=(options.get("plan") or {}).get("ignore", ()))
+    with timer("skeleton_training"):
+        report["finetune"] = fit(model, data.CIFAR10(root, split="train", train_augment=True),
+                                 data.CIFAR10(root, split="val", limit=options.get("limit")),
+                                 config, out / "skeleton", hooks=[skeleton])
+    report["stripes_alive"] = skeleton.stripe_fraction()
+    with timer("stripe_prune"):
+        result = swp_prune(model, skeleton, example, executor=method.get("executor", "stripe"))
+    report["swp"] = result.to_dict()
+    report["plan"] = result.plan
+    with timer("measure_pruned"):
+        report["finetuned"] = measure_model(model.eval(), root, splits, **measure_kw)
+    report["pruned"] = report["finetuned"]  # SWP prunes after training, without fine-tuning
     io.save(model, out / "model.safetensors", method=method, plan=result.plan,
             recipe=options.get("recipe"),
             metrics={s: a["top1"] for s, a in report["finetuned"]["accuracy"].items()})

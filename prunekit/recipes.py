@@ -76,8 +76,9 @@ def validate_recipe(recipe, where: str = "recipe") -> None:
     _validate_train(recipe.get("finetune") or {}, f"{where}: finetune")
 
 
-METHODS = ("sfp", "asfp", "fpgm-soft", "lfpc")
-METHOD_KEYS = {"name", "schedule", "mask_grads", "criteria", "train_weights", "search", "sampler"}
+METHODS = ("sfp", "asfp", "fpgm-soft", "lfpc", "swp")
+METHOD_KEYS = {"name", "schedule", "mask_grads", "criteria", "train_weights", "search", "sampler",
+               "sr", "threshold", "executor"}
 SAMPLER_KEYS = {"tau_max", "tau_min", "hard", "alpha_lr", "alpha_betas", "alpha_weight_decay",
                 "init_std", "batch_size", "mask_every"}
 

@@ -180,6 +180,22 @@ class StripeConv2d(nn.Module):
                 m.bias.copy_(conv.bias.detach())
         return m
 
+    # ------------------------------------------------------------- save / load
+    def prunekit_init(self) -> dict:
+        """Constructor arguments as JSON (for :func:`prunekit.io.save`)."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "bias": self.bias is not None,
+                "stripe_mask": self.stripe_mask.to(torch.uint8).tolist()}
+
+    @classmethod
+    def prunekit_build(cls, original: nn.Module, init: dict) -> "StripeConv2d":
+        """An empty module of the saved shape (:func:`prunekit.io.load` fills the weights)."""
+        return cls(init["in_channels"], init["out_channels"], init["kernel_size"],
+                   torch.tensor(init["stripe_mask"], dtype=torch.bool), stride=init["stride"],
+                   padding=init["padding"], dilation=init["dilation"], bias=init["bias"])
+
     # ------------------------------------------------------------- properties
     @property
     def stripe_count(self) -> int:

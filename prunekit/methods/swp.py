@@ -1,0 +1,365 @@
+"""SWP: stripe-wise pruning with a learnable Filter Skeleton ("Pruning Filter in Filter",
+Meng, Cheng, Zhou, Zhao, Tang, NeurIPS 2020; methods.md section 3).
+
+Training (:class:`FilterSkeleton`, a :func:`prunekit.train.fit` hook): every chosen conv
+``W ∈ R^{N×C×K×K}`` gets a skeleton ``I ∈ R^{N×K×K}`` initialised to ones and computes with
+``W ⊙ I`` (a ``torch.nn.utils.parametrize`` parametrization, so it works on any conv of any
+model). The loss is ``CE + alpha * sum ||I||_1`` (paper Eq. 2), applied as the reference code
+does: ``I.grad += sr * sign(I)`` before each step. Stripes with ``|I| <= threshold`` (delta)
+are hard-zeroed before every step together with their gradient *and* their optimiser
+momentum (the reference leaves the momentum, which can push a zeroed stripe back above the
+threshold), so a removed stripe stays exactly zero. A filter with no live stripe has its
+bias and the affine weight and bias of the norm layer reading it zeroed too (the reference's
+``BatchNorm.update_mask``), which makes its output channel exactly zero.
+
+Pruning (:func:`swp_prune`): the skeleton is baked into the weights (``W ← W ⊙ I``); channels
+that are exactly zero everywhere (every producer's rows and biases zero, every norm's weight
+and bias zero) are removed through the channel graph with their consumers; a residual
+:class:`~prunekit.models.cifar_resnet.BasicBlock` whose conv1 or conv2 lost every stripe is
+replaced by its shortcut plus the constant its branch still adds (``bn2`` of zeros, which the
+reference drops); the remaining partial filters become
+:class:`~prunekit.nn.StripeConv2d` modules (``executor="stripe"``) or stay dense convolutions
+with zero stripes (``executor="dense"``). Every step is exact in eval mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..graph import build_graph
+from ..io import register_replacement
+from ..measure import count_macs, count_params
+from ..models.cifar_resnet import BasicBlock
+from ..nn import StripeConv2d
+
+register_replacement(StripeConv2d)
+
+__all__ = ["FilterSkeleton", "SWPExactnessError", "SWPResult", "ShortcutBlock", "SkeletonMask",
+           "swp_prune"]
+
+
+class SkeletonMask(nn.Module):
+    """Parametrization ``W -> W * I[:, None]`` with the learnable skeleton ``I`` (N, K, K)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        n, _, kh, kw = weight.shape
+        self.skeleton = nn.Parameter(torch.ones(n, kh, kw, dtype=weight.dtype,
+                                                device=weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.skeleton.unsqueeze(1)
+
+
+def _skeleton(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.parametrizations.weight[0].skeleton
+
+
+class FilterSkeleton:
+    """SWP's Filter Skeleton on ``model`` as a :func:`prunekit.train.fit` hook.
+
+    ``sr`` is alpha of Eq. 2 (reference ``--sr``, 1e-5), ``threshold`` delta (``--threshold``,
+    0.01). ``modules``: names of the convs to skeletonise (default: every ``nn.Conv2d`` with
+    ``groups == 1`` and a kernel larger than 1x1, outside ``ignore``). ``example_inputs`` let
+    the channel graph find the norm layer that reads each conv. Attach before building the
+    optimizer (``fit`` builds it), so the skeletons are trained.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, *, sr: float = 1e-5,
+                 threshold: float = 0.01, modules: Sequence[str] | None = None,
+                 ignore: Sequence[str] = ()):
+        if not sr >= 0:
+            raise ValueError(f"sr (alpha) must be >= 0, got {sr!r}")
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold (delta) must be in [0, 1), got {threshold!r}; the "
+                             "skeleton starts at 1, so a threshold >= 1 would empty every conv")
+        example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
+            else tuple(example_inputs)
+        named = dict(model.named_modules())
+        if modules is None:
+            modules = [n for n, m in named.items() if isinstance(m, nn.Conv2d) and m.groups == 1
+                       and m.kernel_size != (1, 1) and n not in set(ignore)]
+        for name in modules:
+            conv = named.get(name)
+            if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+                raise ValueError(f"'{name}' is not an nn.Conv2d with groups=1; SWP skeletons "
+                                 "apply to ordinary convolutions")
+        if not modules:
+            raise ValueError("no convolution to skeletonise (only 1x1 or grouped convs?)")
+        self.model, self.sr, self.threshold = model, float(sr), float(threshold)
+        self.names = list(modules)
+        self.norms = _norms_reading(model, example_inputs, self.names)
+        self.optimizer: torch.optim.Optimizer | None = None
+        for name in self.names:
+            conv = named[name]
+            if not parametrize.is_parametrized(conv, "weight"):
+                parametrize.register_parametrization(conv, "weight", SkeletonMask(conv.weight))
+
+    def skeletons(self) -> dict[str, torch.Tensor]:
+        return {name: _skeleton(self.model.get_submodule(name)) for name in self.names}
+
+    def stripe_masks(self) -> dict[str, torch.Tensor]:
+        """Per conv, the live stripes (N, K, K) as bools: ``|I| > threshold``."""
+        return {name: (s.detach().abs() > self.threshold) for name, s in self.skeletons().items()}
+
+    def stripe_fraction(self) -> float:
+        """Fraction of all stripes still alive."""
+        masks = self.stripe_masks().values()
+        return sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    # ------------------------------------------------------------------ fit hook protocol
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(s) not in owned for s in self.skeletons().values()):
+            raise RuntimeError("the optimizer does not train the filter skeletons: create "
+                               "FilterSkeleton before the optimizer (before fit)")
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        for name, skeleton in self.skeletons().items():
+            if skeleton.grad is None:
+                skeleton.grad = torch.zeros_like(skeleton)
+            skeleton.grad.add_(torch.sign(skeleton), alpha=self.sr)  # d/dI of sr * |I|_1
+            self._hard_zero(name, skeleton)
+
+    @torch.no_grad()
+    def _hard_zero(self, name: str, skeleton: torch.Tensor) -> None:
+        live = skeleton.abs() > self.threshold
+        dead = ~live
+        tensors = [(skeleton, dead)]
+        filters_dead = ~live.flatten(1).any(1)
+        if filters_dead.any():
+            bias = self.model.get_submodule(name).bias
+            if bias is not None:  # a dead filter outputs exactly zero, bias included
+                tensors.append((bias, filters_dead))
+            for norm in self.norms.get(name, ()):
+                module = self.model.get_submodule(norm)
+                for t in (module.weight, module.bias):
+                    if t is not None:
+                        tensors.append((t, filters_dead))
+        for tensor, where in tensors:
+            tensor.masked_fill_(where, 0)
+            if tensor.grad is not None:
+                tensor.grad.masked_fill_(where, 0)
+            state = self.optimizer.state.get(tensor, {}) if self.optimizer is not None else {}
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                if state.get(key) is not None:
+                    state[key].masked_fill_(where, 0)
+
+    def state_dict(self) -> dict:
+        return {}  # the skeletons are model parameters: fit's checkpoints hold them
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        """Bake ``W ⊙ I`` into every conv weight, drop the parametrizations and return the
+        stripe masks (the stripes at or below the threshold are zero in the baked weight)."""
+        masks = self.stripe_masks()
+        with torch.no_grad():
+            for name, skeleton in self.skeletons().items():
+                skeleton.mul_(masks[name])
+        for name in self.names:
+            parametrize.remove_parametrizations(self.model.get_submodule(name), "weight",
+                                                leave_parametrized=True)
+        return masks
+
+
+def _norms_reading(model: nn.Module, example_inputs, names: Sequence[str]) -> dict[str, list[str]]:
+    """For each conv, the norm layers that normalise its output directly."""
+    graph = build_graph(model, example_inputs)
+    node_of = {m.module: m.node for m in graph.state.members if m.role == "out"}
+    out: dict[str, list[str]] = {name: [] for name in names}
+    for m in graph.state.members:
+        if m.role == "norm" and m.tensor.endswith(".weight"):
+            for name in names:
+                if node_of.get(name) == m.input_node:
+                    out[name].append(m.module)
+    return out
+
+
+@register_replacement
+class ShortcutBlock(nn.Module):
+    """What a BasicBlock computes once its branch lost every stripe: ``relu(shortcut(x) + c)``,
+    ``c`` the per-channel constant the emptied branch still adds (``bn2`` of zeros)."""
+
+    def __init__(self, shortcut: nn.Module, constant: torch.Tensor):
+        super().__init__()
+        self.shortcut = shortcut
+        self.register_buffer("constant", constant.detach().reshape(1, -1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.shortcut(x) + self.constant)
+
+    def prunekit_init(self) -> dict:
+        return {"channels": int(self.constant.numel())}
+
+    @classmethod
+    def prunekit_build(cls, original: nn.Module, init: dict) -> "ShortcutBlock":
+        """Around the replaced block's own shortcut (restored by the spec like any module)."""
+        return cls(original.shortcut, torch.zeros(int(init["channels"])))
+
+
+@dataclass
+class SWPResult:
+    """What :func:`swp_prune` did."""
+
+    stripes_before: int
+    stripes_after: int
+    removed_channels: dict[str, int]
+    replaced_blocks: list[str]
+    stripe_convs: list[str]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    plan: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1 - self.macs_after / self.macs_before
+
+    @property
+    def params_reduction(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return {**asdict(self), "macs_reduction": self.macs_reduction,
+                "params_reduction": self.params_reduction}
+
+
+class SWPExactnessError(RuntimeError):
+    """The stripe-pruned model does not compute what the skeleton-masked model computed."""
+
+
+@torch.no_grad()
+def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
+              executor: str = "stripe", check_atol: float = 1e-4) -> SWPResult:
+    """Turn a skeleton-trained ``model`` into its stripe-pruned form, in place (eval mode).
+
+    The output on ``example_inputs`` before (skeleton baked) and after every structural change
+    must agree to ``check_atol`` (relative to the output's scale), else
+    :class:`SWPExactnessError` (e.g. a zero channel feeding an activation with f(0) != 0).
+    """
+    from ..pruning import prune
+
+    if executor not in ("stripe", "dense"):
+        raise ValueError(f"executor must be 'stripe' or 'dense', got {executor!r}")
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
+        else tuple(example_inputs)
+    model.eval()
+    macs_before, params_before = count_macs(model, example_inputs), count_params(model)
+    masks = skeleton.remove()
+    reference = _first(model(*example_inputs)).clone()
+    stripes_before = sum(m.numel() for m in masks.values())
+    replaced = _replace_empty_blocks(model, masks, example_inputs)
+    plan, removed = _zero_channel_plan(model, example_inputs)
+    if plan:
+        prune(model, example_inputs, plan=plan)
+    stripe_convs, stripes_after = [], 0
+    for name in masks:
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            continue  # inside a replaced block
+        mask = conv.weight.detach().abs().amax(1) > 0  # (N, K, K): baked, sliced weights
+        stripes_after += int(mask.sum())
+        if executor == "stripe" and not bool(mask.all()):
+            _set_submodule(model, name, StripeConv2d.from_dense(conv, mask))
+            stripe_convs.append(name)
+    after = _first(model(*example_inputs))
+    error = float((after - reference).abs().max())
+    scale = max(float(reference.abs().max()), 1.0)
+    if error > check_atol * scale:
+        raise SWPExactnessError(f"the stripe-pruned model differs from the masked model by "
+                                f"{error:.3g} (tolerance {check_atol * scale:.3g}); a removed "
+                                "zero channel probably feeds an op with f(0) != 0")
+    return SWPResult(
+        stripes_before=stripes_before, stripes_after=stripes_after, removed_channels=removed,
+        replaced_blocks=replaced, stripe_convs=stripe_convs, macs_before=macs_before,
+        macs_after=count_macs(model, example_inputs), params_before=params_before,
+        params_after=count_params(model), plan=plan)
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _replace_empty_blocks(model: nn.Module, masks: dict[str, torch.Tensor],
+                          example_inputs) -> list[str]:
+    """Replace each BasicBlock whose conv1 or conv2 lost every stripe by its shortcut plus the
+    branch's constant output, when that output is spatially constant (no conv bias feeding a
+    zero-padded conv); otherwise the block stays."""
+    blocks = {name: b for name, b in model.named_modules() if isinstance(b, BasicBlock)
+              and any(not bool(masks.get(f"{name}.{c}", torch.ones(1, dtype=torch.bool)).any())
+                      for c in ("conv1", "conv2"))}
+    if not blocks:
+        return []
+    shapes: dict[str, torch.Size] = {}
+
+    def recorder(name):
+        def record(module, args):
+            shapes.setdefault(name, args[0].shape)  # returns None: the input is unchanged
+        return record
+    handles = [b.register_forward_pre_hook(recorder(name)) for name, b in blocks.items()]
+    try:
+        model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    replaced = []
+    for name, block in blocks.items():
+        zeros = torch.zeros((1, *shapes[name][1:]), device=block.bn2.weight.device)
+        branch = block.bn2(block.conv2(block.relu1(block.bn1(block.conv1(zeros)))))
+        constant = branch[:, :, :1, :1]
+        if not torch.equal(branch, constant.expand_as(branch)):
+            continue
+        _set_submodule(model, name, ShortcutBlock(block.shortcut, constant.flatten()))
+        replaced.append(name)
+    return replaced
+
+
+def _zero_channel_plan(model: nn.Module, example_inputs
+                       ) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Kept channels per group, dropping those that are exactly zero in every producer row,
+    producer bias and norm weight/bias (so removing them changes nothing). A group whose every
+    channel is zero keeps its first one (it then carries zeros)."""
+    graph = build_graph(model, example_inputs)
+    state = dict(model.state_dict(keep_vars=True))
+    plan, removed = {}, {}
+    for group in graph.prunable_groups():
+        zero = np.ones(group.size, dtype=bool)
+        for member, pos in group.members:
+            if member.role == "in":
+                continue
+            attr = member.tensor.rpartition(".")[2]
+            if member.role == "norm" and attr not in ("weight", "bias"):
+                if getattr(model.get_submodule(member.module), "weight", None) is None:
+                    zero[:] = False  # no affine: (0 - mean) / std is not zero
+                    break
+                continue
+            if member.role not in ("out", "norm") or member.blocks > 1:
+                zero[:] = False  # a bare parameter or grouped producer: not provably zero
+                break
+            tensor = state[member.tensor].detach()
+            nonzero = tensor.abs().transpose(0, member.dim).reshape(tensor.shape[member.dim], -1)
+            nonzero = (nonzero.amax(1) > 0).cpu().numpy()
+            mine = pos >= 0
+            zero[pos[mine][nonzero[mine]]] = False
+        zero &= ~group.fixed
+        if zero.all():
+            zero[0] = False
+        if zero.any():
+            plan[group.name] = np.flatnonzero(~zero).tolist()
+            removed[group.name] = int(zero.sum())
+    return plan, removed
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
