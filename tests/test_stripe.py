@@ -222,3 +222,101 @@ def test_state_dict_and_grad():
     torch.testing.assert_close(a(x), b(x))
     a(x).sum().backward()
     assert a.weight.grad is not None and a.weight.grad.shape == a.weight.shape
+
+
+# --------------------------------------------------------------------------- native kernel
+from prunekit.nn import stripe_native  # noqa: E402
+
+needs_native = pytest.mark.skipif(stripe_native.library() is None,
+                                  reason=f"native stripe kernel unavailable: "
+                                         f"{stripe_native.unavailable_reason()}")
+
+
+class _Spy:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = stripe_native.NativeStripePlan.__call__
+
+        def counting(plan, x):
+            self.calls += 1
+            return original(plan, x)
+        monkeypatch.setattr(stripe_native.NativeStripePlan, "__call__", counting)
+
+
+@needs_native
+@pytest.mark.parametrize("removed", [0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("k,stride,padding,dilation,bias", CASES)
+def test_native_kernel_matches_masked_dense_conv(removed, k, stride, padding, dilation, bias,
+                                                  monkeypatch):
+    gen = torch.Generator().manual_seed(hash((removed, k, stride, padding, dilation)) % 2**31)
+    conv = nn.Conv2d(6, 9, k, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    sconv = StripeConv2d.from_dense(conv, _random_mask(9, k, removed, gen))
+    spy = _Spy(monkeypatch)
+    for n, (h, w) in [(1, (11, 9)), (5, (13, 16))]:
+        x = torch.randn(n, 6, h, w, generator=gen)
+        with torch.no_grad():
+            ref = _masked_reference(conv, sconv.stripe_mask, x)
+            torch.testing.assert_close(sconv(x), ref, **TOL)
+    supported = stripe_native.NativeStripePlan.supports(None, sconv.stride, sconv.padding,
+                                                        sconv.dilation, sconv.kernel_size)
+    assert spy.calls == (2 if supported else 0)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("cin,cout,size,stride", [(16, 16, 32, 1), (16, 32, 32, 2),
+                                                  (32, 32, 16, 1), (32, 64, 16, 2),
+                                                  (64, 64, 8, 1)])
+def test_native_kernel_on_resnet56_shapes(cin, cout, size, stride, batch):
+    gen = torch.Generator().manual_seed(cin * 7 + stride)
+    conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    sconv = StripeConv2d.from_dense(conv, _random_mask(cout, 3, 0.5, gen))
+    x = torch.randn(batch, cin, size, size, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(sconv(x), sconv.forward_torch(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_native_kernel_is_skipped_where_it_cannot_serve(monkeypatch):
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    sconv = StripeConv2d.from_dense(conv, torch.rand(6, 3, 3) < 0.5)
+    x = torch.randn(2, 4, 8, 8)
+    spy = _Spy(monkeypatch)
+    out = sconv(x)                    # autograd needs the graph: torch formulation
+    out.sum().backward()
+    assert spy.calls == 0 and sconv.weight.grad is not None
+    with torch.no_grad():
+        sconv(x.double().float())     # plain inference: native
+        assert spy.calls == 1
+        sconv(x.to(torch.float64).to(torch.float32)[:, :, ::1])
+        sconv.use_native = False
+        sconv(x)
+    assert spy.calls == 2
+    sconv.use_native = True
+    # FLOP counting sees the ops of the torch formulation: MACs are counted, not skipped
+    from prunekit.measure import count_macs
+    with torch.no_grad():
+        assert count_macs(sconv, x) == sconv.macs((8, 8)) * 2
+    assert spy.calls == 2
+    # weights changed in place: the packed plan is rebuilt
+    with torch.no_grad():
+        sconv.weight.mul_(2)
+        torch.testing.assert_close(sconv(x), sconv.forward_torch(x), **TOL)
+
+
+def test_native_kernel_disabled_or_without_compiler(monkeypatch):
+    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.setenv("PRUNEKIT_NATIVE", "0")
+    assert stripe_native.library() is None
+    assert "PRUNEKIT_NATIVE=0" in stripe_native.unavailable_reason()
+    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.delenv("PRUNEKIT_NATIVE")
+    monkeypatch.setenv("CC", "/no/such/compiler")
+    monkeypatch.setattr(stripe_native.shutil, "which", lambda name: None)
+    assert stripe_native.library() is None
+    assert "no C compiler" in stripe_native.unavailable_reason()
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    sconv = StripeConv2d.from_dense(conv, torch.rand(4, 3, 3) < 0.5)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():  # falls back to the torch formulation, same result
+        torch.testing.assert_close(sconv(x), _masked_reference(conv, sconv.stripe_mask, x), **TOL)

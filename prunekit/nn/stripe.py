@@ -73,6 +73,9 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils import _python_dispatch
+
+from . import stripe_native
 
 __all__ = ["StripeConv2d", "stripe_prune_model"]
 
@@ -242,7 +245,45 @@ class StripeConv2d(nn.Module):
         return s
 
     # ---------------------------------------------------------------- forward
+    use_native = True  # set False on an instance (or the class) to force the torch formulation
+
+    def _native_applies(self, x: torch.Tensor) -> bool:
+        """The C kernel runs only for plain float32 CPU inference: never under tracing,
+        scripting, ONNX export or a dispatch mode (FLOP counting, fake tensors), and never when
+        autograd needs this op's graph."""
+        if not self.use_native or type(x) is not torch.Tensor or x.device.type != "cpu" \
+                or x.dtype != torch.float32 or x.dim() != 4:
+            return False
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return False
+        if _python_dispatch._get_current_dispatch_mode() is not None:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            return False
+        if not stripe_native.NativeStripePlan.supports(x, self.stride, self.padding,
+                                                        self.dilation, self.kernel_size):
+            return False
+        return stripe_native.library() is not None
+
+    def _native_plan(self) -> "stripe_native.NativeStripePlan":
+        key = (self.weight.data_ptr(), self.weight._version,
+               None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
+        plan = getattr(self, "_native_cache", None)
+        if plan is None or plan[0] != key:
+            plan = (key, stripe_native.NativeStripePlan(
+                self.weight, self.out_index, self.segments, self.bias, self.out_channels,
+                self.stride, self.padding, self.dilation, self.kernel_size))
+            self._native_cache = plan
+        return plan[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native_applies(x):
+            return self._native_plan()(x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The pure-torch formulation (autograd, any device, tracing and export)."""
         n, c, h, w = x.shape
         ho, wo = self._out_hw(h, w)
         sh, sw = self.stride

@@ -1,0 +1,188 @@
+"""The native CPU executor of :class:`~prunekit.nn.StripeConv2d` (``stripe_kernel.c``).
+
+The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``;
+``-O3 -march=native -fopenmp``, under a second) into ``$PRUNEKIT_CACHE`` (default
+``~/.cache/prunekit``), keyed by the source and flags, and loaded with ctypes. Without a
+compiler, or with ``PRUNEKIT_NATIVE=0``, :func:`library` returns None (the reason is in
+:func:`unavailable_reason`) and StripeConv2d runs its pure-torch formulation, which computes the
+same result.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["NativeStripePlan", "library", "unavailable_reason"]
+
+SOURCE = Path(__file__).with_name("stripe_kernel.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    text = SOURCE.read_bytes()
+    key = hashlib.sha256(text + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
+    target = cache / f"stripe_kernel_{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+        os.close(fd)
+        try:
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp],
+                                    capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[:500]}")
+            os.replace(tmp, target)  # atomic: concurrent builders never load a partial file
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    lib = ctypes.CDLL(str(target))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.prunekit_stripe_pack.argtypes = [p, p] + [i64] * 10 + [i32]
+    lib.prunekit_stripe_conv.argtypes = [p, i64, p, p, p, i64, p, i64, i64, i64, i64,
+                                         p, p, p, p, p, i64, i32]
+    lib.prunekit_stripe_block.restype = lib.prunekit_stripe_chunk.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None when it cannot be used here (see unavailable_reason)."""
+    with _lock:
+        if "lib" not in _state:
+            if os.environ.get("PRUNEKIT_NATIVE", "1") == "0":
+                _state.update(lib=None, reason="disabled by PRUNEKIT_NATIVE=0")
+            else:
+                try:
+                    _state.update(lib=_build(), reason=None)
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    _state.update(lib=None, reason=str(exc))
+        return _state["lib"]
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _state.get("reason")
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+class NativeStripePlan:
+    """Kept stripes of one conv packed for the kernel: tap-major chunks of filters."""
+
+    def __init__(self, weight: torch.Tensor, out_index: torch.Tensor, segments, bias,
+                 out_channels: int, stride, padding, dilation, kernel_size):
+        lib = library()
+        self.fc = lib.prunekit_stripe_chunk()
+        self.block = lib.prunekit_stripe_block()
+        self.f, self.c = int(out_channels), int(weight.shape[1])
+        self.stride, self.padding, self.dilation = stride[0], padding[0], dilation[0]
+        self.kernel_size = kernel_size
+        w = weight.detach().float().cpu()
+        taps, filters, chunks = [], [], []
+        for (i, j, lo, hi) in segments:
+            index = out_index[lo:hi].tolist()
+            for a in range(0, len(index), self.fc):
+                part = index[a:a + self.fc]
+                packed = torch.zeros(self.c, self.fc)
+                packed[:, :len(part)] = w[lo + a:lo + a + len(part)].t()
+                taps.append((i, j))
+                filters.append(part + [self.f] * (self.fc - len(part)))
+                chunks.append(packed)
+        self.taps = taps
+        self.chunk_w = (torch.stack(chunks) if chunks else torch.zeros(0, self.c, self.fc)).contiguous()
+        self.chunk_filt = torch.tensor(filters, dtype=torch.int32).reshape(-1, self.fc).contiguous()
+        self.bias = None if bias is None else bias.detach().float().cpu().contiguous()
+        self._shapes: dict = {}
+
+    @staticmethod
+    def supports(x: torch.Tensor, stride, padding, dilation, kernel_size) -> bool:
+        """Square stride/dilation/padding, and (stride 1) outputs that fit the shared grid."""
+        if isinstance(padding, str) or padding[0] != padding[1] or stride[0] != stride[1] \
+                or dilation[0] != dilation[1] or kernel_size[0] != kernel_size[1]:
+            return False
+        return stride[0] > 1 or padding[0] <= dilation[0] * (kernel_size[0] - 1)
+
+    def _layout(self, n: int, h: int, w: int) -> dict:
+        key = (n, h, w)
+        if key in self._shapes:
+            return self._shapes[key]
+        s, p, d, k, c = self.stride, self.padding, self.dilation, self.kernel_size[0], self.c
+        ho = (h + 2 * p - d * (k - 1) - 1) // s + 1
+        wo = (w + 2 * p - d * (k - 1) - 1) // s + 1
+        if s == 1:
+            rows, row_len, phases, lead = h + p, w + p, 1, p
+            plane = (p + n * rows) * row_len
+            offsets = [i * d * row_len + j * d - p for i, j in self.taps]
+        else:
+            rows, row_len, phases, lead = -(-(h + 2 * p) // s), -(-(w + 2 * p) // s), s * s, 0
+            plane = n * rows * row_len
+            offsets = [(((i * d) % s) * s + (j * d) % s) * c * plane + (i * d) // s * row_len
+                       + (j * d) // s for i, j in self.taps]
+        q_total = n * rows * row_len
+        blocks = -(-q_total // self.block)
+        q = np.arange(blocks * self.block)
+        image, rem = q // (rows * row_len), q % (rows * row_len)
+        oh, ow = rem // row_len, rem % row_len
+        valid = np.flatnonzero((image < n) & (oh < ho) & (ow < wo))
+        dest = image[valid] * self.f * ho * wo + oh[valid] * wo + ow[valid]
+        block_of = valid // self.block
+        starts = np.flatnonzero(np.r_[True, (np.diff(valid) != 1) | (np.diff(block_of) != 0)
+                                      | (np.diff(dest) != 1)])
+        lengths = np.diff(np.r_[starts, len(valid)])
+        run_start = np.searchsorted(block_of[starts], np.arange(blocks + 1))
+        max_off = max(offsets, default=0)
+        layout = {
+            "ho": ho, "wo": wo, "rows": rows, "row_len": row_len, "lead": lead, "plane": plane,
+            "length": lead + max(max_off, 0) + phases * c * plane + blocks * self.block + 64,
+            "blocks": blocks,
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+            "run_start": torch.from_numpy(run_start.astype(np.int64)),
+            "run_q": torch.from_numpy(valid[starts].astype(np.int64)),
+            "run_dest": torch.from_numpy(dest[starts].astype(np.int64)),
+            "run_len": torch.from_numpy(lengths.astype(np.int64)),
+        }
+        self._shapes[key] = layout
+        return layout
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lib = library()
+        x = x.contiguous()
+        n, c, h, w = x.shape
+        lay = self._layout(n, h, w)
+        threads = torch.get_num_threads()
+        buffer = torch.zeros(lay["length"], dtype=torch.float32)
+        lib.prunekit_stripe_pack(_ptr(x), _ptr(buffer), n, c, h, w, self.stride, self.padding,
+                                 lay["lead"], lay["plane"], lay["rows"], lay["row_len"], threads)
+        out = torch.empty(n, self.f, lay["ho"], lay["wo"], dtype=torch.float32)
+        if len(self.taps) == 0:
+            out.copy_((self.bias if self.bias is not None else torch.zeros(self.f))
+                      .view(1, -1, 1, 1).expand_as(out))
+            return out
+        lib.prunekit_stripe_conv(
+            _ptr(buffer), lay["lead"], _ptr(self.chunk_w), _ptr(lay["offsets"]),
+            _ptr(self.chunk_filt), len(self.taps), _ptr(self.bias), c, lay["plane"], self.f,
+            lay["blocks"], _ptr(lay["run_start"]), _ptr(lay["run_q"]), _ptr(lay["run_dest"]),
+            _ptr(lay["run_len"]), _ptr(out), lay["ho"] * lay["wo"], threads)
+        return out
