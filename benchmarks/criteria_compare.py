@@ -10,6 +10,10 @@ because the JPEG-derived training data shifts every model. Accuracy is reported 
 (10,000 JPEG-decoded images: compare methods with each other) and `test-lossless` (the 1,000
 original images). Results are appended to benchmarks/results/criteria_compare.json as each
 criterion finishes, so an interrupted run resumes where it stopped.
+
+``--plan chip`` replaces the uniform ratio by CHIP's per-layer ResNet-56 sparsity (residual
+streams 15%/15%/0%, every block's inner channels 40%; 47% of the MACs), to see whether a
+criterion's ranking depends on where the channels are removed.
 """
 from __future__ import annotations
 
@@ -21,10 +25,13 @@ from pathlib import Path
 import torch
 
 from prunekit import data, measure, models, prune
-from prunekit.pipeline import calibration_batches
+from prunekit.pipeline import calibration_batches, make_pruning_plan
 from prunekit.train import TrainConfig, fit
 
 RESULTS = Path(__file__).parent / "results"
+# CHIP's ResNet-56 sparsity (methods.md 1.3): residual streams 0 / 15% / 15% / 0 (stage 3),
+# every block's inner channels 40%: about the same MACs as the uniform plan, spread differently.
+CHIP_RESNET56 = "[0.]+[0.15]*2+[0.4]*27"
 CRITERIA = ["random", "l1", "l2", "fpgm", "bn_scale", "taylor", "apoz", "hrank", "chip"]
 SPLITS = ("test", "test-lossless")
 
@@ -46,6 +53,13 @@ def run_one(name: str, root, args, calibration) -> dict:
     if name == "unpruned":
         row.update(macs=measure.count_macs(model, x), params=measure.count_params(model))
         row["macs_reduction"] = 0.0
+    elif args.plan == "chip":
+        row["criterion"] = f"{name}@chip-plan"
+        plan = make_pruning_plan(model, {"name": name}, {"chip_sparsity": CHIP_RESNET56},
+                                 calibration)
+        result = prune(model, x, criterion=name, plan=plan)
+        row.update(macs=result.macs_after, params=result.params_after,
+                   macs_reduction=result.macs_reduction)
     else:
         result = prune(model, x, criterion=name, macs_reduction=args.target,
                        calibration=calibration)
@@ -119,6 +133,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--criteria", default=",".join(["unpruned"] + CRITERIA))
+    p.add_argument("--plan", default="uniform", choices=("uniform", "chip"),
+                   help="uniform: one ratio for every group, found for --target; chip: CHIP's "
+                        "per-layer sparsity string (rows are named CRITERION@chip-plan)")
     p.add_argument("--data", default=None)
     p.add_argument("--work", default="runs/criteria_compare")
     p.add_argument("--out", default=str(RESULTS / "criteria_compare"))
@@ -129,7 +146,8 @@ def main() -> None:
     finished = {r["criterion"] for r in done}
     calibration = calibration_batches(root, {"batches": 5, "batch_size": 128}, args.seed)
     for name in args.criteria.split(","):
-        if name in finished:
+        label = name if args.plan == "uniform" or name == "unpruned" else f"{name}@chip-plan"
+        if label in finished:
             continue
         print(f"== {name}", flush=True)
         done.append(run_one(name, root, args, calibration))

@@ -34,22 +34,33 @@ static inline void vstore(float* p, vec v) { memcpy(p, &v, sizeof v); }
 int prunekit_stripe_block(void) { return BL; }
 int prunekit_stripe_chunk(void) { return FC; }
 
-/* x: [N, C, H, W] -> B (zeroed by the caller, length >= lead + P * C * plane + tail):
+/* x: [N, C, H, W] -> B (length >= lead + P * C * plane + tail; this writes every position a real
+ * output reads, padding zeros included, so B need not be zeroed; the rest is only ever read
+ * for outputs that are dropped):
  * stride 1 (P = 1): row_len = W + p, rows_per_image = H + p, data of image n row h at
- *   lead + c * plane + (p + n * (H + p) + h) * row_len (columns 0..W-1, then p zeros);
+ *   lead + c * plane + (p + n * (H + p) + h) * row_len (columns 0..W-1, then p zeros), p zero
+ *   rows on top of each channel plane and after each image, lead zeros before B's first plane;
  * stride s (P = s * s): hq = ceil((H + 2p) / s), wq = ceil((W + 2p) / s), padded pixel
- *   (r, col) = (h + p, w + p) goes to phase (r % s, col % s), row n * hq + r / s, column col / s. */
+ *   (r, col) = (h + p, w + p) goes to phase (r % s, col % s), row n * hq + r / s, column col / s,
+ *   and phase positions outside the image are zero. */
 void prunekit_stripe_pack(const float* x, float* B, int64_t N, int64_t C, int64_t H, int64_t W,
                           int64_t s, int64_t p, int64_t lead, int64_t plane, int64_t rows_per_image,
                           int64_t row_len, int threads) {
+    memset(B, 0, sizeof(float) * lead);
     if (s == 1) {
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t c = 0; c < C; c++)
+            memset(B + lead + c * plane, 0, sizeof(float) * p * row_len);  /* top rows */
         #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++)
             for (int64_t c = 0; c < C; c++) {
                 const float* src = x + (n * C + c) * H * W;
                 float* dst = B + lead + c * plane + (p + n * rows_per_image) * row_len;
-                for (int64_t h = 0; h < H; h++)
+                for (int64_t h = 0; h < H; h++) {
                     memcpy(dst + h * row_len, src + h * W, sizeof(float) * W);
+                    memset(dst + h * row_len + W, 0, sizeof(float) * (row_len - W));
+                }
+                memset(dst + H * row_len, 0, sizeof(float) * (rows_per_image - H) * row_len);
             }
         return;
     }
@@ -62,14 +73,24 @@ void prunekit_stripe_pack(const float* x, float* B, int64_t N, int64_t C, int64_
                 for (int64_t b = 0; b < s; b++) {
                     float* dst = B + lead + ((a * s + b) * C + c) * plane
                                  + n * rows_per_image * row_len;
-                    const int64_t q_lo = (p - b + s - 1) / s;          /* first q with w >= 0 */
+                    int64_t q_lo = (p - b + s - 1) / s;                /* first q with w >= 0 */
                     int64_t q_hi = (W + p - b + s - 1) / s;            /* first q with w >= W */
                     if (q_hi > row_len) q_hi = row_len;
+                    if (q_lo > q_hi) q_lo = q_hi;
                     for (int64_t r = 0; r < rows_per_image; r++) {
+                        float* out = dst + r * row_len;
                         const int64_t h = r * s + a - p;
-                        if (h < 0 || h >= H) continue;
+                        if (h < 0 || h >= H) {
+                            memset(out, 0, sizeof(float) * row_len);
+                            continue;
+                        }
                         const float* row = src + h * W + b - p;
-                        for (int64_t q = q_lo; q < q_hi; q++) dst[r * row_len + q] = row[q * s];
+                        memset(out, 0, sizeof(float) * q_lo);
+                        if (s == 2)  /* a constant stride lets the compiler vectorise */
+                            for (int64_t q = q_lo; q < q_hi; q++) out[q] = row[2 * q];
+                        else
+                            for (int64_t q = q_lo; q < q_hi; q++) out[q] = row[q * s];
+                        memset(out + q_hi, 0, sizeof(float) * (row_len - q_hi));
                     }
                 }
             }

@@ -156,6 +156,7 @@ class NativeStripePlan:
         layout = {
             "ho": ho, "wo": wo, "rows": rows, "row_len": row_len, "lead": lead, "plane": plane,
             "length": lead + max(max_off, 0) + phases * c * plane + blocks * self.block + 64,
+            "packed_end": lead + phases * c * plane,
             "blocks": blocks,
             "offsets": torch.tensor(offsets, dtype=torch.int64),
             "run_start": torch.from_numpy(run_start.astype(np.int64)),
@@ -172,7 +173,9 @@ class NativeStripePlan:
         n, c, h, w = x.shape
         lay = self._layout(n, h, w)
         threads = torch.get_num_threads()
-        buffer = torch.zeros(lay["length"], dtype=torch.float32)
+        buffer = torch.empty(lay["length"], dtype=torch.float32)
+        buffer[lay["packed_end"]:].zero_()  # pack writes the rest, padding zeros included;
+        # the tail is read only for dropped outputs, zeroed so garbage never slows the FMAs
         lib.prunekit_stripe_pack(_ptr(x), _ptr(buffer), n, c, h, w, self.stride, self.padding,
                                  lay["lead"], lay["plane"], lay["rows"], lay["row_len"], threads)
         out = torch.empty(n, self.f, lay["ho"], lay["wo"], dtype=torch.float32)

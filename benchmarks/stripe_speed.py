@@ -1,0 +1,245 @@
+"""Measured speed of stripe-wise pruned convolutions (SWP) on CPU, in one run.
+
+    python benchmarks/stripe_speed.py [--swp-model runs/swp/model.safetensors] [--threads 1]
+
+Per layer (ResNet-56's 3x3 shapes; random stripe masks with 25/50/75% of the stripes removed;
+batch 1 and 64), the median latency of:
+
+* ``dense``: ``nn.Conv2d`` with the removed stripes zeroed (oneDNN; the baseline);
+* ``native``: :class:`prunekit.nn.StripeConv2d`'s C kernel (what inference uses on CPU);
+* ``torch``: StripeConv2d's pure-torch formulation (one GEMM per kernel position on the
+  strided, shifted input + row scatter; used for autograd and export);
+* ``reference``: the SWP reference code's execution (fxmeng/Pruning-Filter-in-Filter,
+  ``FilterStripe.forward``): one 1x1 conv producing every kept stripe at full input
+  resolution, then a Python loop of shifts that adds each position's chunk into the output
+  (sub-sampled afterwards for stride 2).
+
+Whole network: the unpruned ResNet-56 vs a stripe-pruned one (``--swp-model``, e.g. the real
+SWP run, or, without it, the pretrained ResNet-56 with 50% of every conv's stripes removed at
+random), native and torch executors, at batch 1 and 64. Reported: latency speed-up next to the
+MACs speed-up, and their ratio (target >= 0.7). All timings interleave the candidates round by
+round (benchmarks/machine.py) and record how busy the machine was.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from machine import cpu_busy, cpu_name, interleaved_latency  # benchmarks/machine.py
+from torch import nn
+
+from prunekit import io, measure, models
+from prunekit.nn import StripeConv2d, stripe_native
+
+RESULTS = Path(__file__).parent / "results"
+LAYERS = [(16, 16, 32, 1), (16, 32, 32, 2), (32, 32, 16, 1), (32, 64, 16, 2), (64, 64, 8, 1)]
+REMOVED = (0.25, 0.5, 0.75)
+BATCHES = (1, 64)
+
+
+class ReferenceStripe(nn.Module):
+    """The reference code's execution of a stripe-pruned 3x3 conv (padding K // 2)."""
+
+    def __init__(self, conv: nn.Conv2d, mask: torch.Tensor):
+        super().__init__()
+        k = conv.kernel_size[0]
+        self.k, self.stride, self.out_channels = k, conv.stride[0], conv.out_channels
+        rows, self.chunks, start = [], [], 0
+        for i in range(k):
+            for j in range(k):
+                idx = mask[:, i, j].nonzero().flatten()
+                if len(idx):
+                    rows.append(conv.weight.detach()[idx, :, i, j])
+                    self.chunks.append((i, j, start, start + len(idx), idx))
+                    start += len(idx)
+        self.register_buffer("weight", torch.cat(rows)[:, :, None, None])
+
+    def forward(self, x):
+        y = F.conv2d(x, self.weight)  # every kept stripe, at full input resolution
+        n, _, h, w = x.shape
+        out = x.new_zeros(n, self.out_channels, (h - 1) // self.stride + 1,
+                          (w - 1) // self.stride + 1)
+        half = self.k // 2
+        for i, j, lo, hi, idx in self.chunks:
+            shifted = F.pad(y[:, lo:hi], (half - j, j - half, half - i, i - half))
+            out[:, idx] += shifted[:, :, ::self.stride, ::self.stride]
+        return out
+
+
+class TorchStripe(nn.Module):
+    def __init__(self, stripe: StripeConv2d):
+        super().__init__()
+        self.stripe = stripe
+
+    def forward(self, x):
+        return self.stripe.forward_torch(x)
+
+
+def random_mask(out: int, removed: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    total = out * 9
+    mask = torch.ones(total, dtype=torch.bool)
+    mask[torch.randperm(total, generator=g)[:round(removed * total)]] = False
+    return mask.view(out, 3, 3)
+
+
+def layer_rows(args) -> list[dict]:
+    rows = []
+    for cin, cout, size, stride in LAYERS:
+        for removed in REMOVED:
+            torch.manual_seed(0)
+            conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False).eval()
+            mask = random_mask(cout, removed, seed=cin + cout + stride)
+            with torch.no_grad():
+                conv.weight.mul_(mask[:, None])
+            stripe = StripeConv2d.from_dense(conv, mask).eval()
+            nets = {"dense": conv, "native": stripe, "torch": TorchStripe(stripe),
+                    "reference": ReferenceStripe(conv, mask).eval()}
+            x = torch.randn(2, cin, size, size)
+            with torch.no_grad():
+                for name, net in nets.items():  # every candidate computes the same thing
+                    torch.testing.assert_close(net(x), conv(x), rtol=1e-4, atol=1e-4,
+                                               msg=lambda m, name=name: f"{name}: {m}")
+            lat = interleaved_latency(nets, (1, cin, size, size), rounds=args.rounds,
+                                      runs=args.runs, batch_sizes=BATCHES)
+            for batch in BATCHES:
+                b = str(batch)
+                row = {"layer": f"{cin}->{cout} {size}x{size} s{stride}", "removed": removed,
+                       "batch": batch, **{f"{n}_ms": lat[n][b] for n in nets}}
+                row.update({f"{n}_speedup": lat["dense"][b] / lat[n][b]
+                            for n in ("native", "torch", "reference")})
+                row["macs_speedup"] = 1 / (1 - removed)
+                rows.append(row)
+                print(f"{row['layer']:>20} -{int(100 * removed)}% bs{batch:<3} "
+                      + " ".join(f"{n} {lat[n][b]:.3f}" for n in nets)
+                      + f"  native x{row['native_speedup']:.2f}", flush=True)
+    return rows
+
+
+def network_rows(args) -> tuple[list[dict], dict]:
+    x = (1, 3, 32, 32)
+    dense = models.create("cifar_resnet56", weights="pretrained").eval()
+    if args.swp_model:
+        pruned = io.load(args.swp_model).eval()
+        source = args.swp_model
+    else:
+        from prunekit.methods.swp import FilterSkeleton, swp_prune
+        pruned = models.create("cifar_resnet56", weights="pretrained").eval()
+        skeleton = FilterSkeleton(pruned, torch.randn(x))
+        with torch.no_grad():
+            for i, s in enumerate(skeleton.skeletons().values()):
+                s.copy_(random_mask(s.shape[0], 0.5, seed=i).float())
+        swp_prune(pruned, skeleton, torch.randn(x))
+        source = "pretrained ResNet-56, 50% of every conv's stripes removed at random"
+    torch_pruned = io.load(args.swp_model).eval() if args.swp_model else None
+    if torch_pruned is None:
+        import copy
+        torch_pruned = copy.deepcopy(pruned)
+    for m in torch_pruned.modules():
+        if isinstance(m, StripeConv2d):
+            m.use_native = False
+    nets = {"dense": dense, "stripe-native": pruned, "stripe-torch": torch_pruned}
+    example = torch.randn(x)
+    macs = {n: measure.count_macs(m, example) for n, m in nets.items()}
+    rows = []
+    for threads in args.net_threads:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        lat = interleaved_latency(nets, x, rounds=args.rounds, runs=args.runs,
+                                  batch_sizes=BATCHES)
+        torch.set_num_threads(previous)
+        for batch in BATCHES:
+            b = str(batch)
+            for name in ("stripe-native", "stripe-torch"):
+                speed = lat["dense"][b] / lat[name][b]
+                macs_x = macs["dense"] / macs[name]
+                rows.append({"threads": threads, "batch": batch, "executor": name,
+                             "dense_ms": lat["dense"][b], "pruned_ms": lat[name][b],
+                             "latency_speedup": speed, "macs_speedup": macs_x,
+                             "speedup_over_macs": speed / macs_x})
+                print(f"net {name} t{threads} bs{batch}: dense {lat['dense'][b]:.2f} ms, "
+                      f"pruned {lat[name][b]:.2f} ms, x{speed:.2f} vs MACs x{macs_x:.2f}",
+                      flush=True)
+    return rows, {"source": source, "macs": macs,
+                  "params": {n: measure.count_params(m) for n, m in nets.items()}}
+
+
+def tables(layers, net, net_meta) -> str:
+    out = ["Per layer (1 thread; speed-up = dense latency / candidate latency):", "",
+           "| layer | stripes removed | batch | dense ms | native ms | torch ms | reference ms "
+           "| native x | torch x | reference x | MACs x |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in layers:
+        out.append(f"| {r['layer']} | {int(100 * r['removed'])}% | {r['batch']} | "
+                   f"{r['dense_ms']:.3f} | {r['native_ms']:.3f} | {r['torch_ms']:.3f} | "
+                   f"{r['reference_ms']:.3f} | {r['native_speedup']:.2f} | "
+                   f"{r['torch_speedup']:.2f} | {r['reference_speedup']:.2f} | "
+                   f"{r['macs_speedup']:.2f} |")
+    out += ["", f"Whole ResNet-56 ({net_meta['source']}; MACs "
+            f"{net_meta['macs']['dense'] / 1e6:.2f}M -> {net_meta['macs']['stripe-native'] / 1e6:.2f}M):",
+            "", "| executor | threads | batch | dense ms | pruned ms | latency x | MACs x | "
+            "latency x / MACs x |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in net:
+        out.append(f"| {r['executor']} | {r['threads']} | {r['batch']} | {r['dense_ms']:.2f} | "
+                   f"{r['pruned_ms']:.2f} | {r['latency_speedup']:.2f} | "
+                   f"{r['macs_speedup']:.2f} | {r['speedup_over_macs']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(layers, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=120, sharey=True)
+    for ax, batch in zip(axes, BATCHES):
+        rows = [r for r in layers if r["batch"] == batch and r["removed"] == 0.5]
+        xs = range(len(rows))
+        for k, (name, color) in enumerate((("native", "#3574b3"), ("torch", "#8fb7de"),
+                                           ("reference", "#bbb"))):
+            ax.bar([i + (k - 1) * 0.27 for i in xs], [r[f"{name}_speedup"] for r in rows],
+                   width=0.27, label=name, color=color)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.5, color="#d9822b", lw=1, ls="--", label="target 1.5x")
+        ax.axhline(2.0, color="#999", lw=1, ls=":", label="MACs speed-up 2x")
+        ax.set_xticks(list(xs), [r["layer"] for r in rows], rotation=20, fontsize=7)
+        ax.set_title(f"50% of the stripes removed, batch {batch}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("speed-up over the dense conv (1 thread)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--swp-model", default=None, help="a stripe-pruned ResNet-56 .safetensors")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--net-threads", default="1,2")
+    p.add_argument("--out", default=str(RESULTS / "stripe_speed"))
+    args = p.parse_args()
+    args.net_threads = [int(t) for t in args.net_threads.split(",")]
+    if stripe_native.library() is None:
+        raise SystemExit(f"the native kernel is unavailable: {stripe_native.unavailable_reason()}")
+    busy = cpu_busy()
+    torch.set_num_threads(1)
+    layers = layer_rows(args)
+    net, net_meta = network_rows(args)
+    meta = {"cpu": cpu_name(), "torch": torch.__version__, "cpu_busy_before": busy,
+            "cpu_busy_after": cpu_busy(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "rounds": args.rounds, "runs": args.runs, "layer_threads": 1}
+    Path(f"{args.out}.json").write_text(json.dumps(
+        {"meta": meta, "layers": layers, "network": net, "network_meta": net_meta}, indent=1))
+    Path(f"{args.out}.md").write_text(tables(layers, net, net_meta))
+    plot(layers, Path(f"{args.out}.png"))
+    print(tables(layers, net, net_meta))
+
+
+if __name__ == "__main__":
+    main()
