@@ -70,10 +70,14 @@ def calibration_batches(root, cfg: dict, seed: int) -> list:
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.get("batch_size", 128),
                                          shuffle=True, generator=generator)
     batches = []
-    for i, batch in enumerate(loader):
-        if i >= cfg.get("batches", 5):
-            break
-        batches.append(batch)
+    # The augmentation draws from the global RNG: seed it too (without disturbing the
+    # caller's stream), so the same seed gives the same images and the same scores.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, batch in enumerate(loader):
+            if i >= cfg.get("batches", 5):
+                break
+            batches.append(batch)
     return batches
 
 

@@ -142,3 +142,23 @@ def test_cli_lfpc_flags_need_lfpc(tmp_path, capsys):
                  "--data", str(tmp_path), "--out", str(tmp_path / "r")])
     assert code == 2
     assert "--method lfpc" in capsys.readouterr().err
+
+
+@pytest.mark.shared_data
+@needs_shared
+def test_calibration_batches_are_reproducible():
+    from prunekit.pipeline import calibration_batches
+
+    cfg = {"batches": 2, "batch_size": 8}
+    torch.manual_seed(123)
+    first = calibration_batches(SHARED, cfg, seed=0)
+    after_first = torch.rand(1)
+    torch.manual_seed(999)
+    second = calibration_batches(SHARED, cfg, seed=0)
+    for (x1, y1), (x2, y2) in zip(first, second):  # same images, same augmentation
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    other = calibration_batches(SHARED, cfg, seed=1)
+    assert not torch.equal(first[0][0], other[0][0])
+    torch.manual_seed(123)
+    calibration_batches(SHARED, cfg, seed=0)
+    assert torch.equal(torch.rand(1), after_first)  # the caller's RNG stream is untouched
