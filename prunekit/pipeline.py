@@ -232,10 +232,18 @@ def _run_soft(model, options, method, root, splits, measure_kw, report, timer, o
                 schedule=method.get("schedule", schedule),
                 mask_grads=method.get("mask_grads", mask_grads), **common)
     report.update(plan=result.plan, finetune=summary)
+    return _measure_and_save(model, method, result.plan, report, timer, out, options,
+                             (root, splits, measure_kw))
+
+
+def _measure_and_save(model, method, plan, report, timer, out, options, measuring) -> dict:
+    """Training-time methods end here: measure the final compact model, save it and the report
+    (they have no separate one-shot stage, so "pruned" is the final model)."""
+    root, splits, measure_kw = measuring
     with timer("measure_finetuned"):
         report["finetuned"] = measure_model(model.eval(), root, splits, **measure_kw)
-    report["pruned"] = report["finetuned"]  # soft pruning has no separate one-shot stage
-    io.save(model, out / "model.safetensors", method=method, plan=result.plan,
+    report["pruned"] = report["finetuned"]
+    io.save(model, out / "model.safetensors", method=method, plan=plan,
             recipe=options.get("recipe"),
             metrics={s: a["top1"] for s, a in report["finetuned"]["accuracy"].items()})
     report["stage_seconds"] = timer.seconds
@@ -264,16 +272,8 @@ def _run_swp(model, options, method, root, splits, measure_kw, report, timer, ou
         result = swp_prune(model, skeleton, example, executor=method.get("executor", "stripe"))
     report["swp"] = result.to_dict()
     report["plan"] = result.plan
-    with timer("measure_pruned"):
-        report["finetuned"] = measure_model(model.eval(), root, splits, **measure_kw)
-    report["pruned"] = report["finetuned"]  # SWP prunes after training, without fine-tuning
-    io.save(model, out / "model.safetensors", method=method, plan=result.plan,
-            recipe=options.get("recipe"),
-            metrics={s: a["top1"] for s, a in report["finetuned"]["accuracy"].items()})
-    report["stage_seconds"] = timer.seconds
-    report["speedup"] = measure.speedup(report["before"], report["finetuned"])
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    return report
+    return _measure_and_save(model, method, result.plan, report, timer, out, options,
+                             (root, splits, measure_kw))
 
 
 def summary_table(report: dict) -> str:

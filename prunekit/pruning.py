@@ -15,6 +15,11 @@ from .plan import (PlanError, check_ratio, keep_count, make_plan, ratios_for_gro
 from .surgery import apply_plan, kept_positions, removed_channel_roots
 
 
+def reduction(before: int, after: int) -> float:
+    """Fraction removed: ``1 - after / before``."""
+    return 1 - after / before
+
+
 @dataclass
 class PruningResult:
     """What a pruning did: the plan (JSON-serialisable) and the model's size before and after."""
@@ -29,13 +34,8 @@ class PruningResult:
     params_after: int
     unreached_modules: list[str] = field(default_factory=list)
 
-    @property
-    def macs_reduction(self) -> float:
-        return 1 - self.macs_after / self.macs_before
-
-    @property
-    def params_reduction(self) -> float:
-        return 1 - self.params_after / self.params_before
+    macs_reduction = property(lambda self: reduction(self.macs_before, self.macs_after))
+    params_reduction = property(lambda self: reduction(self.params_before, self.params_after))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -218,13 +218,8 @@ class SWPResult:
     params_after: int
     plan: dict[str, list[int]] = field(default_factory=dict)
 
-    @property
-    def macs_reduction(self) -> float:
-        return 1 - self.macs_after / self.macs_before
-
-    @property
-    def params_reduction(self) -> float:
-        return 1 - self.params_after / self.params_before
+    macs_reduction = property(lambda self: _reduction(self.macs_before, self.macs_after))
+    params_reduction = property(lambda self: _reduction(self.params_before, self.params_after))
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -283,6 +278,11 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
         replaced_blocks=replaced, stripe_convs=stripe_convs, macs_before=macs_before,
         macs_after=count_macs(model, example_inputs), params_before=params_before,
         params_after=count_params(model), plan=plan)
+
+
+def _reduction(before: int, after: int) -> float:
+    from ..pruning import reduction
+    return reduction(before, after)
 
 
 def _first(output):
