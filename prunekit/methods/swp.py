@@ -36,6 +36,7 @@ from ..io import register_replacement
 from ..measure import count_macs, count_params
 from ..models.cifar_resnet import BasicBlock
 from ..nn import StripeConv2d
+from ..pruning import reduction
 
 register_replacement(StripeConv2d)
 
@@ -218,8 +219,8 @@ class SWPResult:
     params_after: int
     plan: dict[str, list[int]] = field(default_factory=dict)
 
-    macs_reduction = property(lambda self: _reduction(self.macs_before, self.macs_after))
-    params_reduction = property(lambda self: _reduction(self.params_before, self.params_after))
+    macs_reduction = property(lambda self: reduction(self.macs_before, self.macs_after))
+    params_reduction = property(lambda self: reduction(self.params_before, self.params_after))
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -278,11 +279,6 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
         replaced_blocks=replaced, stripe_convs=stripe_convs, macs_before=macs_before,
         macs_after=count_macs(model, example_inputs), params_before=params_before,
         params_after=count_params(model), plan=plan)
-
-
-def _reduction(before: int, after: int) -> float:
-    from ..pruning import reduction
-    return reduction(before, after)
 
 
 def _first(output):
