@@ -43,7 +43,7 @@ int prunekit_stripe_chunk(void) { return FC; }
  * stride s (P = s * s): hq = ceil((H + 2p) / s), wq = ceil((W + 2p) / s), padded pixel
  *   (r, col) = (h + p, w + p) goes to phase (r % s, col % s), row n * hq + r / s, column col / s,
  *   and phase positions outside the image are zero. */
-void prunekit_stripe_pack(const float* x, float* B, int64_t N, int64_t C, int64_t H, int64_t W,
+static void stripe_pack(const float* x, float* B, int64_t N, int64_t C, int64_t H, int64_t W,
                           int64_t s, int64_t p, int64_t lead, int64_t plane, int64_t rows_per_image,
                           int64_t row_len, int threads) {
     memset(B, 0, sizeof(float) * lead);
@@ -101,7 +101,7 @@ void prunekit_stripe_pack(const float* x, float* B, int64_t N, int64_t C, int64_
  * weights chunk_w[(k * C + c) * FC + j]. Block b covers q in [b * BL, (b + 1) * BL); its real
  * outputs are the runs run_start[b] .. run_start[b + 1] - 1: (q, dest, len), written to
  * out[dest + f * out_fstride + j] for j < len (out is NCHW, dest includes n * F * Ho * Wo). */
-void prunekit_stripe_conv(const float* B, int64_t lead, const float* chunk_w,
+static void stripe_conv(const float* B, int64_t lead, const float* chunk_w,
                           const int64_t* chunk_off, const int32_t* chunk_filt, int64_t nchunks,
                           const float* bias, int64_t C, int64_t plane, int64_t F, int64_t nblocks,
                           const int64_t* run_start, const int64_t* run_q, const int64_t* run_dest,
@@ -145,4 +145,28 @@ void prunekit_stripe_conv(const float* B, int64_t lead, const float* chunk_w,
         }
         free(acc);
     }
+}
+
+/* Everything about one (conv, input shape) pair that does not change between calls; built once
+ * by stripe_native.py, so each forward is a single call with four arguments. */
+typedef struct {
+    int64_t N, C, H, W, s, p, lead, plane, rows_per_image, row_len;
+    const float* chunk_w;
+    const int64_t* chunk_off;
+    const int32_t* chunk_filt;
+    int64_t nchunks;
+    const float* bias;
+    int64_t F, nblocks;
+    const int64_t *run_start, *run_q, *run_dest, *run_len;
+    int64_t out_fstride, packed_end, length;
+} stripe_plan;
+
+void prunekit_stripe_forward(const stripe_plan* P, const float* x, float* B, float* out,
+                             int threads) {
+    memset(B + P->packed_end, 0, sizeof(float) * (P->length - P->packed_end));
+    stripe_pack(x, B, P->N, P->C, P->H, P->W, P->s, P->p, P->lead, P->plane,
+                P->rows_per_image, P->row_len, threads);
+    stripe_conv(B, P->lead, P->chunk_w, P->chunk_off, P->chunk_filt, P->nchunks, P->bias,
+                P->C, P->plane, P->F, P->nblocks, P->run_start, P->run_q, P->run_dest,
+                P->run_len, out, P->out_fstride, threads);
 }

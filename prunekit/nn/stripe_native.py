@@ -57,12 +57,25 @@ def _build() -> ctypes.CDLL:
         finally:
             Path(tmp).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(target))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.prunekit_stripe_pack.argtypes = [p, p] + [i64] * 10 + [i32]
-    lib.prunekit_stripe_conv.argtypes = [p, i64, p, p, p, i64, p, i64, i64, i64, i64,
-                                         p, p, p, p, p, i64, i32]
+    p = ctypes.c_void_p
+    lib.prunekit_stripe_forward.argtypes = [ctypes.POINTER(_Plan), p, p, p, ctypes.c_int]
+    lib.prunekit_stripe_forward.restype = None
     lib.prunekit_stripe_block.restype = lib.prunekit_stripe_chunk.restype = ctypes.c_int
     return lib
+
+
+class _Plan(ctypes.Structure):
+    """Mirror of ``stripe_plan`` in stripe_kernel.c (same fields, same order)."""
+
+    _fields_ = ([(name, ctypes.c_int64) for name in
+                 ("N", "C", "H", "W", "s", "p", "lead", "plane", "rows_per_image", "row_len")]
+                + [("chunk_w", ctypes.c_void_p), ("chunk_off", ctypes.c_void_p),
+                   ("chunk_filt", ctypes.c_void_p), ("nchunks", ctypes.c_int64),
+                   ("bias", ctypes.c_void_p), ("F", ctypes.c_int64),
+                   ("nblocks", ctypes.c_int64), ("run_start", ctypes.c_void_p),
+                   ("run_q", ctypes.c_void_p), ("run_dest", ctypes.c_void_p),
+                   ("run_len", ctypes.c_void_p), ("out_fstride", ctypes.c_int64),
+                   ("packed_end", ctypes.c_int64), ("length", ctypes.c_int64)])
 
 
 def library() -> ctypes.CDLL | None:
@@ -82,10 +95,6 @@ def library() -> ctypes.CDLL | None:
 def unavailable_reason() -> str | None:
     library()
     return _state.get("reason")
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
 class NativeStripePlan:
@@ -153,39 +162,39 @@ class NativeStripePlan:
         lengths = np.diff(np.r_[starts, len(valid)])
         run_start = np.searchsorted(block_of[starts], np.arange(blocks + 1))
         max_off = max(offsets, default=0)
-        layout = {
-            "ho": ho, "wo": wo, "rows": rows, "row_len": row_len, "lead": lead, "plane": plane,
-            "length": lead + max(max_off, 0) + phases * c * plane + blocks * self.block + 64,
-            "packed_end": lead + phases * c * plane,
-            "blocks": blocks,
+        tensors = {  # kept alive with the plan: the struct holds raw pointers to them
             "offsets": torch.tensor(offsets, dtype=torch.int64),
             "run_start": torch.from_numpy(run_start.astype(np.int64)),
             "run_q": torch.from_numpy(valid[starts].astype(np.int64)),
             "run_dest": torch.from_numpy(dest[starts].astype(np.int64)),
             "run_len": torch.from_numpy(lengths.astype(np.int64)),
         }
+        packed_end = lead + phases * c * plane
+        length = packed_end + max(max_off, 0) + blocks * self.block + 64
+        plan = _Plan(N=n, C=c, H=h, W=w, s=s, p=p, lead=lead, plane=plane,
+                     rows_per_image=rows, row_len=row_len,
+                     chunk_w=self.chunk_w.data_ptr(), chunk_off=tensors["offsets"].data_ptr(),
+                     chunk_filt=self.chunk_filt.data_ptr(), nchunks=len(self.taps),
+                     bias=None if self.bias is None else self.bias.data_ptr(), F=self.f,
+                     nblocks=blocks, run_start=tensors["run_start"].data_ptr(),
+                     run_q=tensors["run_q"].data_ptr(), run_dest=tensors["run_dest"].data_ptr(),
+                     run_len=tensors["run_len"].data_ptr(), out_fstride=ho * wo,
+                     packed_end=packed_end, length=length)
+        layout = {"ho": ho, "wo": wo, "length": length, "plan": plan, "tensors": tensors}
         self._shapes[key] = layout
         return layout
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lib = library()
         x = x.contiguous()
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         lay = self._layout(n, h, w)
-        threads = torch.get_num_threads()
-        buffer = torch.empty(lay["length"], dtype=torch.float32)
-        buffer[lay["packed_end"]:].zero_()  # pack writes the rest, padding zeros included;
-        # the tail is read only for dropped outputs, zeroed so garbage never slows the FMAs
-        lib.prunekit_stripe_pack(_ptr(x), _ptr(buffer), n, c, h, w, self.stride, self.padding,
-                                 lay["lead"], lay["plane"], lay["rows"], lay["row_len"], threads)
         out = torch.empty(n, self.f, lay["ho"], lay["wo"], dtype=torch.float32)
-        if len(self.taps) == 0:
+        if not self.taps:
             out.copy_((self.bias if self.bias is not None else torch.zeros(self.f))
                       .view(1, -1, 1, 1).expand_as(out))
             return out
-        lib.prunekit_stripe_conv(
-            _ptr(buffer), lay["lead"], _ptr(self.chunk_w), _ptr(lay["offsets"]),
-            _ptr(self.chunk_filt), len(self.taps), _ptr(self.bias), c, lay["plane"], self.f,
-            lay["blocks"], _ptr(lay["run_start"]), _ptr(lay["run_q"]), _ptr(lay["run_dest"]),
-            _ptr(lay["run_len"]), _ptr(out), lay["ho"] * lay["wo"], threads)
+        buffer = torch.empty(lay["length"], dtype=torch.float32)  # the kernel writes it all
+        library().prunekit_stripe_forward(ctypes.byref(lay["plan"]), x.data_ptr(),
+                                          buffer.data_ptr(), out.data_ptr(),
+                                          torch.get_num_threads())
         return out
