@@ -42,6 +42,8 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ["unpruned", "fpgm-oneshot", "sfp", "fpgm-soft", "asfp", "lfpc"]
 SOFT = {"sfp": ("l2", "constant", False), "fpgm-soft": ("fpgm", "constant", True),
         "asfp": ("l2", "asymptotic", False)}
+# ...-g0: the same with the BN weight (gamma) of masked channels zeroed too (zero_norm_weight)
+SOFT.update({f"{name}-g0": spec for name, spec in SOFT.items()})
 SPLITS = ("test", "test-lossless")
 
 
@@ -80,7 +82,8 @@ def run_one(name: str, root, args) -> tuple[dict, torch.nn.Module]:
         model, result, _ = soft_prune(model, train, val, train_config(args, args.epochs), work,
                                       criterion=criterion, schedule=schedule,
                                       mask_grads=mask_grads, example_inputs=x,
-                                      macs_reduction=args.target)
+                                      macs_reduction=args.target,
+                                      zero_norm_weight=name.endswith("-g0"))
     elif name == "lfpc":
         model, result, info = lfpc_prune(
             model, train, val, train_config(args, 1), train_config(args, args.epochs - 1),

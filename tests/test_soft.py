@@ -150,18 +150,22 @@ def test_asymptotic_schedule():
     epochs, target = 40, 0.4
     rates = [asymptotic_rate(target, e, epochs) for e in range(epochs + 1)]
     assert rates[0] == 0
-    assert all(b > a for a, b in zip(rates, rates[1:]))
-    assert rates[epochs // 4] == pytest.approx(0.75 * target)
-    assert rates[epochs - 1] == pytest.approx(target, rel=0.01)
-    assert rates[epochs] == target  # the final mask (the one finalize removes) is the target
+    assert all(b > a for a, b in zip(rates[:epochs], rates[1:epochs]))  # rising to E - 1
+    assert rates[epochs // 4] == pytest.approx(0.75 * target, rel=0.01)
+    # the last epoch trains at the target, and the final mask (the one finalize removes) is
+    # computed at the same rate
+    assert rates[epochs - 1] == rates[epochs] == target
+    short = [asymptotic_rate(1.0, e, 3) for e in range(4)]
+    assert short[0] == 0 and short[1] == pytest.approx(0.8425 / 0.9752, rel=1e-3)
+    assert short[2] == short[3] == 1.0
     model = new_tiny()
     hook = started(model, schedule="asymptotic", epochs=4)
     assert hook.plan == {} and hook.fraction(0) == 0  # nothing masked before training
-    hook.on_epoch_end(0)  # rate(1) = 0.5 * (1 - 4**-1) = 0.375 -> 3 of 8 channels
-    assert hook.rates(1)["conv1"] == pytest.approx(0.375)
+    hook.on_epoch_end(0)  # rate(1) = 0.5 * 0.75 / (1 - 4**-3) = 0.381 -> 3 of 8 channels
+    assert hook.rates(1)["conv1"] == pytest.approx(0.375 / (1 - 4 ** -3))
     assert len(removed(hook, "conv1")) == 3
-    hook.on_epoch_end(3)
-    assert len(removed(hook, "conv1")) == 4
+    hook.on_epoch_end(2)  # the last epoch (3) already trains at the target
+    assert hook.fraction(3) == 1.0 and len(removed(hook, "conv1")) == 4
     with pytest.raises(ValueError, match="epochs"):
         SoftPruning(model=model, example_inputs=torch.randn(1, 3, 8, 8), ratio=0.5,
                     schedule="asymptotic")

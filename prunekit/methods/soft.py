@@ -28,11 +28,14 @@ computes (eval mode).
 Schedules (fraction of the target ratio applied to the masks used during epoch ``e``):
 
 * ``"constant"`` (SFP, FPGM): the target from the start, ``rate(e) = target``.
-* ``"asymptotic"`` (ASFP): ``rate(e) = target * (1 - exp(-k * e))`` with
-  ``k = 4 ln(4) / epochs``, so that ``rate(0) = 0`` and ``rate(epochs / 4) = 3/4 * target``.
-  This is **prunekit's choice**: the ASFP paper's exact schedule is unverified and no public
-  code exists (methods.md 4.1). The mask computed at the end of the last epoch (which is the
-  one :meth:`finalize` removes) uses the full target, ``rate(e >= epochs) = target``.
+* ``"asymptotic"`` (ASFP): ``rate(e) = target * (1 - exp(-k * e)) / (1 - exp(-k (E - 1)))``
+  with ``k = 4 ln(4) / E`` (E = epochs), so that ``rate(0) = 0``, ``rate(E / 4) ~ 3/4 *
+  target`` and the last epoch trains at the full target, ``rate(e >= E - 1) = target``. This is
+  **prunekit's choice**: the ASFP paper's exact schedule is unverified and no public code
+  exists (methods.md 4.1). Reaching the target only with the mask computed after the last
+  epoch (an earlier version) removed channels the network had just been trained with and left
+  every BN layer with statistics of the wider network: on ResNet-20 with 3 epochs the final
+  model fell to 12-47% (benchmarks/results/soft_compare.md).
 
 The mask used during epoch ``e`` is computed at ``on_epoch_end(e - 1)`` (or before training
 for ``e = 0``), at ``rate(e)``.
@@ -57,15 +60,17 @@ SOFT_SCHEDULES = ("constant", "asymptotic")
 
 
 def asymptotic_rate(target: float, epoch: float, epochs: int) -> float:
-    """ASFP rate at ``epoch``: ``target * (1 - exp(-k * epoch))``, ``k = 4 ln 4 / epochs``
-    (3/4 of the target at a quarter of the epochs; prunekit's choice, see the module doc);
-    ``target`` from ``epoch >= epochs`` on."""
+    """ASFP rate at ``epoch``: ``target * (1 - exp(-k * epoch)) / (1 - exp(-k * (epochs - 1)))``
+    with ``k = 4 ln 4 / epochs`` (3/4 of the target at a quarter of the epochs; prunekit's
+    choice, see the module doc), reaching ``target`` exactly in the last epoch and staying
+    there: the last epoch trains under the final rate, so the mask finalize removes is one the
+    network (and its BN statistics) was trained with."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs!r}")
-    if epoch >= epochs:
+    if epoch >= epochs - 1:
         return float(target)
     k = 4 * math.log(4) / epochs
-    return float(target * (1 - math.exp(-k * max(epoch, 0))))
+    return float(target * (1 - math.exp(-k * max(epoch, 0))) / (1 - math.exp(-k * (epochs - 1))))
 
 
 def _masked_entries(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]], *,
@@ -361,7 +366,7 @@ def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criteri
                ratio: float | None = None, ratios: dict[str, float] | None = None,
                schedule: str = "constant", mask_grads: bool = False, example_inputs=None,
                ignore: Sequence = (), leaf_modules: Sequence = (), resume: bool = True,
-               macs_reduction: float | None = None):
+               macs_reduction: float | None = None, zero_norm_weight: bool = False):
     """Soft-prune ``model`` during :func:`prunekit.train.fit`, then remove the last mask.
 
     Returns ``(model, PruningResult, fit summary)``; ``model`` is pruned in place and holds the
@@ -376,7 +381,7 @@ def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criteri
     hook = SoftPruning(model=model, example_inputs=example_inputs, criterion=criterion,
                        ratio=ratio, ratios=ratios, schedule=schedule, mask_grads=mask_grads,
                        epochs=config.epochs, ignore=ignore, leaf_modules=leaf_modules,
-                       macs_reduction=macs_reduction)
+                       macs_reduction=macs_reduction, zero_norm_weight=zero_norm_weight)
     summary = fit(model, train_set, val_set, config, out_dir, hooks=[hook], resume=resume)
     result = hook.finalize(model)
     return model, result, summary
