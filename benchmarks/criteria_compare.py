@@ -106,7 +106,8 @@ def plot(rows, path: Path) -> None:
     ax.set_ylabel("top-1 % on test (10,000 JPEG-decoded images)")
     ax.set_title("ResNet-56, ~47% MACs removed" + (", same fine-tuning budget" if has_tuned
                                                      else ", no fine-tuning (one-shot)"))
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right", ncol=2, fontsize=8, framealpha=0.9)
+    ax.set_ylim(0, 105)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
