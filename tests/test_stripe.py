@@ -320,3 +320,24 @@ def test_native_kernel_disabled_or_without_compiler(monkeypatch):
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():  # falls back to the torch formulation, same result
         torch.testing.assert_close(sconv(x), _masked_reference(conv, sconv.stripe_mask, x), **TOL)
+
+
+@needs_native
+def test_copy_and_pickle_after_a_native_forward():
+    """The cached native plan holds ctypes pointers; copies must build their own."""
+    import pickle
+
+    gen = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    sconv = StripeConv2d.from_dense(conv, _random_mask(8, 3, 0.5, gen))
+    x = torch.randn(2, 8, 10, 10, generator=gen)
+    with torch.no_grad():
+        expected = sconv(x)  # builds and caches the native plan
+        clone = copy.deepcopy(sconv)
+        restored = pickle.loads(pickle.dumps(sconv))
+        with torch.no_grad():
+            clone.weight.mul_(2)  # the copy owns its weights: the original is unaffected
+        torch.testing.assert_close(sconv(x), expected)
+        torch.testing.assert_close(restored(x), expected)
+        torch.testing.assert_close(clone(x) - clone.bias.view(1, -1, 1, 1),
+                                   2 * (expected - sconv.bias.view(1, -1, 1, 1)))

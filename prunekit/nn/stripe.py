@@ -277,6 +277,13 @@ class StripeConv2d(nn.Module):
             self._native_cache = plan
         return plan[1]
 
+    def __getstate__(self):
+        # the native plan holds ctypes pointers into this instance's tensors: a copy or a
+        # pickle must rebuild its own, never carry (or fail on) this one
+        state = self.__dict__.copy()
+        state.pop("_native_cache", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._native_applies(x):
             return self._native_plan()(x)
