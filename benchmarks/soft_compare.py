@@ -42,8 +42,9 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ["unpruned", "fpgm-oneshot", "sfp", "fpgm-soft", "asfp", "lfpc"]
 SOFT = {"sfp": ("l2", "constant", False), "fpgm-soft": ("fpgm", "constant", True),
         "asfp": ("l2", "asymptotic", False)}
-# ...-g0: the same with the BN weight (gamma) of masked channels zeroed too (zero_norm_weight)
-SOFT.update({f"{name}-g0": spec for name, spec in SOFT.items()})
+# ...-g0: the same with the BN weight (gamma) of masked channels zeroed too (zero_norm_weight);
+# ...-m0: the same with the masked entries' momentum zeroed at every masking (reset_momentum)
+SOFT.update({f"{name}-{v}": spec for name, spec in dict(SOFT).items() for v in ("g0", "m0")})
 SPLITS = ("test", "test-lossless")
 
 
@@ -83,7 +84,8 @@ def run_one(name: str, root, args) -> tuple[dict, torch.nn.Module]:
                                       criterion=criterion, schedule=schedule,
                                       mask_grads=mask_grads, example_inputs=x,
                                       macs_reduction=args.target,
-                                      zero_norm_weight=name.endswith("-g0"))
+                                      zero_norm_weight=name.endswith("-g0"),
+                                      reset_momentum=name.endswith("-m0"))
     elif name == "lfpc":
         model, result, info = lfpc_prune(
             model, train, val, train_config(args, 1), train_config(args, args.epochs - 1),

@@ -230,7 +230,9 @@ def _run_soft(model, options, method, root, splits, measure_kw, report, timer, o
                 model, train_set, val_set, config, out / "finetune",
                 criterion=(options.get("criterion") or {}).get("name", criterion),
                 schedule=method.get("schedule", schedule),
-                mask_grads=method.get("mask_grads", mask_grads), **common)
+                mask_grads=method.get("mask_grads", mask_grads),
+                zero_norm_weight=method.get("zero_norm_weight", False),
+                reset_momentum=method.get("reset_momentum", False), **common)
     report.update(plan=result.plan, finetune=summary)
     return _measure_and_save(model, method, result.plan, report, timer, out, options,
                              (root, splits, measure_kw))
@@ -268,6 +270,7 @@ def _run_swp(model, options, method, root, splits, measure_kw, report, timer, ou
                                  data.CIFAR10(root, split="val", limit=options.get("limit")),
                                  config, out / "skeleton", hooks=[skeleton])
     report["stripes_alive"] = skeleton.stripe_fraction()
+    report["stripes_alive_history"] = skeleton.history
     with timer("stripe_prune"):
         result = swp_prune(model, skeleton, example, executor=method.get("executor", "stripe"))
     report["swp"] = result.to_dict()

@@ -120,30 +120,42 @@ def test_fit_remasks_every_epoch(tmp_path):
     assert model.conv1.weight[removed(soft, "conv1")].abs().max() == 0  # masked at the end
 
 
-@pytest.mark.parametrize("mask_grads", [False, True])
-def test_regrowth_only_without_grad_masking(tmp_path, mask_grads):
+@pytest.mark.parametrize("variant", ["sfp", "mask_grads", "reset_momentum"])
+def test_regrowth_only_without_grad_masking(tmp_path, variant):
     model = new_tiny()
     soft = SoftPruning(model=model, example_inputs=torch.randn(1, 3, 8, 8), criterion="l2",
-                       ratio=0.5, mask_grads=mask_grads)
+                       ratio=0.5, mask_grads=variant == "mask_grads",
+                       reset_momentum=variant == "reset_momentum")
     probe = Probe(model, soft)
+    moved = {}
 
     class Swap:  # before the re-mask of epoch 0: make the mask move to the kept filters
         def on_epoch_end(self, epoch):
             with torch.no_grad():
                 model.conv1.weight[removed(soft, "conv1")] = 1.0
                 model.conv1.weight[soft.plan["conv1"]] *= 1e-3
+            moved["rows"] = list(soft.plan["conv1"])  # the filters the re-mask will take
 
-    fit(model, tiny_data(), None, config(epochs=2), tmp_path, hooks=[Swap(), soft, probe])
+    class Momentum:  # after the re-mask of epoch 0: the newly masked rows' momentum
+        def on_epoch_end(self, epoch):
+            buffer = soft.optimizer.state[model.conv1.weight]["momentum_buffer"]
+            moved["momentum"] = buffer[moved["rows"]].abs().max().item()
+
+    fit(model, tiny_data(), None, config(epochs=2), tmp_path,
+        hooks=[Swap(), soft, Momentum(), probe])
     assert len(probe.values) == 8  # 4 steps per epoch, 2 epochs
-    if mask_grads:  # exactly zero at every step of both epochs (momentum leak closed too)
-        assert max(probe.values) == 0
-    else:
+    assert removed(soft, "conv1") == moved["rows"]
+    if variant == "sfp":
         # Filters masked before training (no momentum yet) stay at zero: their channel outputs
         # exactly 0, and ReLU'(0) = 0 blocks every gradient. Filters newly masked at the end of
         # epoch 0 carry a momentum buffer, which moves them off zero during epoch 1; once their
         # output is nonzero (gamma is kept) they get gradients again: regrowth.
+        assert moved["momentum"] > 0
         assert probe.values[:4] == [0.0] * 4
         assert probe.values[4] > 0 and probe.values[7] > 0
+    else:  # exactly zero at every step of both epochs (momentum leak closed too)
+        assert moved["momentum"] == 0
+        assert max(probe.values) == 0
 
 
 def test_asymptotic_schedule():

@@ -18,7 +18,13 @@ any training step (no momentum yet) stays at zero until it is unmasked. With
 ``mask_grads=True`` the gradients of masked producer rows and BN weight/bias are zeroed after
 every backward, as FPGM's code does (``do_grad_mask``); prunekit also zeroes their momentum
 buffers when masking, which closes the reference code's momentum/nesterov leak, so masked
-channels stay exactly zero until the next re-masking.
+channels stay exactly zero until the next re-masking. ``reset_momentum=True`` zeroes those
+momentum buffers at every masking without masking gradients: a masked filter then restarts from
+zero with no velocity and regrows only through its own gradients. That matters for ASFP from a
+pretrained network: channels masked after training started carry momentum, regrow to a few
+percent of their old size within steps, and BN (gamma kept) normalises that small, stale signal
+back to full scale; on ResNet-20 with 3 epochs the training loss diverged (train top-1 90 -> 35,
+benchmarks/results/soft_compare.md, rows asfp / asfp-m0).
 
 At the end, :meth:`SoftPruning.finalize` / :func:`finalize` removes the channels of the last
 mask physically (:func:`prunekit.prune` with ``plan=``). Because masked channels are exactly
@@ -148,7 +154,8 @@ class SoftPruning:
     (channels kept per group name, e.g. LFPC's search counts);
     ``schedule``: ``"constant"`` or ``"asymptotic"`` (needs ``epochs``, the total epochs of
     training); ``mask_grads``: zero the gradients of masked entries after every backward
-    (FPGM's code) instead of letting them regrow (SFP's code).
+    (FPGM's code) instead of letting them regrow (SFP's code); ``reset_momentum``: zero the
+    masked entries' momentum at every masking, so they regrow from zero velocity (module doc).
 
     Lifecycle inside ``fit``: ``on_train_start`` records the model and optimizer; the initial
     mask (rate(start epoch), current weights) is applied at the first ``on_epoch_start``, i.e.
@@ -164,8 +171,8 @@ class SoftPruning:
                  ratios: dict[str, float] | None = None, schedule: str = "constant",
                  mask_grads: bool = False, epochs: int | None = None, ignore: Sequence = (),
                  leaf_modules: Sequence = (), zero_norm_weight: bool = False,
-                 macs_reduction: float | None = None, keep: dict[str, int] | None = None
-                 ) -> None:
+                 macs_reduction: float | None = None, keep: dict[str, int] | None = None,
+                 reset_momentum: bool = False) -> None:
         if schedule not in SOFT_SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SOFT_SCHEDULES)}")
         if schedule == "asymptotic" and (not isinstance(epochs, int) or epochs < 1):
@@ -202,7 +209,7 @@ class SoftPruning:
             self.target = {name: 1 - k / graph.by_name[name].size
                            for name, k in self.target_keep.items()}
         self.schedule, self.mask_grads, self.epochs = schedule, bool(mask_grads), epochs
-        self.zero_norm_weight = bool(zero_norm_weight)
+        self.zero_norm_weight, self.reset_momentum = bool(zero_norm_weight), bool(reset_momentum)
         self.model: nn.Module | None = model
         self.optimizer: torch.optim.Optimizer | None = None
         self.plan: dict[str, list[int]] = {}
@@ -269,15 +276,15 @@ class SoftPruning:
     @torch.no_grad()
     def apply_mask(self) -> None:
         """Zero the current plan's producer rows/biases and norm bias/running mean (norm
-        weight too with ``zero_norm_weight``); with ``mask_grads`` also the momentum buffers
-        of the producer rows/biases and norm weight/bias."""
+        weight too with ``zero_norm_weight``); with ``mask_grads`` or ``reset_momentum`` also
+        the momentum buffers of the producer rows/biases and norm weight/bias."""
         model = self._require_model()
         for tensor, dim, drop in _masked_entries(model, self.graph, self.plan,
                                                  zero_norm_weight=self.zero_norm_weight):
             tensor.index_fill_(dim, drop, 0)
         self._entries = _masked_entries(model, self.graph, self.plan, for_grads=True)
         for tensor, dim, drop in self._entries:
-            if self.mask_grads and self.optimizer is not None:
+            if (self.mask_grads or self.reset_momentum) and self.optimizer is not None:
                 buffer = self.optimizer.state.get(tensor, {}).get("momentum_buffer")
                 if buffer is not None:
                     buffer.index_fill_(dim, drop, 0)
@@ -366,7 +373,8 @@ def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criteri
                ratio: float | None = None, ratios: dict[str, float] | None = None,
                schedule: str = "constant", mask_grads: bool = False, example_inputs=None,
                ignore: Sequence = (), leaf_modules: Sequence = (), resume: bool = True,
-               macs_reduction: float | None = None, zero_norm_weight: bool = False):
+               macs_reduction: float | None = None, zero_norm_weight: bool = False,
+               reset_momentum: bool = False):
     """Soft-prune ``model`` during :func:`prunekit.train.fit`, then remove the last mask.
 
     Returns ``(model, PruningResult, fit summary)``; ``model`` is pruned in place and holds the
@@ -381,7 +389,8 @@ def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criteri
     hook = SoftPruning(model=model, example_inputs=example_inputs, criterion=criterion,
                        ratio=ratio, ratios=ratios, schedule=schedule, mask_grads=mask_grads,
                        epochs=config.epochs, ignore=ignore, leaf_modules=leaf_modules,
-                       macs_reduction=macs_reduction, zero_norm_weight=zero_norm_weight)
+                       macs_reduction=macs_reduction, zero_norm_weight=zero_norm_weight,
+                       reset_momentum=reset_momentum)
     summary = fit(model, train_set, val_set, config, out_dir, hooks=[hook], resume=resume)
     result = hook.finalize(model)
     return model, result, summary
