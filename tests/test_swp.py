@@ -127,6 +127,20 @@ def test_sr_drives_stripes_below_the_threshold(tmp_path):
             hooks=[skeleton])
         rates.append(skeleton.stripe_fraction())
     assert rates[0] > rates[1]  # the L1 term shrinks the skeleton: more stripes die
+    # the live fraction and |I| quantiles are recorded every 50 steps (12 steps: step 0 only)
+    (record,) = skeleton.history
+    assert record["step"] == 0 and 0 < record["alive"] <= 1
+    assert record["q10"] <= record["q50"] <= record["q90"] <= 1
+
+
+def test_an_emptied_network_is_refused_not_saved():
+    model = Plain()
+    skeleton = FilterSkeleton(model, torch.randn(1, 3, 8, 8), threshold=0.5)
+    with torch.no_grad():
+        for s in skeleton.skeletons().values():
+            s.fill_(0.4)  # every stripe at or below the threshold
+    with pytest.raises(ValueError, match="every stripe .* lower sr"):
+        swp_prune(model, skeleton, torch.randn(1, 3, 8, 8))
 
 
 def test_skeleton_must_exist_before_the_optimizer():

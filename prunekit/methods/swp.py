@@ -96,6 +96,8 @@ class FilterSkeleton:
         self.names = list(modules)
         self.norms = _norms_reading(model, example_inputs, self.names)
         self.optimizer: torch.optim.Optimizer | None = None
+        # every 50 steps: step, live stripe fraction and the 10/50/90% quantiles of |I|
+        self.history: list[dict[str, float]] = []
         for name in self.names:
             conv = named[name]
             if not parametrize.is_parametrized(conv, "weight"):
@@ -128,6 +130,11 @@ class FilterSkeleton:
                 skeleton.grad = torch.zeros_like(skeleton)
             skeleton.grad.add_(torch.sign(skeleton), alpha=self.sr)  # d/dI of sr * |I|_1
             self._hard_zero(name, skeleton)
+        if step % 50 == 0:
+            values = torch.cat([s.detach().abs().flatten() for s in self.skeletons().values()])
+            q10, q50, q90 = torch.quantile(values.float(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+            self.history.append({"step": int(step), "alive": self.stripe_fraction(),
+                                 "q10": q10, "q50": q50, "q90": q90})
 
     @torch.no_grad()
     def _hard_zero(self, name: str, skeleton: torch.Tensor) -> None:
@@ -249,6 +256,12 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
         else tuple(example_inputs)
     model.eval()
     macs_before, params_before = count_macs(model, example_inputs), count_params(model)
+    if not any(bool(s.detach().abs().gt(skeleton.threshold).any())
+               for s in skeleton.skeletons().values()):
+        raise ValueError("every stripe of every skeletonised conv is at or below the threshold, "
+                         "so nothing of the network would remain: lower sr (alpha), lower the "
+                         "threshold, or train fewer steps (the skeleton training checkpoint "
+                         "is kept)")
     masks = skeleton.remove()
     reference = _first(model(*example_inputs)).clone()
     stripes_before = sum(m.numel() for m in masks.values())
