@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="SWP: L1 weight alpha of the filter skeleton (default 1e-5)")
     pr.add_argument("--threshold", type=float, default=None,
                     help="SWP: stripes with |skeleton| <= threshold are removed (default 0.01)")
+    pr.add_argument("--skeleton-lr-scale", type=float, default=None,
+                    help="SWP: the skeleton's lr as a multiple of --finetune-lr (default 1)")
+    pr.add_argument("--skeleton-weight-decay", type=float, default=None,
+                    help="SWP: weight decay of the skeleton (default: the weights')")
     pr.add_argument("--stripe-executor", default=None, choices=("stripe", "dense"),
                     help="SWP: run pruned convs as StripeConv2d (default) or as dense convs "
                          "with zero stripes")
@@ -213,11 +217,14 @@ def cmd_prune(args) -> int:
             method["train_weights"] = False
     elif args.search_epochs is not None or args.alpha_lr is not None or args.frozen_search:
         raise ValueError("--search-epochs, --alpha-lr and --frozen-search belong to --method lfpc")
-    swp_flags = {"sr": args.sr, "threshold": args.threshold, "executor": args.stripe_executor}
+    swp_flags = {"sr": args.sr, "threshold": args.threshold, "executor": args.stripe_executor,
+                 "skeleton_lr_scale": args.skeleton_lr_scale,
+                 "skeleton_weight_decay": args.skeleton_weight_decay}
     if method.get("name") == "swp":
         method.update({k: v for k, v in swp_flags.items() if v is not None})
     elif any(v is not None for v in swp_flags.values()):
-        raise ValueError("--sr, --threshold and --stripe-executor belong to --method swp")
+        raise ValueError("--sr, --threshold, --skeleton-* and --stripe-executor belong to "
+                         "--method swp")
     plan = dict(options.get("plan") or {})
     for key, value in (("ratio", args.ratio), ("macs_reduction", args.macs_reduction),
                        ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio)):

@@ -264,6 +264,8 @@ def _run_swp(model, options, method, root, splits, measure_kw, report, timer, ou
     example = torch.randn(*CIFAR_INPUT)
     skeleton = FilterSkeleton(model, example, sr=method.get("sr", 1e-5),
                               threshold=method.get("threshold", 0.01),
+                              lr_scale=method.get("skeleton_lr_scale", 1.0),
+                              weight_decay=method.get("skeleton_weight_decay"),
                               ignore=(options.get("plan") or {}).get("ignore", ()))
     with timer("skeleton_training"):
         report["finetune"] = fit(model, data.CIFAR10(root, split="train", train_augment=True),

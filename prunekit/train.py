@@ -233,16 +233,26 @@ def _enable_determinism(device: torch.device) -> Callable[[], None]:
 # --------------------------------------------------------------------------- optimisation
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
     """SGD over the trainable parameters; with ``config.no_decay_bn_bias`` the 1-d ones
-    (norm-layer weights and every bias) get no weight decay."""
+    (norm-layer weights and every bias) get no weight decay.
+
+    A parameter may carry its own optimisation settings as attributes (set by the method that
+    owns it, e.g. SWP's filter skeleton): ``prunekit_lr_scale`` multiplies ``config.lr`` (the
+    schedule still applies) and ``prunekit_weight_decay`` replaces the weight decay. Such
+    parameters get their own param groups, in a fixed order, so checkpoints resume.
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.no_decay_bn_bias:
-        groups = [{"params": [p for p in trainable if p.ndim > 1]},
-                  {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-    else:
-        groups = [{"params": trainable}]
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                           nesterov=config.nesterov, weight_decay=config.weight_decay)
+    groups: dict[tuple, list] = {}
+    for p in trainable:
+        wd = getattr(p, "prunekit_weight_decay", None)
+        if wd is None:
+            wd = 0.0 if config.no_decay_bn_bias and p.ndim <= 1 else config.weight_decay
+        groups.setdefault((float(getattr(p, "prunekit_lr_scale", 1.0)), float(wd)), []).append(p)
+    # unscaled groups first: group 0's lr is the one logged
+    order = sorted(groups, key=lambda key: key[0] != 1.0)
+    return torch.optim.SGD([{"params": groups[key], "lr": config.lr * key[0],
+                             "weight_decay": key[1]} for key in order],
+                           lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                           weight_decay=config.weight_decay)
 
 
 def _lr_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:

@@ -279,3 +279,21 @@ def test_threshold_zero_masks_only_exact_zeros():
         skeleton.skeletons()["conv1"][0, 0, 0] = 0.0
     assert skeleton.stripe_masks()["conv1"].sum() == 8 * 25 - 1
     assert F.relu(torch.zeros(1)).item() == 0  # the exactness argument relies on ReLU(0) = 0
+
+
+def test_skeleton_lr_scale_and_weight_decay_get_their_own_param_group():
+    from prunekit.train import build_optimizer
+
+    model = Plain()
+    skeleton = FilterSkeleton(model, torch.randn(1, 3, 8, 8), lr_scale=50, weight_decay=0.0)
+    optimizer = build_optimizer(model, config(lr=0.02, weight_decay=1e-3))
+    groups = optimizer.param_groups
+    assert (groups[0]["lr"], groups[0]["weight_decay"]) == (0.02, 1e-3)  # the weights first
+    (special,) = [g for g in groups if g["lr"] != 0.02]
+    assert special["lr"] == pytest.approx(1.0) and special["weight_decay"] == 0.0
+    assert {id(p) for p in special["params"]} == {id(s) for s in skeleton.skeletons().values()}
+    # without a skeleton there is one group, as before
+    plain = build_optimizer(Plain(), config(lr=0.02, weight_decay=0.0, momentum=0.0))
+    assert len(plain.param_groups) == 1
+    with pytest.raises(ValueError, match="lr_scale"):
+        FilterSkeleton(Plain(), torch.randn(1, 3, 8, 8), lr_scale=0)

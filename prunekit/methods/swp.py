@@ -69,13 +69,28 @@ class FilterSkeleton:
     ``groups == 1`` and a kernel larger than 1x1, outside ``ignore``). ``example_inputs`` let
     the channel graph find the norm layer that reads each conv. Attach before building the
     optimizer (``fit`` builds it), so the skeletons are trained.
+
+    ``lr_scale`` and ``weight_decay`` give the skeletons their own learning rate (``lr_scale``
+    times the weights' lr, same schedule) and weight decay (default: the weights'). The
+    reference uses one lr and decay for all (``lr_scale=1``), which suits its 160 epochs from
+    scratch. From a pretrained network in a few epochs it does not work: conv -> BN makes the
+    loss blind to a filter's skeleton scale, so the L1 term shrinks every stripe at the same
+    speed and the task gradient (about wd * ||W_stripe||^2 per stripe at a weight-decay
+    equilibrium, ~1e-4) cannot separate them; they all cross the threshold within a few dozen
+    steps (benchmarks/results/swp_pretrained_2epochs.md). A larger skeleton lr with an ``sr``
+    of that order lets each stripe settle near ``wd * ||W_stripe||^2 / sr`` within the run.
     """
 
     def __init__(self, model: nn.Module, example_inputs, *, sr: float = 1e-5,
                  threshold: float = 0.01, modules: Sequence[str] | None = None,
-                 ignore: Sequence[str] = ()):
+                 ignore: Sequence[str] = (), lr_scale: float = 1.0,
+                 weight_decay: float | None = None):
         if not sr >= 0:
             raise ValueError(f"sr (alpha) must be >= 0, got {sr!r}")
+        if not lr_scale > 0:
+            raise ValueError(f"lr_scale must be > 0, got {lr_scale!r}")
+        if weight_decay is not None and not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if not 0 <= threshold < 1:
             raise ValueError(f"threshold (delta) must be in [0, 1), got {threshold!r}; the "
                              "skeleton starts at 1, so a threshold >= 1 would empty every conv")
@@ -102,6 +117,10 @@ class FilterSkeleton:
             conv = named[name]
             if not parametrize.is_parametrized(conv, "weight"):
                 parametrize.register_parametrization(conv, "weight", SkeletonMask(conv.weight))
+        for skeleton in self.skeletons().values():  # read by prunekit.train.build_optimizer
+            skeleton.prunekit_lr_scale = float(lr_scale)
+            if weight_decay is not None:
+                skeleton.prunekit_weight_decay = float(weight_decay)
 
     def skeletons(self) -> dict[str, torch.Tensor]:
         return {name: _skeleton(self.model.get_submodule(name)) for name in self.names}
