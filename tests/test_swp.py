@@ -297,3 +297,35 @@ def test_skeleton_lr_scale_and_weight_decay_get_their_own_param_group():
     assert len(plain.param_groups) == 1
     with pytest.raises(ValueError, match="lr_scale"):
         FilterSkeleton(Plain(), torch.randn(1, 3, 8, 8), lr_scale=0)
+
+
+def test_dead_channels_through_a_zero_padding_shortcut_follow_the_carried_channel():
+    """ResNet-20 option A: layer3's stream channel 16 + i carries layer2's channel i (16 zero
+    channels are padded on each side). Zero producers alone do not make such a channel zero."""
+    from prunekit.methods.swp import _zero_channel_plan
+    from prunekit.plan import validate_plan
+    from prunekit.graph import build_graph
+
+    torch.manual_seed(0)
+    model = randomise_bn(models.create("cifar_resnet20")).eval()
+    with torch.no_grad():
+        for i in range(3):  # zero channels 0 (padding only) and 17 (carries layer2's 1)
+            block = model.layer3[i]
+            for ch in (0, 17):
+                block.conv2.weight[ch] = 0
+                block.bn2.weight[ch] = 0
+                block.bn2.bias[ch] = 0
+    plan, removed = _zero_channel_plan(model, X)
+    (name,) = [g for g in plan if 0 not in plan[g]]  # the layer3 stream group
+    assert 17 in plan[name] and removed[name] == 1
+    validate_plan(build_graph(model, X), plan)
+    reference = model(X)
+    pruned = prunekit_prune(model, plan)
+    torch.testing.assert_close(pruned(X), reference, rtol=1e-4, atol=1e-4)
+
+
+def prunekit_prune(model, plan):
+    from prunekit import prune
+
+    prune(model, X, plan=plan)
+    return model

@@ -358,7 +358,7 @@ def _zero_channel_plan(model: nn.Module, example_inputs
     channel is zero keeps its first one (it then carries zeros)."""
     graph = build_graph(model, example_inputs)
     state = dict(model.state_dict(keep_vars=True))
-    plan, removed = {}, {}
+    zeros: dict[int, np.ndarray] = {}  # group index -> channels provably zero
     for group in graph.prunable_groups():
         zero = np.ones(group.size, dtype=bool)
         for member, pos in group.members:
@@ -381,6 +381,19 @@ def _zero_channel_plan(model: nn.Module, example_inputs
         zero &= ~group.fixed
         if zero.all():
             zero[0] = False
+        zeros[group.index] = zero
+    # a channel that carries another group's channel (a zero-padding shortcut) is zero only
+    # if that channel goes too; chains settle in a few passes
+    changed = True
+    while changed:
+        changed = False
+        for (ga, ca), (gb, cb) in getattr(graph, "requirements", ()):
+            if ga in zeros and zeros[ga][ca] and not zeros.get(gb, np.zeros(cb + 1, bool))[cb]:
+                zeros[ga][ca] = False
+                changed = True
+    plan, removed = {}, {}
+    for group in graph.prunable_groups():
+        zero = zeros[group.index]
         if zero.any():
             plan[group.name] = np.flatnonzero(~zero).tolist()
             removed[group.name] = int(zero.sum())
