@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="SWP: the skeleton's lr as a multiple of --finetune-lr (default 1)")
     pr.add_argument("--skeleton-weight-decay", type=float, default=None,
                     help="SWP: weight decay of the skeleton (default: the weights')")
+    pr.add_argument("--penalty-epochs", type=int, default=None,
+                    help="SWP: apply the skeleton's L1 term only in the first N epochs; the "
+                         "rest keep dead stripes at zero and recover (default: all epochs)")
+    pr.add_argument("--bn-recalibration", type=int, default=None, metavar="BATCHES",
+                    help="SWP: re-estimate BN statistics on BATCHES training batches after "
+                         "pruning (default 0: off, as the paper)")
     pr.add_argument("--stripe-executor", default=None, choices=("stripe", "dense"),
                     help="SWP: run pruned convs as StripeConv2d (default) or as dense convs "
                          "with zero stripes")
@@ -219,12 +225,14 @@ def cmd_prune(args) -> int:
         raise ValueError("--search-epochs, --alpha-lr and --frozen-search belong to --method lfpc")
     swp_flags = {"sr": args.sr, "threshold": args.threshold, "executor": args.stripe_executor,
                  "skeleton_lr_scale": args.skeleton_lr_scale,
-                 "skeleton_weight_decay": args.skeleton_weight_decay}
+                 "skeleton_weight_decay": args.skeleton_weight_decay,
+                 "penalty_epochs": args.penalty_epochs,
+                 "bn_recalibration_batches": args.bn_recalibration}
     if method.get("name") == "swp":
         method.update({k: v for k, v in swp_flags.items() if v is not None})
     elif any(v is not None for v in swp_flags.values()):
-        raise ValueError("--sr, --threshold, --skeleton-* and --stripe-executor belong to "
-                         "--method swp")
+        raise ValueError("--sr, --threshold, --skeleton-*, --penalty-epochs, "
+                         "--bn-recalibration and --stripe-executor belong to --method swp")
     plan = dict(options.get("plan") or {})
     for key, value in (("ratio", args.ratio), ("macs_reduction", args.macs_reduction),
                        ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio)):

@@ -23,6 +23,7 @@ Counting conventions (read this before comparing numbers with papers):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import platform
 import statistics
 import time
@@ -46,6 +47,7 @@ __all__ = [
     "LatencyResult",
     "measure_latency",
     "evaluate",
+    "recalibrate_bn",
     "resolve_device",
     "speedup",
 ]
@@ -427,6 +429,50 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- devices / reports
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, *,
+                   device: torch.device | str | None = None, progress: bool = True) -> int:
+    """Re-estimate every batch-norm layer's running mean and variance from ``batches``
+    batches of ``loader`` (a cumulative average, train-mode forward, no gradients, weights
+    untouched); returns the number of batches used. The model is left in eval mode.
+
+    Needed when the network changed after its statistics were last updated, e.g. stripes cut
+    during the last steps of SWP's skeleton training: train-mode accuracy stays high while the
+    eval-mode statistics describe the unpruned filters.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return 0
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches!r}")
+    iterator = iter(loader)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("recalibrate_bn got an empty loader; the statistics are unchanged")
+    saved = [(m, m.momentum) for m in norms]
+    used = 0
+    with _on_device(model, device) as run_device:
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average over the batches seen
+            model.train()
+            bar = tqdm(itertools.chain([first], iterator), total=batches,
+                       desc="bn recalibration", disable=not progress, leave=False)
+            for batch in bar:
+                if used >= batches:
+                    break
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(inputs.to(run_device))
+                used += 1
+        finally:
+            for m, momentum in saved:
+                m.momentum = momentum
+            model.eval()
+    return used
+
+
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
     """``None``/``"auto"`` -> cuda if available else cpu; otherwise validate the request."""
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):

@@ -266,6 +266,7 @@ def _run_swp(model, options, method, root, splits, measure_kw, report, timer, ou
                               threshold=method.get("threshold", 0.01),
                               lr_scale=method.get("skeleton_lr_scale", 1.0),
                               weight_decay=method.get("skeleton_weight_decay"),
+                              penalty_epochs=method.get("penalty_epochs"),
                               ignore=(options.get("plan") or {}).get("ignore", ()))
     with timer("skeleton_training"):
         report["finetune"] = fit(model, data.CIFAR10(root, split="train", train_augment=True),
@@ -277,8 +278,27 @@ def _run_swp(model, options, method, root, splits, measure_kw, report, timer, ou
         result = swp_prune(model, skeleton, example, executor=method.get("executor", "stripe"))
     report["swp"] = result.to_dict()
     report["plan"] = result.plan
+    batches = int(method.get("bn_recalibration_batches", 0))
+    if batches:
+        with timer("bn_recalibration"):
+            report["bn_recalibration"] = _recalibrate(model, root, batches, config)
     return _measure_and_save(model, method, result.plan, report, timer, out, options,
                              (root, splits, measure_kw))
+
+
+def _recalibrate(model, root, batches: int, config: TrainConfig) -> dict:
+    """Re-estimate the BN statistics on augmented training batches; report the lossless-1k
+    accuracy before and after, so the effect is visible."""
+    lossless = data.build_loader(data.CIFAR10(root, split="test-lossless"), batch_size=500,
+                                 shuffle=False)
+    before = measure.evaluate(model, lossless, desc="test-lossless")["top1"]
+    torch.manual_seed(config.seed)
+    train = data.build_loader(data.CIFAR10(root, split="train", train_augment=True),
+                              batch_size=config.batch_size, shuffle=True)
+    used = measure.recalibrate_bn(model, train, batches)
+    after = measure.evaluate(model, lossless, desc="test-lossless")["top1"]
+    return {"batches": used, "batch_size": config.batch_size,
+            "test-lossless_before": before, "test-lossless_after": after}
 
 
 def summary_table(report: dict) -> str:

@@ -292,3 +292,32 @@ def test_speedup_from_latency_results():
     result = speedup(summary, serialised)
     assert result["macs_x"] == 1.0 and result["macs_thop_x"] == 1.0
     assert result["latency_x"] == {1: pytest.approx(1.0)}
+
+
+def test_recalibrate_bn_estimates_the_statistics_of_the_data():
+    from prunekit.measure import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, momentum=0.3))
+    with torch.no_grad():
+        model[1].running_mean.fill_(5.0)
+        model[1].running_var.fill_(9.0)
+    weight = model[0].weight.detach().clone()
+    batches = [torch.randn(8, 3, 6, 6) * 2 + 1 for _ in range(5)]
+    assert recalibrate_bn(model, batches, batches=3, progress=False) == 3
+    with torch.no_grad():
+        features = model[0](torch.cat(batches[:3]))
+    mean = features.mean((0, 2, 3))
+    torch.testing.assert_close(model[1].running_mean, mean, rtol=1e-4, atol=1e-5)
+    # cumulative average of the per-batch unbiased variances
+    per_batch = torch.stack([model[0](b).detach().transpose(0, 1).flatten(1).var(1)
+                             for b in batches[:3]])
+    torch.testing.assert_close(model[1].running_var, per_batch.mean(0), rtol=1e-4, atol=1e-5)
+    assert torch.equal(model[0].weight, weight) and not model.training
+    assert model[1].momentum == 0.3
+    # (inputs, targets) batches work too; an empty loader is refused and changes nothing
+    assert recalibrate_bn(model, [(b, None) for b in batches], batches=10, progress=False) == 5
+    before = model[1].running_mean.clone()
+    with pytest.raises(ValueError, match="empty loader"):
+        recalibrate_bn(model, [], progress=False)
+    assert torch.equal(model[1].running_mean, before)

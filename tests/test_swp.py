@@ -255,10 +255,13 @@ def test_cli_swp(tmp_path):
     run = tmp_path / "swp"
     assert main(["prune", "--model", "cifar_resnet20", "--weights", "pretrained", "--data",
                  str(SHARED), "--method", "swp", "--sr", "0.2", "--threshold", "0.995",
-                 "--finetune-epochs", "1", "--finetune-max-steps", "3",
+                 "--finetune-epochs", "2", "--finetune-max-steps", "3", "--penalty-epochs", "1",
+                 "--bn-recalibration", "2",
                  "--finetune-batch-size", "16", "--eval-splits", "test-lossless", "--limit",
                  "50", "--latency-batches", "1", "--latency-runs", "2", "--out", str(run)]) == 0
     report = json.loads((run / "report.json").read_text())
+    assert report["bn_recalibration"]["batches"] == 2
+    assert report["options"]["method"]["penalty_epochs"] == 1
     assert report["swp"]["stripes_after"] < report["swp"]["stripes_before"]
     assert report["finetuned"]["macs"] < report["before"]["macs"]
     loaded = pio.load(run / "model.safetensors").eval()
@@ -329,3 +332,28 @@ def prunekit_prune(model, plan):
 
     prune(model, X, plan=plan)
     return model
+
+
+def test_penalty_epochs_stop_the_l1_term_but_dead_stripes_stay_dead(tmp_path):
+    sums, flags = {}, {}
+    for penalty_epochs in (None, 1):
+        torch.manual_seed(0)
+        model = Plain()
+        skeleton = FilterSkeleton(model, torch.randn(1, 3, 8, 8), sr=0.05, threshold=0.85,
+                                  penalty_epochs=penalty_epochs)
+        seen = []
+
+        class Record:
+            def on_epoch_end(self, epoch):
+                seen.append((skeleton.penalising, sum(float(s.detach().abs().sum())
+                                                      for s in skeleton.skeletons().values())))
+        fit(model, tiny_data(), None, config(epochs=3, lr=0.5, momentum=0.0, weight_decay=0.0),
+            tmp_path / str(penalty_epochs), hooks=[skeleton, Record()])
+        flags[penalty_epochs] = [p for p, _ in seen]
+        sums[penalty_epochs] = [s for _, s in seen]
+        dead = {n: ~m for n, m in skeleton.stripe_masks().items()}
+        assert all(bool((s[dead[n]] == 0).all()) for n, s in skeleton.skeletons().items())
+    assert flags[None] == [True, True, True] and flags[1] == [True, False, False]
+    # the same first epoch; afterwards only the run with the penalty keeps shrinking
+    assert sums[1][0] == pytest.approx(sums[None][0])
+    assert sums[None][2] < sums[None][0] - 1 and sums[1][2] > sums[None][2]

@@ -74,19 +74,25 @@ class FilterSkeleton:
     times the weights' lr, same schedule) and weight decay (default: the weights'). The
     reference uses one lr and decay for all (``lr_scale=1``), which suits its 160 epochs from
     scratch. From a pretrained network in a few epochs it does not work: conv -> BN makes the
-    loss blind to a filter's skeleton scale, so the L1 term shrinks every stripe at the same
-    speed and the task gradient (about wd * ||W_stripe||^2 per stripe at a weight-decay
-    equilibrium, ~1e-4) cannot separate them; they all cross the threshold within a few dozen
-    steps (benchmarks/results/swp_pretrained_2epochs.md). A larger skeleton lr with an ``sr``
-    of that order lets each stripe settle near ``wd * ||W_stripe||^2 / sr`` within the run.
+    loss blind to a filter's skeleton scale (nothing resists a common shrink), so the L1 term
+    shrinks every stripe at the same speed and the loss, which only sees how the stripes of a
+    filter compare, separates them too slowly at the weights' lr: they all cross the threshold
+    within a few dozen steps (benchmarks/results/swp_pretrained_2epochs.md). A larger skeleton lr makes the
+    stripes spread (the loss's pull within each filter acts faster) while a small ``sr`` keeps
+    the common drift slow, so stripes cross the threshold over hundreds of steps instead.
+    ``penalty_epochs``: apply the L1 term only in the first epochs (default: all); later
+    epochs keep the dead stripes at zero and let the network recover from the last cuts.
     """
 
     def __init__(self, model: nn.Module, example_inputs, *, sr: float = 1e-5,
                  threshold: float = 0.01, modules: Sequence[str] | None = None,
                  ignore: Sequence[str] = (), lr_scale: float = 1.0,
-                 weight_decay: float | None = None):
+                 weight_decay: float | None = None, penalty_epochs: int | None = None):
         if not sr >= 0:
             raise ValueError(f"sr (alpha) must be >= 0, got {sr!r}")
+        if penalty_epochs is not None and (not isinstance(penalty_epochs, int)
+                                           or penalty_epochs < 0):
+            raise ValueError(f"penalty_epochs must be an int >= 0 or None, got {penalty_epochs!r}")
         if not lr_scale > 0:
             raise ValueError(f"lr_scale must be > 0, got {lr_scale!r}")
         if weight_decay is not None and not weight_decay >= 0:
@@ -108,6 +114,7 @@ class FilterSkeleton:
         if not modules:
             raise ValueError("no convolution to skeletonise (only 1x1 or grouped convs?)")
         self.model, self.sr, self.threshold = model, float(sr), float(threshold)
+        self.penalty_epochs, self.penalising = penalty_epochs, True
         self.names = list(modules)
         self.norms = _norms_reading(model, example_inputs, self.names)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -142,12 +149,16 @@ class FilterSkeleton:
             raise RuntimeError("the optimizer does not train the filter skeletons: create "
                                "FilterSkeleton before the optimizer (before fit)")
 
+    def on_epoch_start(self, epoch: int) -> None:
+        self.penalising = self.penalty_epochs is None or epoch < self.penalty_epochs
+
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
+        sr = self.sr if self.penalising else 0.0
         for name, skeleton in self.skeletons().items():
             if skeleton.grad is None:
                 skeleton.grad = torch.zeros_like(skeleton)
-            skeleton.grad.add_(torch.sign(skeleton), alpha=self.sr)  # d/dI of sr * |I|_1
+            skeleton.grad.add_(torch.sign(skeleton), alpha=sr)  # d/dI of sr * |I|_1
             self._hard_zero(name, skeleton)
         if step % 50 == 0:
             values = torch.cat([s.detach().abs().flatten() for s in self.skeletons().values()])
