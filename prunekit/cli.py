@@ -86,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--skeleton-weight-decay", type=float, default=None,
                     help="SWP: weight decay of the skeleton (default: the weights')")
     pr.add_argument("--penalty-epochs", type=int, default=None,
-                    help="SWP: apply the skeleton's L1 term only in the first N epochs; the "
-                         "rest keep dead stripes at zero and recover (default: all epochs)")
+                    help="SWP: train the skeleton (L1 term) only in the first N epochs, "
+                         "then freeze it and train the weights to recover (default: all)")
     pr.add_argument("--bn-recalibration", type=int, default=None, metavar="BATCHES",
                     help="SWP: re-estimate BN statistics on BATCHES training batches after "
                          "pruning (default 0: off, as the paper)")

@@ -80,8 +80,10 @@ class FilterSkeleton:
     within a few dozen steps (benchmarks/results/swp_pretrained_2epochs.md). A larger skeleton lr makes the
     stripes spread (the loss's pull within each filter acts faster) while a small ``sr`` keeps
     the common drift slow, so stripes cross the threshold over hundreds of steps instead.
-    ``penalty_epochs``: apply the L1 term only in the first epochs (default: all); later
-    epochs keep the dead stripes at zero and let the network recover from the last cuts.
+    ``penalty_epochs``: train the skeleton (with its L1 term) only in the first epochs
+    (default: all); later epochs freeze it (no gradient, no momentum, dead stripes stay zero)
+    and train the weights, so the network recovers from the last cuts instead of losing more
+    stripes that drift below the threshold.
     """
 
     def __init__(self, model: nn.Module, example_inputs, *, sr: float = 1e-5,
@@ -154,11 +156,16 @@ class FilterSkeleton:
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        sr = self.sr if self.penalising else 0.0
         for name, skeleton in self.skeletons().items():
             if skeleton.grad is None:
                 skeleton.grad = torch.zeros_like(skeleton)
-            skeleton.grad.add_(torch.sign(skeleton), alpha=sr)  # d/dI of sr * |I|_1
+            if self.penalising:
+                skeleton.grad.add_(torch.sign(skeleton), alpha=self.sr)  # d/dI of sr * |I|_1
+            else:  # frozen: no gradient, no momentum, so no stripe crosses the threshold now
+                skeleton.grad.zero_()
+                state = self.optimizer.state.get(skeleton, {}) if self.optimizer else {}
+                if state.get("momentum_buffer") is not None:
+                    state["momentum_buffer"].zero_()
             self._hard_zero(name, skeleton)
         if step % 50 == 0:
             values = torch.cat([s.detach().abs().flatten() for s in self.skeletons().values()])
