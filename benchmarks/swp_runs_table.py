@@ -3,7 +3,7 @@
     python benchmarks/swp_runs_table.py runs/swp56_a runs/swp56_b ... [--out benchmarks/results/swp_pretrained]
 
 Reads each run's report.json (written by the CLI) and writes OUT.json (the runs' settings,
-per-epoch log, live-stripe history, accuracy, MACs, params, latency) and OUT.md (a table, and
+per-epoch log, live-stripe history, accuracy, MACs, params, the CLI's latency) and OUT.md (a table, and
 the |I| quantiles of the last run). Accuracy splits: `test` = 10,000 JPEG-decoded test images,
 `test-lossless` = the first 1,000 original test images.
 """
@@ -42,26 +42,22 @@ def summarise(run: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| sr | threshold | skeleton lr x | penalty epochs | epochs | BN recal. | stripes "
-             "alive | test | test-lossless | MACs | params | latency bs1 / bs64 ms | note |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "alive | test | test-lossless | MACs | params | note |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         s, a = r["settings"], r["after"]
-        lat = a["latency_ms"] or {}
         lines.append(
             f"| {s['sr']} | {s['threshold']} | {s['skeleton_lr_scale'] or 1} | "
             f"{s['penalty_epochs'] or 'all'} | {r['epochs']} | "
             f"{s['bn_recalibration_batches'] or 0} | {100 * r['stripes_alive']:.1f}% | "
             f"{a['accuracy']['test']:.2f} | {a['accuracy']['test-lossless']:.1f} | "
-            f"{a['macs'] / 1e6:.2f}M | {a['params'] / 1e6:.3f}M | "
-            f"{lat.get('1', float('nan')):.2f} / {lat.get('64', float('nan')):.1f} | "
-            f"{r.get('note', '')} |")
+            f"{a['macs'] / 1e6:.2f}M | {a['params'] / 1e6:.3f}M | {r.get('note', '')} |")
     b = rows[0]["before"]
-    lat = b["latency_ms"] or {}
     lines += ["", f"Before (pretrained ResNet-56): test {b['accuracy']['test']:.2f}, test-lossless "
               f"{b['accuracy']['test-lossless']:.1f}, {b['macs'] / 1e6:.2f}M MACs, "
-              f"{b['params'] / 1e6:.3f}M params, latency {lat.get('1', float('nan')):.2f} / "
-              f"{lat.get('64', float('nan')):.1f} ms (bs 1 / 64, latencies of each run measured "
-              "in its own process)."]
+              f"{b['params'] / 1e6:.3f}M params. The CLI's latencies (in the JSON) were measured "
+              "while other jobs shared the CPU; use benchmarks/stripe_speed.py --swp-model for "
+              "speed."]
     last = rows[-1]
     if last["stripes_alive_history"]:
         lines += ["", f"Live stripes and |I| quantiles every 100 steps ({last['run']}):", "",
