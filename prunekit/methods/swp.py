@@ -77,9 +77,9 @@ class FilterSkeleton:
     loss blind to a filter's skeleton scale (nothing resists a common shrink), so the L1 term
     shrinks every stripe at the same speed and the loss, which only sees how the stripes of a
     filter compare, separates them too slowly at the weights' lr: they all cross the threshold
-    within a few dozen steps (benchmarks/results/swp_pretrained_2epochs.md). A larger skeleton lr makes the
-    stripes spread (the loss's pull within each filter acts faster) while a small ``sr`` keeps
-    the common drift slow, so stripes cross the threshold over hundreds of steps instead.
+    within a few dozen steps (benchmarks/results/swp_pretrained.md). A larger skeleton lr
+    makes the stripes spread (the loss's pull within each filter acts faster) while a small
+    ``sr`` keeps the common drift slow, so stripes cross the threshold over hundreds of steps.
     ``penalty_epochs``: train the skeleton (with its L1 term) only in the first epochs
     (default: all); later epochs freeze it (no gradient, no momentum, dead stripes stay zero)
     and train the weights, so the network recovers from the last cuts instead of losing more
