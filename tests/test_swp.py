@@ -131,6 +131,10 @@ def test_sr_drives_stripes_below_the_threshold(tmp_path):
     (record,) = skeleton.history
     assert record["step"] == 0 and 0 < record["alive"] <= 1
     assert record["q10"] <= record["q50"] <= record["q90"] <= 1
+    # the history travels with fit's checkpoints, so a resumed run keeps it
+    fresh = FilterSkeleton(Plain(), torch.randn(1, 3, 8, 8))
+    fresh.load_state_dict(skeleton.state_dict())
+    assert fresh.history == skeleton.history
 
 
 def test_an_emptied_network_is_refused_not_saved():

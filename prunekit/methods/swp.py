@@ -198,7 +198,11 @@ class FilterSkeleton:
                     state[key].masked_fill_(where, 0)
 
     def state_dict(self) -> dict:
-        return {}  # the skeletons are model parameters: fit's checkpoints hold them
+        # the skeletons are model parameters (fit's checkpoints hold them); the history is not
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(h) for h in state.get("history", [])]
 
     def remove(self) -> dict[str, torch.Tensor]:
         """Bake ``W ⊙ I`` into every conv weight, drop the parametrizations and return the
