@@ -247,8 +247,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
         if wd is None:
             wd = 0.0 if config.no_decay_bn_bias and p.ndim <= 1 else config.weight_decay
         groups.setdefault((float(getattr(p, "prunekit_lr_scale", 1.0)), float(wd)), []).append(p)
-    # unscaled groups first: group 0's lr is the one logged
-    order = sorted(groups, key=lambda key: key[0] != 1.0)
+    # the plain group first (its lr is the one logged), then the no-decay one, as before
+    # per-parameter settings existed, so older checkpoints resume; then the special ones
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, key[1] != config.weight_decay))
     return torch.optim.SGD([{"params": groups[key], "lr": config.lr * key[0],
                              "weight_decay": key[1]} for key in order],
                            lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
