@@ -77,9 +77,10 @@ def validate_recipe(recipe, where: str = "recipe") -> None:
 
 
 METHODS = ("sfp", "asfp", "fpgm-soft", "lfpc", "swp")
-METHOD_KEYS = {"name", "schedule", "mask_grads", "zero_norm_weight", "reset_momentum", "criteria", "train_weights", "search", "sampler",
-               "sr", "threshold", "executor", "skeleton_lr_scale", "skeleton_weight_decay",
-               "penalty_epochs", "bn_recalibration_batches"}
+METHOD_KEYS = {"name", "schedule", "mask_grads", "zero_norm_weight", "reset_momentum",
+               "criteria", "train_weights", "search", "sampler", "sr", "threshold", "executor",
+               "skeleton_lr_scale", "skeleton_weight_decay", "penalty_epochs",
+               "bn_recalibration_batches"}
 SAMPLER_KEYS = {"tau_max", "tau_min", "hard", "alpha_lr", "alpha_betas", "alpha_weight_decay",
                 "init_std", "batch_size", "mask_every"}
 

@@ -297,8 +297,7 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
         else tuple(example_inputs)
     model.eval()
     macs_before, params_before = count_macs(model, example_inputs), count_params(model)
-    if not any(bool(s.detach().abs().gt(skeleton.threshold).any())
-               for s in skeleton.skeletons().values()):
+    if skeleton.stripe_fraction() == 0:
         raise ValueError("every stripe of every skeletonised conv is at or below the threshold, "
                          "so nothing of the network would remain: lower sr (alpha), lower the "
                          "threshold, or train fewer steps (the skeleton training checkpoint "
@@ -410,7 +409,7 @@ def _zero_channel_plan(model: nn.Module, example_inputs
     while changed:
         changed = False
         for (ga, ca), (gb, cb) in getattr(graph, "requirements", ()):
-            if ga in zeros and zeros[ga][ca] and not zeros.get(gb, np.zeros(cb + 1, bool))[cb]:
+            if ga in zeros and zeros[ga][ca] and not (gb in zeros and zeros[gb][cb]):
                 zeros[ga][ca] = False
                 changed = True
     plan, removed = {}, {}
