@@ -257,7 +257,7 @@ def test_native_kernel_matches_masked_dense_conv(removed, k, stride, padding, di
         with torch.no_grad():
             ref = _masked_reference(conv, sconv.stripe_mask, x)
             torch.testing.assert_close(sconv(x), ref, **TOL)
-    supported = stripe_native.NativeStripePlan.supports(None, sconv.stride, sconv.padding,
+    supported = stripe_native.NativeStripePlan.supports(sconv.stride, sconv.padding,
                                                         sconv.dilation, sconv.kernel_size)
     assert spy.calls == (2 if supported else 0)
 
@@ -274,6 +274,59 @@ def test_native_kernel_on_resnet56_shapes(cin, cout, size, stride, batch):
     x = torch.randn(batch, cin, size, size, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(sconv(x), sconv.forward_torch(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2, 7, 12])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_native_kernel_batch_groups_and_threads(batch, stride, threads, monkeypatch):
+    """The batch is packed and convolved in cache-sized groups of images: every split (one
+    group per thread, threads sharing one group's blocks, a prime batch, a group size that
+    leaves fewer groups than threads) must give the same result as the torch formulation."""
+    monkeypatch.setattr(stripe_native, "GROUP_BYTES", 12 * 1024)  # 2 images a group
+    gen = torch.Generator().manual_seed(batch * 10 + stride)
+    conv = nn.Conv2d(8, 12, 3, stride=stride, padding=1, bias=True)
+    sconv = StripeConv2d.from_dense(conv, _random_mask(12, 3, 0.5, gen))
+    x = torch.randn(batch, 8, 10, 9, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out = sconv(x)
+    finally:
+        torch.set_num_threads(previous)
+    layout = sconv._native_plan()._shapes[(batch, 10, 9)]
+    assert batch % layout["plan"].G == 0
+    if batch == 12:  # several images per group, several groups
+        assert 1 < layout["plan"].G < 12
+    with torch.no_grad():
+        torch.testing.assert_close(out, sconv.forward_torch(x), rtol=1e-4, atol=1e-4)
+
+
+def test_group_size_is_the_largest_divisor_that_fits():
+    per_image = 1000  # floats
+    fits = stripe_native.GROUP_BYTES // (4 * per_image)
+    assert stripe_native._group_size(64, per_image) == max(
+        g for g in range(1, 65) if 64 % g == 0 and g <= fits)
+    assert stripe_native._group_size(7, per_image) in (1, 7)
+    assert stripe_native._group_size(5, 10 ** 9) == 1  # one image larger than the budget
+
+
+@needs_native
+def test_native_scratch_buffer_is_reused_across_layers_of_different_sizes():
+    """One per-thread packing buffer serves every layer: a large layer then a small one, and
+    again, must not read stale data left by the other."""
+    gen = torch.Generator().manual_seed(3)
+    big = StripeConv2d.from_dense(nn.Conv2d(16, 8, 3, padding=1),
+                                  _random_mask(8, 3, 0.5, gen))
+    small = StripeConv2d.from_dense(nn.Conv2d(4, 8, 3, stride=2, padding=1),
+                                    _random_mask(8, 3, 0.5, gen))
+    xb, xs = torch.randn(4, 16, 20, 20, generator=gen), torch.randn(3, 4, 7, 7, generator=gen)
+    with torch.no_grad():
+        for _ in range(2):
+            for conv, x in ((big, xb), (small, xs)):
+                torch.testing.assert_close(conv(x), conv.forward_torch(x), rtol=1e-4, atol=1e-4)
 
 
 @needs_native

@@ -250,31 +250,42 @@ class StripeConv2d(nn.Module):
     def _native_applies(self, x: torch.Tensor) -> bool:
         """The C kernel runs only for plain float32 CPU inference: never under tracing,
         scripting, ONNX export or a dispatch mode (FLOP counting, fake tensors), and never when
-        autograd needs this op's graph."""
-        if not self.use_native or type(x) is not torch.Tensor or x.device.type != "cpu" \
-                or x.dtype != torch.float32 or x.dim() != 4:
-            return False
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return False
-        if _python_dispatch._get_current_dispatch_mode() is not None:
+        autograd needs this op's graph. (Cheapest checks first: at batch 1 this is a visible
+        part of a layer's latency.)"""
+        if not self.use_native or type(x) is not torch.Tensor or x.dtype != torch.float32 \
+                or x.device.type != "cpu" or x.dim() != 4:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):
             return False
-        if not stripe_native.NativeStripePlan.supports(x, self.stride, self.padding,
-                                                        self.dilation, self.kernel_size):
+        if torch.jit.is_scripting() or torch._C._get_tracing_state() is not None \
+                or torch.onnx.is_in_onnx_export():
             return False
-        return stripe_native.library() is not None
+        if _python_dispatch._get_current_dispatch_mode() is not None:
+            return False
+        return self._native_supported()
+
+    def _native_supported(self) -> bool:
+        """Whether this conv's geometry suits the kernel and the kernel built (cached: neither
+        changes after construction)."""
+        supported = self.__dict__.get("_native_ok")
+        if supported is None:
+            supported = stripe_native.NativeStripePlan.supports(
+                self.stride, self.padding, self.dilation, self.kernel_size) \
+                and stripe_native.library() is not None
+            self.__dict__["_native_ok"] = supported
+        return supported
 
     def _native_plan(self) -> "stripe_native.NativeStripePlan":
-        key = (self.weight.data_ptr(), self.weight._version,
-               None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
-        plan = getattr(self, "_native_cache", None)
+        weight, bias = self.weight, self.bias
+        key = (weight.data_ptr(), weight._version,
+               None if bias is None else (bias.data_ptr(), bias._version))
+        plan = self.__dict__.get("_native_cache")
         if plan is None or plan[0] != key:
             plan = (key, stripe_native.NativeStripePlan(
-                self.weight, self.out_index, self.segments, self.bias, self.out_channels,
+                weight, self.out_index, self.segments, bias, self.out_channels,
                 self.stride, self.padding, self.dilation, self.kernel_size))
-            self._native_cache = plan
+            self.__dict__["_native_cache"] = plan
         return plan[1]
 
     def __getstate__(self):
@@ -282,6 +293,7 @@ class StripeConv2d(nn.Module):
         # pickle must rebuild its own, never carry (or fail on) this one
         state = self.__dict__.copy()
         state.pop("_native_cache", None)
+        state.pop("_native_ok", None)
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
