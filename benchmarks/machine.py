@@ -41,17 +41,22 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
 
 
 def interleaved_latency(nets: dict, example, *, rounds: int = 5, runs: int = 30,
-                        batch_sizes=(1, 64)) -> dict:
+                        batch_sizes=(1, 64), memory_formats: dict | None = None) -> dict:
     """Median latency (ms) per model and batch size, timing every model once per round, back
-    to back, so load from other processes hits all models alike."""
+    to back, so load from other processes hits all models alike. ``memory_formats`` maps a
+    model name to the layout of its inputs (default: contiguous NCHW)."""
     import statistics
+
+    import torch
 
     from prunekit import measure
 
     samples = {name: {bs: [] for bs in batch_sizes} for name in nets}
     for _ in range(rounds):
         for name, net in nets.items():
-            lat = measure.measure_latency(net, example, batch_sizes=batch_sizes, runs=runs)
+            fmt = (memory_formats or {}).get(name, torch.contiguous_format)
+            lat = measure.measure_latency(net, example, batch_sizes=batch_sizes, runs=runs,
+                                          memory_format=fmt)
             for bs, ms in lat.median_ms.items():
                 samples[name][bs].append(ms)
     return {name: {str(bs): statistics.median(v) for bs, v in per.items()}

@@ -319,6 +319,7 @@ def measure_latency(
     threads: int | None = None,
     min_time_s: float | None = None,
     progress: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> LatencyResult:
     """Time forward passes for each batch size on random inputs.
 
@@ -327,6 +328,9 @@ def measure_latency(
     the model already is; an explicit device moves the model there for the measurement and
     back afterwards. ``threads`` sets ``torch.set_num_threads`` during the measurement only.
     ``min_time_s`` keeps timing past ``runs`` until that much timed time has accumulated.
+    ``memory_format`` lays the random inputs out as, e.g., ``torch.channels_last`` for a model
+    converted with ``model.to(memory_format=torch.channels_last)`` (4-D inputs only), so the
+    timing holds no layout conversion the model would not see in a channels-last pipeline.
     """
     if isinstance(example_input, torch.Tensor):
         per_example_shape, dtype = list(example_input.shape[1:]), example_input.dtype
@@ -353,7 +357,8 @@ def measure_latency(
                 warmup=warmup,
             )
             for batch_size in batch_sizes:
-                batch = torch.randn(batch_size, *per_example_shape, device=run_device, dtype=dtype or model_dtype)
+                batch = torch.randn(batch_size, *per_example_shape, device=run_device,
+                                    dtype=dtype or model_dtype).contiguous(memory_format=memory_format)
                 for _ in range(warmup):
                     model(batch)
                     bar.update()

@@ -214,6 +214,21 @@ def test_measure_latency_accepts_tensor():
     assert result.batches[1].runs == 2 and result.input_shape == [6]
 
 
+def test_measure_latency_lays_inputs_out_in_the_requested_memory_format():
+    seen = []
+
+    class Record(nn.Module):
+        def forward(self, x):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last)
+                        and not x.is_contiguous())
+            return x
+
+    measure_latency(Record(), (1, 3, 4, 5), batch_sizes=(2,), warmup=0, runs=1,
+                    memory_format=torch.channels_last)
+    measure_latency(Record(), (1, 3, 4, 5), batch_sizes=(2,), warmup=0, runs=1)
+    assert seen == [True, False]
+
+
 # --------------------------------------------------------------------------- evaluate
 class FixedLogits(nn.Module):
     """Ignores pixel values; input[:, 0] holds a row index into a fixed logit table."""
