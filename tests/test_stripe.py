@@ -284,7 +284,8 @@ def test_native_kernel_batch_groups_and_threads(batch, stride, threads, monkeypa
     """The batch is packed and convolved in cache-sized groups of images: every split (one
     group per thread, threads sharing one group's blocks, a prime batch, a group size that
     leaves fewer groups than threads) must give the same result as the torch formulation."""
-    monkeypatch.setattr(stripe_native, "GROUP_BYTES", 12 * 1024)  # 2 images a group
+    monkeypatch.setattr(stripe_native, "GROUP_BYTES", 24 * 1024)  # 2-4 images a group
+    monkeypatch.setattr(stripe_native, "MACS_PER_THREAD", 1)  # small work still splits
     gen = torch.Generator().manual_seed(batch * 10 + stride)
     conv = nn.Conv2d(8, 12, 3, stride=stride, padding=1, bias=True)
     sconv = StripeConv2d.from_dense(conv, _random_mask(12, 3, 0.5, gen))

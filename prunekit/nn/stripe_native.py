@@ -18,7 +18,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
 __all__ = ["NativeStripePlan", "library", "unavailable_reason"]
@@ -70,15 +69,11 @@ class _Plan(ctypes.Structure):
     """Mirror of ``stripe_plan`` in stripe_kernel.c (same fields, same order)."""
 
     _fields_ = ([(name, ctypes.c_int64) for name in
-                 ("N", "C", "H", "W", "s", "p", "lead", "plane", "rows_per_image", "row_len")]
-                + [("chunk_w", ctypes.c_void_p), ("chunk_off", ctypes.c_void_p),
-                   ("chunk_filt", ctypes.c_void_p), ("nchunks", ctypes.c_int64),
-                   ("bias", ctypes.c_void_p), ("F", ctypes.c_int64),
-                   ("nblocks", ctypes.c_int64), ("run_start", ctypes.c_void_p),
-                   ("run_q", ctypes.c_void_p), ("run_dest", ctypes.c_void_p),
-                   ("run_len", ctypes.c_void_p)]
-                + [(name, ctypes.c_int64) for name in
-                   ("out_fstride", "packed_end", "length", "G", "in_group", "out_group")])
+                 ("N", "C", "H", "W", "s", "Ho", "Wo", "G", "R", "u_min", "plane", "nsets")]
+                + [("sets", ctypes.c_void_p), ("chunk_w", ctypes.c_void_p),
+                   ("chunk_off", ctypes.c_void_p), ("chunk_filt", ctypes.c_void_p),
+                   ("nchunks", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+                + [(name, ctypes.c_int64) for name in ("F", "packed_end", "length")])
 
 
 def library() -> ctypes.CDLL | None:
@@ -104,6 +99,9 @@ def unavailable_reason() -> str | None:
 # convolved while still in cache instead of streaming the whole packed batch through memory.
 GROUP_BYTES = 256 * 1024
 _scratch_local = threading.local()
+# Below this many multiply-adds per thread a call runs on fewer threads: a batch-1 layer
+# (~1M MACs, ~25 us) loses more to the team's fork/join and idle threads than it gains.
+MACS_PER_THREAD = 1 << 22
 
 
 def _group_size(n: int, floats_per_image: int) -> int:
@@ -145,6 +143,7 @@ class NativeStripePlan:
                 filters.append(part + [self.f] * (self.fc - len(part)))
                 chunks.append(packed)
         self.taps = taps
+        self.stripes = int(out_index.numel())
         self.chunk_w = (torch.stack(chunks) if chunks else torch.zeros(0, self.c, self.fc)).contiguous()
         self.chunk_filt = torch.tensor(filters, dtype=torch.int32).reshape(-1, self.fc).contiguous()
         self.bias = None if bias is None else bias.detach().float().cpu().contiguous()
@@ -152,79 +151,70 @@ class NativeStripePlan:
 
     @staticmethod
     def supports(stride, padding, dilation, kernel_size) -> bool:
-        """Square stride/dilation/padding, and (stride 1) outputs that fit the shared grid."""
-        if isinstance(padding, str) or padding[0] != padding[1] or stride[0] != stride[1] \
-                or dilation[0] != dilation[1] or kernel_size[0] != kernel_size[1]:
-            return False
-        return stride[0] > 1 or padding[0] <= dilation[0] * (kernel_size[0] - 1)
+        """Square stride, dilation, kernel and symmetric padding (what the plan describes)."""
+        return not isinstance(padding, str) and padding[0] == padding[1] \
+            and stride[0] == stride[1] and dilation[0] == dilation[1] \
+            and kernel_size[0] == kernel_size[1]
 
     def _layout(self, n: int, h: int, w: int) -> dict:
+        """The exact-grid packing of stripe_kernel.c for an input of n x C x h x w: one plane
+        set per (a, b, v) a kept tap uses, tap (i, j) -> offset of its set plus its row shift."""
         key = (n, h, w)
         if key in self._shapes:
             return self._shapes[key]
-        s, p, d, k, c = self.stride, self.padding, self.dilation, self.kernel_size[0], self.c
-        ho = (h + 2 * p - d * (k - 1) - 1) // s + 1
-        wo = (w + 2 * p - d * (k - 1) - 1) // s + 1
-        g = _group_size(n, c * (s * s) * (-(-(h + 2 * p) // s)) * (-(-(w + 2 * p) // s)))
-        if s == 1:
-            rows, row_len, phases, lead = h + p, w + p, 1, p
-            plane = (p + g * rows) * row_len
-            offsets = [i * d * row_len + j * d - p for i, j in self.taps]
-        else:
-            rows, row_len, phases, lead = -(-(h + 2 * p) // s), -(-(w + 2 * p) // s), s * s, 0
-            plane = g * rows * row_len
-            offsets = [(((i * d) % s) * s + (j * d) % s) * c * plane + (i * d) // s * row_len
-                       + (j * d) // s for i, j in self.taps]
-        q_total = g * rows * row_len
-        blocks = -(-q_total // self.block)
-        q = np.arange(blocks * self.block)
-        image, rem = q // (rows * row_len), q % (rows * row_len)
-        oh, ow = rem // row_len, rem % row_len
-        valid = np.flatnonzero((image < g) & (oh < ho) & (ow < wo))
-        dest = image[valid] * self.f * ho * wo + oh[valid] * wo + ow[valid]
-        block_of = valid // self.block
-        starts = np.flatnonzero(np.r_[True, (np.diff(valid) != 1) | (np.diff(block_of) != 0)
-                                      | (np.diff(dest) != 1)])
-        lengths = np.diff(np.r_[starts, len(valid)])
-        run_start = np.searchsorted(block_of[starts], np.arange(blocks + 1))
+        s, p, d, c = self.stride, self.padding, self.dilation, self.c
+        ho, wo = self._out_hw(h, w)
+        if ho < 1 or wo < 1:
+            raise ValueError(f"input {h}x{w} is smaller than the kernel's extent")
+        # tap offset i*d - p = s*u + a (0 <= a < s): Python's divmod floors, as wanted
+        rows = {t: divmod(t[0] * d - p, s) for t in self.taps}
+        cols = {t: divmod(t[1] * d - p, s) for t in self.taps}
+        sets = sorted({(rows[t][1], cols[t][1], cols[t][0]) for t in self.taps})
+        set_index = {key: i for i, key in enumerate(sets)}
+        u_min = min(u for u, _ in rows.values())
+        r_count = ho + max(u for u, _ in rows.values()) - u_min
+        g = _group_size(n, len(sets) * c * r_count * wo)
+        plane = g * r_count * wo
+        offsets = [set_index[(rows[t][1], cols[t][1], cols[t][0])] * c * plane
+                   + (rows[t][0] - u_min) * wo for t in self.taps]
+        per_image = -(-(ho * wo) // self.block)
+        packed_end = len(sets) * c * plane
+        # the furthest float any block reads: last image, last block, furthest tap, last channel
+        length = max(packed_end, (g - 1) * r_count * wo + per_image * self.block
+                     + max(offsets) + (c - 1) * plane) + 16
         tensors = {  # kept alive with the plan: the struct holds raw pointers to them
             "offsets": torch.tensor(offsets, dtype=torch.int64),
-            "run_start": torch.from_numpy(run_start.astype(np.int64)),
-            "run_q": torch.from_numpy(valid[starts].astype(np.int64)),
-            "run_dest": torch.from_numpy(dest[starts].astype(np.int64)),
-            "run_len": torch.from_numpy(lengths.astype(np.int64)),
+            "sets": torch.tensor(sets, dtype=torch.int64).reshape(-1).contiguous(),
         }
-        packed_end = lead + phases * c * plane
-        # the furthest float any block reads: last block, furthest tap, last channel
-        length = max(packed_end, lead + blocks * self.block + max(offsets, default=0)
-                     + (c - 1) * plane) + 16
-        plan = _Plan(N=n, C=c, H=h, W=w, s=s, p=p, lead=lead, plane=plane,
-                     rows_per_image=rows, row_len=row_len,
+        plan = _Plan(N=n, C=c, H=h, W=w, s=s, Ho=ho, Wo=wo, G=g, R=r_count, u_min=u_min,
+                     plane=plane, nsets=len(sets), sets=tensors["sets"].data_ptr(),
                      chunk_w=self.chunk_w.data_ptr(), chunk_off=tensors["offsets"].data_ptr(),
                      chunk_filt=self.chunk_filt.data_ptr(), nchunks=len(self.taps),
                      bias=None if self.bias is None else self.bias.data_ptr(), F=self.f,
-                     nblocks=blocks, run_start=tensors["run_start"].data_ptr(),
-                     run_q=tensors["run_q"].data_ptr(), run_dest=tensors["run_dest"].data_ptr(),
-                     run_len=tensors["run_len"].data_ptr(), out_fstride=ho * wo,
-                     packed_end=packed_end, length=length, G=g, in_group=g * c * h * w,
-                     out_group=g * self.f * ho * wo)
+                     packed_end=packed_end, length=length)
+        macs = n * ho * wo * c * self.stripes
         layout = {"ho": ho, "wo": wo, "length": length, "groups": n // g, "plan": plan,
-                  "plan_ref": ctypes.byref(plan), "tensors": tensors}
+                  "plan_ref": ctypes.byref(plan), "tensors": tensors,
+                  "max_threads": max(1, macs // MACS_PER_THREAD)}
         self._shapes[key] = layout
         return layout
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        s, p, d, k = self.stride, self.padding, self.dilation, self.kernel_size[0]
+        return (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
             x = x.contiguous()
         n, _, h, w = x.shape
+        if not self.taps:  # every stripe removed: the output is the bias
+            ho, wo = self._out_hw(h, w)
+            bias = self.bias if self.bias is not None else torch.zeros(self.f)
+            return bias.view(1, -1, 1, 1).expand(n, self.f, ho, wo).contiguous()
         lay = self._shapes.get((n, h, w)) or self._layout(n, h, w)
         out = torch.empty((n, self.f, lay["ho"], lay["wo"]), dtype=torch.float32)
-        if not self.taps:
-            out.copy_((self.bias if self.bias is not None else torch.zeros(self.f))
-                      .view(1, -1, 1, 1).expand_as(out))
-            return out
-        threads = torch.get_num_threads()
+        threads = min(torch.get_num_threads(), lay["max_threads"])
         copies = threads if lay["groups"] >= threads else 1
         self._forward(lay["plan_ref"], x.data_ptr(), _scratch(copies * lay["length"]),
-                 out.data_ptr(), threads)
+                      out.data_ptr(), threads)
         return out
