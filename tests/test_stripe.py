@@ -305,6 +305,22 @@ def test_native_kernel_batch_groups_and_threads(batch, stride, threads, monkeypa
         torch.testing.assert_close(out, sconv.forward_torch(x), rtol=1e-4, atol=1e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 3, 1, 1), (3, 3, 4, 2), (5, 4, 2, 1),
+                                                       (2, 2, 0, 1), (4, 1, 3, 1)])
+def test_native_kernel_other_strides_and_even_kernels(k, stride, padding, dilation, monkeypatch):
+    """Strides above 2 (generic phase packing), even kernels and padding beyond the kernel's
+    reach; rectangular inputs whose output maps are not a multiple of the block size."""
+    gen = torch.Generator().manual_seed(k * 100 + stride * 10 + padding)
+    conv = nn.Conv2d(5, 6, k, stride=stride, padding=padding, dilation=dilation)
+    sconv = StripeConv2d.from_dense(conv, _random_mask(6, k, 0.4, gen))
+    spy = _Spy(monkeypatch)
+    x = torch.randn(3, 5, 17, 12, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(sconv(x), _masked_reference(conv, sconv.stripe_mask, x), **TOL)
+    assert spy.calls == 1
+
+
 def test_group_size_is_the_largest_divisor_that_fits():
     per_image = 1000  # floats
     fits = stripe_native.GROUP_BYTES // (4 * per_image)

@@ -1,8 +1,10 @@
 """The native CPU executor of :class:`~prunekit.nn.StripeConv2d` (``stripe_kernel.c``).
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``;
-``-O3 -march=native -fopenmp``, under a second) into ``$PRUNEKIT_CACHE`` (default
-``~/.cache/prunekit``), keyed by the source and flags, and loaded with ctypes. Without a
+``-O3 -march=native -ffp-contract=fast -fopenmp``, under a second) into ``$PRUNEKIT_CACHE``
+(default ``~/.cache/prunekit``), keyed by the source, compiler, flags and the CPU's
+instruction sets (a cache shared between machines never hands an AVX-512 build to a CPU
+without it), and loaded with ctypes. Without a
 compiler, or with ``PRUNEKIT_NATIVE=0``, :func:`library` returns None (the reason is in
 :func:`unavailable_reason`) and StripeConv2d runs its pure-torch formulation, which computes the
 same result.
@@ -37,12 +39,24 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_identity() -> str:
+    """What -march=native depends on: the architecture and the CPU's feature flags."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags.strip()}"
+
+
 def _build() -> ctypes.CDLL:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     text = SOURCE.read_bytes()
-    key = hashlib.sha256(text + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join([compiler, *FLAGS, _cpu_identity()]).encode()
+                         ).hexdigest()[:16]
     cache = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
     target = cache / f"stripe_kernel_{key}.so"
     if not target.exists():
