@@ -1,6 +1,7 @@
 """Collect `prunekit prune --method swp` runs into one results table.
 
     python benchmarks/swp_runs_table.py runs/swp56_a runs/swp56_b ... [--out benchmarks/results/swp_pretrained]
+    python benchmarks/swp_runs_table.py runs/swp56_c --append   # keep the rows already in OUT.json
 
 Reads each run's report.json (written by the CLI) and writes OUT.json (the runs' settings,
 per-epoch log, live-stripe history, accuracy, MACs, params, the CLI's latency) and OUT.md (a table, and
@@ -75,9 +76,18 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "swp_pretrained"))
     p.add_argument("--note", action="append", default=[], metavar="RUN=TEXT",
                    help="a remark shown in the run's row (repeatable)")
+    p.add_argument("--append", action="store_true",
+                   help="keep OUT.json's rows (run directories need not exist any more); a run "
+                        "given again replaces its row")
     args = p.parse_args()
     notes = dict(n.split("=", 1) for n in args.note)
-    rows = [{**summarise(Path(r)), "note": notes.get(r, "")} for r in args.runs]
+    new = [{**summarise(Path(r)), "note": notes.get(r, "")} for r in args.runs]
+    rows = []
+    if args.append and Path(f"{args.out}.json").exists():
+        given = {r["run"] for r in new}
+        rows = [r for r in json.loads(Path(f"{args.out}.json").read_text())["runs"]
+                if r["run"] not in given]
+    rows += new
     Path(f"{args.out}.json").write_text(json.dumps({"runs": rows}, indent=1))
     Path(f"{args.out}.md").write_text("# SWP from the pretrained CIFAR-10 ResNet-56\n\n"
                                       + markdown(rows))
