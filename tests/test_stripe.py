@@ -321,6 +321,20 @@ def test_native_kernel_other_strides_and_even_kernels(k, stride, padding, dilati
     assert spy.calls == 1
 
 
+@needs_native
+def test_native_loader_refuses_a_kernel_with_another_plan_layout(monkeypatch):
+    """A process that imported an older stripe_native.py and compiles a newer kernel (prunekit
+    edited under a running job) must not call it with the wrong struct: it falls back."""
+    import ctypes
+
+    class Older(ctypes.Structure):
+        _fields_ = [("N", ctypes.c_int64)]
+
+    monkeypatch.setattr(stripe_native, "_Plan", Older)
+    with pytest.raises(RuntimeError, match="restart"):
+        stripe_native._build()
+
+
 def test_group_size_is_the_largest_divisor_that_fits():
     per_image = 1000  # floats
     fits = stripe_native.GROUP_BYTES // (4 * per_image)

@@ -61,6 +61,10 @@ typedef struct {
     int64_t F, packed_end, length;
 } stripe_plan;
 
+/* The loader compares this with its own mirror of the struct: a process that imported an
+ * older stripe_native.py must not drive a newer kernel with a different layout. */
+int64_t prunekit_stripe_plan_size(void) { return (int64_t)sizeof(stripe_plan); }
+
 /* Ask for the next input plane while this one is copied: packing is a pure copy, so without
  * this every cache miss on x stalls it. */
 static inline void prefetch_plane(const float* plane, int64_t floats, int exists) {

@@ -76,6 +76,11 @@ def _build() -> ctypes.CDLL:
     lib.prunekit_stripe_forward.argtypes = [ctypes.POINTER(_Plan), p, p, p, ctypes.c_int]
     lib.prunekit_stripe_forward.restype = None
     lib.prunekit_stripe_block.restype = lib.prunekit_stripe_chunk.restype = ctypes.c_int
+    lib.prunekit_stripe_plan_size.restype = ctypes.c_int64
+    if lib.prunekit_stripe_plan_size() != ctypes.sizeof(_Plan):
+        raise RuntimeError(f"{SOURCE.name} does not match this stripe_native.py (plan struct "
+                           f"{lib.prunekit_stripe_plan_size()} vs {ctypes.sizeof(_Plan)} bytes; "
+                           "prunekit was changed while this process ran: restart it)")
     return lib
 
 
