@@ -39,6 +39,16 @@ typedef float vec __attribute__((vector_size(4 * VL)));
 #endif
 
 static inline vec vload(const float* p) { vec v; memcpy(&v, p, sizeof v); return v; }
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+static inline void vstore8(float* p, vec8 v) { memcpy(p, &v, sizeof v); }
+/* p[0], p[2], ..., p[14]: one stride-2 row segment */
+static inline vec8 even8(const float* p) {
+    vec8 a, b;
+    memcpy(&a, p, sizeof a);
+    memcpy(&b, p + 8, sizeof b);
+    return __builtin_shuffle(a, b, (ivec8){0, 2, 4, 6, 8, 10, 12, 14});
+}
 static inline void vstore(float* p, vec v) { memcpy(p, &v, sizeof v); }
 
 int prunekit_stripe_block(void) { return BL; }
@@ -77,6 +87,7 @@ static inline void prefetch_plane(const float* plane, int64_t floats, int exists
 static void stripe_pack(const stripe_plan* P, const float* restrict x, float* restrict B,
                         int threads) {
     const int64_t C = P->C, H = P->H, W = P->W, s = P->s, Wo = P->Wo, R = P->R, G = P->G;
+    const float* x_end = x + G * C * H * W;
     #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if(threads > 1)
     for (int64_t n = 0; n < G; n++)
         for (int64_t c = 0; c < C; c++) {
@@ -120,6 +131,15 @@ static void stripe_pack(const stripe_plan* P, const float* restrict x, float* re
                         continue;
                     }
                     const float* restrict row = src + h * W + s * v + b;  /* row[s*ow] = x[h][col] */
+                    if (s == 2 && Wo % 8 == 0 && row >= x && row + 2 * Wo <= x_end) {
+                        /* whole row at once, 8 outputs per shuffle (the compiler's loop ends
+                         * in a scalar tail for 8 or 15 outputs), then zero the columns that
+                         * fall outside the image */
+                        for (int64_t q = 0; q < Wo; q += 8) vstore8(out + q, even8(row + 2 * q));
+                        for (int64_t q = 0; q < lo; q++) out[q] = 0.0f;
+                        for (int64_t q = hi; q < Wo; q++) out[q] = 0.0f;
+                        continue;
+                    }
                     for (int64_t q = 0; q < lo; q++) out[q] = 0.0f;
                     if (s == 1)
                         for (int64_t q = lo; q < hi; q++) out[q] = row[q];
