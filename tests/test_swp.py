@@ -273,6 +273,25 @@ def test_cli_swp(tmp_path):
     assert loaded(x).shape == (2, 10)
 
 
+def test_cli_swp_paper_recipe_trains_from_scratch(tmp_path):
+    """The paper's setting: the skeleton trained together with a randomly initialised
+    option-B ResNet-56 (two steps here; the recipe's 160 epochs are a manual run)."""
+    run = tmp_path / "swp-paper"
+    assert main(["prune", "--recipe", "swp_resnet56", "--data", str(SHARED),
+                 "--finetune-epochs", "1", "--finetune-max-steps", "2",
+                 "--finetune-batch-size", "16", "--eval-splits", "test-lossless", "--limit",
+                 "50", "--latency-batches", "1", "--latency-runs", "2", "--out", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["options"]["model"] == {"name": "cifar_resnet56", "weights": None,
+                                          "kwargs": {"shortcut": "B"}}
+    method = report["options"]["method"]
+    assert (method["name"], method["sr"], method["threshold"]) == ("swp", 1e-5, 0.01)
+    assert report["options"]["finetune"]["lr"] == 0.1
+    assert report["swp"]["stripes_before"] == 18288  # every 3x3 conv carries a skeleton
+    loaded = pio.load(run / "model.safetensors").eval()
+    assert loaded(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_cli_swp_flags_need_swp(tmp_path, capsys):
     assert main(["prune", "--model", "cifar_resnet20", "--ratio", "0.3", "--sr", "1e-4",
                  "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
