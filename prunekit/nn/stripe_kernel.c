@@ -243,7 +243,7 @@ void prunekit_stripe_forward(const stripe_plan* P, const float* x, float* buf, f
         #pragma omp parallel num_threads(threads)
         {
             float* B = buf + (int64_t)omp_get_thread_num() * P->length;
-            float* acc = aligned_alloc(64, sizeof(float) * BL * (P->F + 1));
+            float* acc = aligned_alloc(64, sizeof(float) * BL * P->F);
             /* beyond the packed planes: read only for the dropped tail of a partial block,
              * zeroed so that garbage (NaN, denormals) never slows the arithmetic */
             memset(B + P->packed_end, 0, sizeof(float) * (P->length - P->packed_end));
@@ -262,7 +262,7 @@ void prunekit_stripe_forward(const stripe_plan* P, const float* x, float* buf, f
         stripe_pack(P, x + g * in_group, buf, threads);
         #pragma omp parallel num_threads(threads)
         {
-            float* acc = aligned_alloc(64, sizeof(float) * BL * (P->F + 1));
+            float* acc = aligned_alloc(64, sizeof(float) * BL * P->F);
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < blocks; b++)
                 stripe_block(P, buf, b, out + g * out_group, acc);
