@@ -39,6 +39,7 @@ typedef float vec __attribute__((vector_size(4 * VL)));
 #endif
 
 static inline vec vload(const float* p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float* p, vec v) { memcpy(p, &v, sizeof v); }
 typedef float vec8 __attribute__((vector_size(32)));
 typedef int32_t ivec8 __attribute__((vector_size(32)));
 static inline void vstore8(float* p, vec8 v) { memcpy(p, &v, sizeof v); }
@@ -49,7 +50,6 @@ static inline vec8 even8(const float* p) {
     memcpy(&b, p + 8, sizeof b);
     return __builtin_shuffle(a, b, (ivec8){0, 2, 4, 6, 8, 10, 12, 14});
 }
-static inline void vstore(float* p, vec v) { memcpy(p, &v, sizeof v); }
 
 int prunekit_stripe_block(void) { return BL; }
 int prunekit_stripe_chunk(void) { return FC; }
@@ -95,8 +95,8 @@ static void stripe_pack(const stripe_plan* P, const float* restrict x, float* re
             prefetch_plane(src + H * W, H * W, n * C + c + 1 < G * C);
             for (int64_t k = 0; k < P->nsets; k++) {
                 const int64_t a = P->sets[3 * k], b = P->sets[3 * k + 1], v = P->sets[3 * k + 2];
-                /* columns ow with 0 <= s * (ow + v) + b < W */
-                int64_t lo = (b >= 0 ? 0 : (-b + s - 1) / s) - v;
+                /* columns ow with 0 <= s * (ow + v) + b < W (0 <= b < s, so ow >= -v) */
+                int64_t lo = -v;
                 int64_t hi = (W - b + s - 1) / s - v;
                 if (lo < 0) lo = 0;
                 if (hi > Wo) hi = Wo;
