@@ -11,19 +11,23 @@ import importlib
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .measure import _eval_mode
+from .errors import PrunekitError
+from .files import fsync_directory, temp_path_for
+from .measure import eval_mode
+from .utils import as_tuple
 
 
 __all__ = ["ExportCheckError", "export_onnx", "export_torchscript"]
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(PrunekitError, RuntimeError):
     """An exported model does not compute what the PyTorch model computes."""
 
 
@@ -45,6 +49,8 @@ def export_onnx(
     CNNs), ``"dynamo"`` (torch.export-based, opset >= 18), or ``"auto"``: TorchScript, falling
     back to dynamo if it fails. With ``check`` and onnxruntime installed, the ONNX model is run
     on the example (and on a batch of another size if ``dynamic_batch``) and must match PyTorch.
+    The file is written next to ``path`` and renamed into place only once it passed its checks:
+    a failed export leaves ``path`` as it was.
     """
     onnx = _require("onnx")
     if exporter not in ("auto", "torchscript", "dynamo"):
@@ -52,15 +58,15 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = _example_args(example_input)
-    with _eval_mode(model):
+    with eval_mode(model), _written_into_place(path) as temp:
         with torch.no_grad():
             outputs = _flat_outputs(model(*args))
         inputs = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
         names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
-        _export_onnx_file(model, args, path, opset, dynamic_batch, exporter, inputs, names)
-        onnx.checker.check_model(str(path))  # by path, so models with external data work too
+        _export_onnx_file(model, args, temp, opset, dynamic_batch, exporter, inputs, names)
+        onnx.checker.check_model(str(temp))  # by path, so models with external data work too
         if check:
-            _compare_onnx(model, args, path, dynamic_batch)
+            _compare_onnx(model, args, temp, dynamic_batch, shown=path)
     return path
 
 
@@ -71,19 +77,20 @@ def export_torchscript(
     """Trace ``model`` (in eval mode) with ``torch.jit.trace``, save it and return ``path``.
 
     With ``check`` the saved file is loaded back and compared with the eager model on the
-    example and on a batch of another size (tracing can bake the batch size in).
+    example and on a batch of another size (tracing can bake the batch size in). A failed
+    check leaves ``path`` as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = _example_args(example_input)
-    with _eval_mode(model):
+    with eval_mode(model), _written_into_place(path) as temp:
         with warnings.catch_warnings(), torch.no_grad():
             # torch.jit is deprecated in favour of torch.export; the caller asked for it anyway.
             warnings.filterwarnings("ignore", r".*torch\.jit\.\w+` is deprecated", FutureWarning)
             traced = torch.jit.trace(model, args, check_trace=False)
-            torch.jit.save(traced, str(path))
+            torch.jit.save(traced, str(temp))
             if check:
-                reloaded = torch.jit.load(str(path), map_location=args[0].device)
+                reloaded = torch.jit.load(str(temp), map_location=args[0].device)
                 # The profiling executor spends seconds optimising the first calls; the check
                 # is about what the saved graph computes, so run it unoptimised.
                 with torch.jit.optimized_execution(False):
@@ -94,7 +101,21 @@ def export_torchscript(
     return path
 
 
-# --- save/load internals -----------------------------------------------------------------
+# --- internals ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _written_into_place(path: Path):
+    """A temporary file next to ``path``, renamed to ``path`` if the block succeeds and
+    deleted if it fails (so a failed check never leaves a wrong file at the destination)."""
+    temp = temp_path_for(path)
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
 
 
 def _require(module: str):
@@ -106,7 +127,7 @@ def _require(module: str):
 
 
 def _example_args(example_input: Any) -> tuple[torch.Tensor, ...]:
-    args = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
+    args = as_tuple(example_input)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise TypeError("example_input must be a tensor or a sequence of tensors")
     return args
@@ -165,7 +186,8 @@ def _check_batches(args: tuple[torch.Tensor, ...], dynamic: bool) -> list[tuple[
     return batches
 
 
-def _compare_onnx(model: nn.Module, args, path: Path, dynamic_batch: bool) -> None:
+def _compare_onnx(model: nn.Module, args, path: Path, dynamic_batch: bool,
+                  shown: Path | None = None) -> None:
     try:
         ort = importlib.import_module("onnxruntime")
     except ImportError:
@@ -178,7 +200,8 @@ def _compare_onnx(model: nn.Module, args, path: Path, dynamic_batch: bool) -> No
         with torch.no_grad():
             expected = _flat_outputs(model(*batch))
         feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, batch)}
-        _assert_match(expected, session.run(None, feeds), f"ONNX model {path}", batch[0].shape[0])
+        _assert_match(expected, session.run(None, feeds), f"ONNX model {shown or path}",
+                      batch[0].shape[0])
 
 
 def _assert_match(expected: list[torch.Tensor], actual: list, what: str, batch: int) -> None:

@@ -400,7 +400,7 @@ def test_missing_data_error_names_places_and_remedies(tmp_path, monkeypatch):
 
     monkeypatch.delenv("PRUNEKIT_DATA")
     defaults = [tmp_path / "d1", tmp_path / "d2"]
-    monkeypatch.setattr(data, "_default_roots", lambda: defaults)
+    monkeypatch.setattr(data.locate, "_default_roots", lambda: defaults)  # looked up there
     with pytest.raises(DatasetNotFoundError) as error:
         CIFAR10(split="test")
     message = str(error.value)

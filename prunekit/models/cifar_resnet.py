@@ -24,6 +24,7 @@ works on the whole network, and every activation is a named ``nn.ReLU`` (``relu`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..graph import register_module_rule
 from ..graph.channels import channel_ids
+from ..nn.registry import register_structural_attributes
 from .registry import register_model
 from .weights import PretrainedWeights
 
@@ -146,6 +148,22 @@ def zero_pad_shortcut_channels(ctx, node, module: ZeroPadShortcut):
     ctx.attr_member(node.target, "in", vec)
     ctx.attr_member(node.target, "out", out)
     return channel_ids(out, ctx.value(x).dim(), 1)
+
+
+def _restore_zero_pad_shortcut(module: nn.Module, attrs: dict[str, Any]) -> None:
+    # set_positions also rebuilds front/back and the non-persistent scatter index buffer,
+    # which no state dict carries.
+    if "positions" in attrs and hasattr(module, "set_positions"):
+        module.set_positions([int(p) for p in attrs["positions"]], int(attrs["out_channels"]))
+    else:
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+
+
+# Pruning rewrites these, so saved specs record them and prunekit.io.load restores them.
+register_structural_attributes(
+    ZeroPadShortcut, ("positions", "front", "back", "in_channels", "out_channels"),
+    restore=_restore_zero_pad_shortcut)
 
 
 def make_shortcut(kind: str, in_channels: int, out_channels: int, stride: int) -> nn.Module:

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import PrunekitError
 from .weights import PretrainedWeights, find_pretrained_file, load_weights
 
 __all__ = [
@@ -40,7 +41,7 @@ _PRETRAINED: dict[str, PretrainedWeights] = {}
 SPEC_ATTR = "prunekit_spec"
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(PrunekitError, ValueError):
     """Raised by :func:`create` for a name no builder was registered under."""
 
     def __init__(self, name: str, available: list[str]):

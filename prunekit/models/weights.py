@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import PrunekitError
+
 __all__ = [
     "PretrainedWeights",
     "WeightsLoadError",
@@ -37,7 +39,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 10
 
 
-class WeightsLoadError(RuntimeError):
+class WeightsLoadError(PrunekitError, RuntimeError):
     """A checkpoint could not be read or applied."""
 
 
@@ -150,11 +152,11 @@ def find_pretrained_file(info: PretrainedWeights) -> Path:
 
 
 def _default_data_roots() -> list[Path]:
-    import prunekit
-
+    # parents[3] of prunekit/models/weights.py is the folder holding the source checkout,
+    # the same place as parents[2] of prunekit/__init__.py
     return [
         Path.cwd() / ".." / "shared" / "data",
-        Path(prunekit.__file__).resolve().parents[2] / "shared" / "data",
+        Path(__file__).resolve().parents[3] / "shared" / "data",
     ]
 
 

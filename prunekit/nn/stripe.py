@@ -76,7 +76,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _python_dispatch
 
+from ..utils import set_submodule
 from . import stripe_native
+from .registry import register_replacement
 
 __all__ = ["StripeConv2d", "stripe_prune_model"]
 
@@ -108,6 +110,7 @@ def _resolve_padding(padding, kernel_size, dilation, stride) -> tuple[int, int, 
     return (pw, pw, ph, ph)
 
 
+@register_replacement  # a saved model may hold it in place of a Conv2d
 class StripeConv2d(nn.Module):
     """A Conv2d of which only some stripes (filter n, kernel position (i, j)) remain.
 
@@ -327,12 +330,6 @@ class StripeConv2d(nn.Module):
         return out
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def stripe_prune_model(model: nn.Module,
                        masks: Mapping[str, torch.Tensor]) -> nn.Module:
     """Replace, in place, the Conv2d modules named in ``masks`` by StripeConv2d.
@@ -349,5 +346,5 @@ def stripe_prune_model(model: nn.Module,
         conv = modules[name]
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"{name!r} is {type(conv).__name__}, not nn.Conv2d")
-        _set_submodule(model, name, StripeConv2d.from_dense(conv, mask))
+        set_submodule(model, name, StripeConv2d.from_dense(conv, mask))
     return model

@@ -1,0 +1,171 @@
+"""Timing forward passes: latency statistics per batch size and the conditions measured under.
+
+Inputs are random tensors of the example's shape; CUDA timings use events and synchronise,
+CPU timings use ``time.perf_counter``. The result records device, CPU/GPU name, thread count and
+torch version, because a latency is meaningless without them.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .context import eval_mode, model_device_and_dtype, on_device
+
+__all__ = ["BatchLatency", "LatencyResult", "measure_latency"]
+
+
+@dataclass
+class BatchLatency:
+    """Timing statistics of one batch size, in milliseconds per forward pass."""
+
+    batch_size: int
+    median_ms: float
+    mean_ms: float
+    std_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+    throughput_per_s: float  # examples per second at the median latency
+
+
+@dataclass
+class LatencyResult:
+    """Latency per batch size plus the conditions it was measured under."""
+
+    device: str
+    device_name: str
+    num_threads: int
+    torch_version: str
+    input_shape: list[int]  # per-example shape (without the batch dimension)
+    warmup: int
+    batches: dict[int, BatchLatency] = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> dict[int, float]:
+        return {bs: stats.median_ms for bs, stats in self.batches.items()}
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict. Batch sizes become string keys so a JSON round trip is lossless."""
+        result = asdict(self)
+        result["batches"] = {str(bs): asdict(stats) for bs, stats in self.batches.items()}
+        return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _summarise(batch_size: int, times_ms: list[float]) -> BatchLatency:
+    median = statistics.median(times_ms)
+    return BatchLatency(
+        batch_size=batch_size,
+        median_ms=median,
+        mean_ms=statistics.fmean(times_ms),
+        std_ms=statistics.stdev(times_ms) if len(times_ms) > 1 else 0.0,
+        p10_ms=float(np.percentile(times_ms, 10)),
+        p90_ms=float(np.percentile(times_ms, 90)),
+        min_ms=min(times_ms),
+        runs=len(times_ms),
+        throughput_per_s=batch_size * 1000.0 / median if median > 0 else float("inf"),
+    )
+
+
+def _time_once_ms(model: nn.Module, batch: torch.Tensor, on_cuda: bool) -> float:
+    if on_cuda:
+        # Kernel launches are asynchronous; events measure GPU time, synchronize waits for it.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(batch)
+        end.record()
+        torch.cuda.synchronize(batch.device)
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    model(batch)
+    return (time.perf_counter() - start_s) * 1000.0
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[int] | torch.Size,
+    *,
+    batch_sizes: Iterable[int] = (1, 64),
+    warmup: int = 10,
+    runs: int = 50,
+    device: torch.device | str | None = None,
+    threads: int | None = None,
+    min_time_s: float | None = None,
+    progress: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> LatencyResult:
+    """Time forward passes for each batch size on random inputs.
+
+    ``example_input`` is a tensor or a full shape *including* a batch dimension, e.g.
+    ``(1, 3, 32, 32)``; only the per-example part is used. ``device=None`` measures where
+    the model already is; an explicit device moves the model there for the measurement and
+    back afterwards. ``threads`` sets ``torch.set_num_threads`` during the measurement only.
+    ``min_time_s`` keeps timing past ``runs`` until that much timed time has accumulated.
+    ``memory_format`` lays the random inputs out as, e.g., ``torch.channels_last`` for a model
+    converted with ``model.to(memory_format=torch.channels_last)`` (4-D inputs only), so the
+    timing holds no layout conversion the model would not see in a channels-last pipeline.
+    """
+    if isinstance(example_input, torch.Tensor):
+        per_example_shape, dtype = list(example_input.shape[1:]), example_input.dtype
+    else:
+        per_example_shape, dtype = list(example_input)[1:], None
+    batch_sizes = [int(bs) for bs in batch_sizes]
+    if runs < 1 or warmup < 0:
+        raise ValueError("runs must be >= 1 and warmup >= 0")
+
+    previous_threads = torch.get_num_threads()
+    bar = tqdm(total=len(batch_sizes) * (warmup + runs), desc="latency", disable=not progress, leave=False)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with on_device(model, device) as run_device, eval_mode(model), torch.inference_mode():
+            _, model_dtype = model_device_and_dtype(model)
+            on_cuda = run_device.type == "cuda"
+            result = LatencyResult(
+                device=str(run_device),
+                device_name=_device_name(run_device),
+                num_threads=torch.get_num_threads(),
+                torch_version=torch.__version__,
+                input_shape=per_example_shape,
+                warmup=warmup,
+            )
+            for batch_size in batch_sizes:
+                batch = torch.randn(batch_size, *per_example_shape, device=run_device,
+                                    dtype=dtype or model_dtype).contiguous(memory_format=memory_format)
+                for _ in range(warmup):
+                    model(batch)
+                    bar.update()
+                if on_cuda:
+                    torch.cuda.synchronize(run_device)
+                times_ms: list[float] = []
+                while len(times_ms) < runs or (min_time_s and sum(times_ms) < min_time_s * 1000.0):
+                    times_ms.append(_time_once_ms(model, batch, on_cuda))
+                    if len(times_ms) <= runs:
+                        bar.update()
+                result.batches[batch_size] = _summarise(batch_size, times_ms)
+    finally:
+        bar.close()
+        torch.set_num_threads(previous_threads)
+    return result
