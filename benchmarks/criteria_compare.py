@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from prunekit import data, measure, models, prune
-from prunekit.pipeline import calibration_batches, make_pruning_plan
+from prunekit.pipeline import calibration_batches
+from prunekit.plan import PlanTarget
 from prunekit.train import TrainConfig, fit
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,9 +56,8 @@ def run_one(name: str, root, args, calibration) -> dict:
         row["macs_reduction"] = 0.0
     elif args.plan == "chip":
         row["criterion"] = f"{name}@chip-plan"
-        plan = make_pruning_plan(model, {"name": name}, {"chip_sparsity": CHIP_RESNET56},
-                                 calibration)
-        result = prune(model, x, criterion=name, plan=plan)
+        result = prune(model, x, criterion=name, target=PlanTarget(chip_sparsity=CHIP_RESNET56),
+                       calibration=calibration)
         row.update(macs=result.macs_after, params=result.params_after,
                    macs_reduction=result.macs_reduction)
     else:

@@ -6,15 +6,17 @@
 >>> print(result.summary())
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from . import models
+from .errors import PrunekitError
 from .graph import ChannelGraph, build_graph, explain
 from .masking import zero_removed_channels
 from .measure import count_macs, count_params
-from .plan import PlanError
+from .plan import PlanError, PlanTarget
 from .pruning import PruningResult, prune
 from .surgery import apply_plan
 
-__all__ = ["ChannelGraph", "PlanError", "PruningResult", "apply_plan", "build_graph",
-           "count_macs", "count_params", "explain", "models", "prune", "zero_removed_channels"]
+__all__ = ["ChannelGraph", "PlanError", "PlanTarget", "PrunekitError", "PruningResult",
+           "__version__", "apply_plan", "build_graph", "count_macs", "count_params", "explain",
+           "models", "prune", "zero_removed_channels"]

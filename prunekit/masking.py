@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .graph import ChannelGraph
-from .surgery import kept_positions, removed_channel_roots
+from .graph import ChannelGraph, kept_positions
+from .surgery import tensor_by_name
 
 
 @torch.no_grad()
@@ -18,12 +18,12 @@ def zero_removed_channels(model: nn.Module, graph: ChannelGraph,
     columns. In eval mode the result computes what the physically pruned model computes,
     except where a normalisation mixes channels (LayerNorm/GroupNorm statistics).
     """
-    removed = removed_channel_roots(graph, plan)
-    for member, roots in zip(graph.state.members, graph.member_roots):
+    removed = graph.removed_roots(plan)
+    for member, roots in graph.tensor_members():
         keep = kept_positions(roots, removed)
         if len(keep) == len(roots):
             continue
-        tensor = _tensor(model, member.tensor)
+        tensor = tensor_by_name(model, member.tensor)
         drop = sorted(set(range(len(roots))) - set(keep.tolist()))
         if member.blocks > 1:
             _zero_grouped_columns(tensor, member.dim, drop, member.blocks)
@@ -32,11 +32,6 @@ def zero_removed_channels(model: nn.Module, graph: ChannelGraph,
         else:
             tensor.index_fill_(member.dim, torch.as_tensor(drop, device=tensor.device), 0)
     return model
-
-
-def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(owner), attr)
 
 
 def _zero_grouped_columns(weight, dim, drop, blocks):

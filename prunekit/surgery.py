@@ -11,34 +11,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph import ChannelGraph
+from .graph import ChannelGraph, kept_positions
 
 
 def removed_channel_roots(graph: ChannelGraph, plan: dict[str, list[int]]) -> set[int]:
-    """Channel identities removed by ``plan`` (group name -> kept channel indices)."""
-    removed: set[int] = set()
-    for name, kept in plan.items():
-        group = graph.by_name[name]
-        keep = np.zeros(group.size, dtype=bool)
-        keep[np.asarray(kept, dtype=np.int64)] = True
-        removed.update(int(r) for r in group.channels[~keep])
-    return removed
-
-
-def kept_positions(roots: np.ndarray, removed: set[int]) -> np.ndarray:
-    if not removed:
-        return np.arange(len(roots))
-    gone = np.isin(roots, np.fromiter(removed, dtype=np.int64, count=len(removed)))
-    return np.flatnonzero(~gone)
+    """Channel identities removed by ``plan`` (:meth:`ChannelGraph.removed_roots`)."""
+    return graph.removed_roots(plan)
 
 
 def apply_plan(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]]) -> nn.Module:
     """Remove, in place, every channel the plan does not keep; returns ``model``."""
-    removed = removed_channel_roots(graph, plan)
+    removed = graph.removed_roots(plan)
     if not removed:
         return model
     slices: dict[str, list] = defaultdict(list)
-    for member, roots in zip(graph.state.members, graph.member_roots):
+    for member, roots in graph.tensor_members():
         keep = kept_positions(roots, removed)
         if len(keep) < len(roots):
             slices[member.tensor].append((member.dim, keep, member.blocks))
@@ -49,7 +36,7 @@ def apply_plan(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]]
         _replace_tensor(model, tensor_name, data)
         touched_modules.add(tensor_name.rsplit(".", 1)[0] if "." in tensor_name else "")
     kept_by_module: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    for attr, roots in zip(graph.state.attr_members, graph.attr_roots):
+    for attr, roots in graph.attribute_members():
         kept_by_module[attr.module][attr.attr] = kept_positions(roots, removed)
     for name, kept in kept_by_module.items():
         module = model.get_submodule(name)
@@ -59,13 +46,12 @@ def apply_plan(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]]
             for attr, positions in kept.items():
                 setattr(module, attr, int(len(positions)))
     for name in touched_modules:
-        _fix_metadata(model.get_submodule(name), graph.state.module_meta.get(name, {}))
+        _fix_metadata(model.get_submodule(name), graph.module_meta(name))
     return model
 
 
 def _sliced(model: nn.Module, name: str, cuts) -> torch.Tensor:
-    owner_name, _, attr = name.rpartition(".")
-    data = getattr(model.get_submodule(owner_name), attr).detach()
+    data = tensor_by_name(model, name).detach()
     seen_dims = {}
     # Plain dims first: a grouped input dimension is cut per block of the *kept* output rows.
     for dim, keep, blocks in sorted(cuts, key=lambda c: c[2] > 1):
@@ -77,6 +63,12 @@ def _sliced(model: nn.Module, name: str, cuts) -> torch.Tensor:
         index = torch.as_tensor(keep, dtype=torch.long, device=data.device)
         data = _cut_blocks(data, dim, keep, blocks) if blocks > 1 else data.index_select(dim, index)
     return data.clone()
+
+
+def tensor_by_name(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer called ``name`` (dotted path) of ``model``."""
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
 
 
 def _replace_tensor(model: nn.Module, name: str, data: torch.Tensor) -> None:

@@ -9,12 +9,43 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import prunekit
+
+
+# ---------------------------------------------------------------- shared test models and data
+# Imported by the test modules (``from conftest import ...``: pytest puts tests/ on sys.path).
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "cifar10").exists(),
+                                  reason=f"shared data not found at {SHARED}")
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU twice, global pooling, a linear classifier: a CNN in miniature."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def tiny_data(n=32, size=8, seed=0, classes=4):
+    """``n`` random ``3 x size x size`` images with labels in ``[0, classes)``."""
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, size, size, generator=g),
+                         torch.randint(0, classes, (n,), generator=g))
 
 
 @dataclass

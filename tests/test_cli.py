@@ -1,12 +1,11 @@
 """The `prunekit` command line: eval output, JSON keys, and clear errors."""
 import json
-from pathlib import Path
 
 import pytest
 
 from prunekit.cli import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED
 needs_shared = pytest.mark.skipif(not (SHARED / "cifar10").exists(),
                                   reason=f"shared data not found at {SHARED}")
 

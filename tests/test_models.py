@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from prunekit.models import (
 )
 from prunekit.models.cifar_resnet import SHORTCUTS, ZeroPadShortcut
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED
 WEIGHTS_DIR = SHARED / "weights" / "akamaster_resnet_cifar10"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(),
                                   reason=f"shared data folder not found at {SHARED}")

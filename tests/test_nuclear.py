@@ -6,7 +6,6 @@ Tolerance everywhere: rtol 1e-4 and atol 1e-6 x (nuclear norm of the image).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from prunekit.criteria.nuclear import (
     round_features,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED
 
 FAST = [("quadrature", "gram"), ("quadrature", "svd"), ("secular", "gram"), ("secular", "svd"),
         ("gram_eig", "auto"), ("downdate", "auto")]

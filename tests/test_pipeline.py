@@ -1,27 +1,16 @@
 """End to end: prune -> fine-tune -> save -> load -> same outputs -> ONNX -> onnxruntime."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import prunekit
 import prunekit.io as pio
 from prunekit.cli import main
 from prunekit.train import TrainConfig, fit
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not (SHARED / "cifar10").exists(),
-                                  reason=f"shared data not found at {SHARED}")
-
-
-def tiny_cifar(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return TensorDataset(x, y)
+from conftest import SHARED, needs_shared, tiny_data
 
 
 def test_prune_finetune_save_load_onnx(tmp_path):
@@ -31,7 +20,7 @@ def test_prune_finetune_save_load_onnx(tmp_path):
     result = prunekit.prune(model, torch.randn(1, 3, 32, 32), criterion="l1", ratio=0.4)
     assert result.macs_after < result.macs_before
     config = TrainConfig(epochs=1, lr=0.01, batch_size=16, progress=False, deterministic=True)
-    summary = fit(model, tiny_cifar(64), tiny_cifar(32, seed=1), config, tmp_path / "ft")
+    summary = fit(model, tiny_data(64, 32, classes=10), tiny_data(32, 32, seed=1, classes=10), config, tmp_path / "ft")
     assert summary["epochs_run"] == 1 and (tmp_path / "ft" / "best.pt").exists()
 
     model.eval()

@@ -3,35 +3,16 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import TensorDataset
 
 import prunekit
 from prunekit.measure import count_macs
 from prunekit.methods import SoftPruning, asymptotic_rate, finalize, soft_prune
 from prunekit.train import TrainConfig, fit
 
+from conftest import TinyNet, tiny_data
+
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
-
-
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-def tiny_data(n=32, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, size, size, generator=g),
-                         torch.randint(0, 4, (n,), generator=g))
 
 
 def config(**kw):

@@ -1,13 +1,11 @@
 """SWP: filter skeleton training, stripe/filter/block removal, exactness, save/load, export."""
 import io as stdio
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
 
 import prunekit.io as pio
 from prunekit import models
@@ -16,9 +14,10 @@ from prunekit.methods.swp import (FilterSkeleton, ShortcutBlock, SWPExactnessErr
 from prunekit.nn import StripeConv2d
 from prunekit.train import TrainConfig, fit
 
+from conftest import SHARED, tiny_data
+
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 X = torch.randn(1, 3, 32, 32)
 
 
@@ -35,12 +34,6 @@ class Plain(nn.Module):
         x = self.act(self.bn1(self.conv1(x)))
         x = torch.relu(self.bn2(self.conv2(x)))
         return self.fc(x.mean((2, 3)))
-
-
-def tiny_data(n=16, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, size, size, generator=g),
-                         torch.randint(0, 4, (n,), generator=g))
 
 
 def config(**kw):
@@ -108,7 +101,7 @@ def test_zeroed_stripes_and_dead_filters_stay_zero_through_training(tmp_path):
     with torch.no_grad():
         skeleton.skeletons()["conv1"][0] = 0.005        # a whole filter below the threshold
         skeleton.skeletons()["conv2"][3, 2, :] = 0.0    # one row of stripes
-    fit(model, tiny_data(), None, config(momentum=0.9, nesterov=True), tmp_path,
+    fit(model, tiny_data(16), None, config(momentum=0.9, nesterov=True), tmp_path,
         hooks=[skeleton])
     s1, s2 = skeleton.skeletons()["conv1"], skeleton.skeletons()["conv2"]
     assert s1[0].abs().max() == 0 and s2[3, 2].abs().max() == 0
@@ -123,7 +116,7 @@ def test_sr_drives_stripes_below_the_threshold(tmp_path):
         torch.manual_seed(0)
         model = Plain()
         skeleton = FilterSkeleton(model, torch.randn(1, 3, 8, 8), sr=sr, threshold=0.9)
-        fit(model, tiny_data(), None, config(epochs=3, lr=0.5, momentum=0.0), tmp_path / str(sr),
+        fit(model, tiny_data(16), None, config(epochs=3, lr=0.5, momentum=0.0), tmp_path / str(sr),
             hooks=[skeleton])
         rates.append(skeleton.stripe_fraction())
     assert rates[0] > rates[1]  # the L1 term shrinks the skeleton: more stripes die
@@ -370,7 +363,7 @@ def test_penalty_epochs_then_the_skeleton_is_frozen_and_dead_stripes_stay_dead(t
             def on_epoch_end(self, epoch):
                 seen.append((skeleton.penalising, sum(float(s.detach().abs().sum())
                                                       for s in skeleton.skeletons().values())))
-        fit(model, tiny_data(), None, config(epochs=3, lr=0.5, momentum=0.0, weight_decay=0.0),
+        fit(model, tiny_data(16), None, config(epochs=3, lr=0.5, momentum=0.0, weight_decay=0.0),
             tmp_path / str(penalty_epochs), hooks=[skeleton, Record()])
         flags[penalty_epochs] = [p for p, _ in seen]
         sums[penalty_epochs] = [s for _, s in seen]

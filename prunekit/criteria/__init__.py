@@ -1,6 +1,6 @@
-"""Channel importance criteria: each a small class with a ``name`` and ``score(graph, model)``.
+"""Channel importance criteria: each a small class with a ``name`` and a ``score`` method.
 
-``score`` returns ``{group name: scores}`` with one score per channel of the group; higher means
+``score(graph, model, calibration=None)`` returns ``{group name: scores}`` with one score per channel of the group; higher means
 more important (kept first). ``get_criterion("l1")`` looks one up by name; options go as keyword
 arguments (``get_criterion("chip", round_decimals=4)``) or build the class directly.
 
@@ -18,7 +18,8 @@ from .weight import FPGM, BNScale, L1Norm, L2Norm, RandomCriterion
 from .activation import APoZ, CHIP, ActivationCriterion, HRank
 from .gradient import Taylor
 from .calibration import run_calibration
+from .per_group import PerGroupCriterion
 
 __all__ = ["Criterion", "CRITERIA", "get_criterion", "register_criterion", "combine_scores",
            "L1Norm", "L2Norm", "FPGM", "BNScale", "RandomCriterion", "ActivationCriterion",
-           "HRank", "CHIP", "APoZ", "Taylor", "run_calibration"]
+           "HRank", "CHIP", "APoZ", "Taylor", "PerGroupCriterion", "run_calibration"]

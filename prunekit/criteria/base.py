@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 from torch import nn
 
+from ..errors import ConfigError
 from ..graph import ChannelGraph, ChannelGroup
 
 CRITERIA: dict[str, type["Criterion"]] = {}
@@ -20,15 +21,17 @@ def register_criterion(cls):
 class Criterion:
     """Scores every channel of every prunable group; higher = more important.
 
-    Criteria with ``needs_data = True`` are called as ``score(graph, model, calibration)``
-    (an iterable of batches, see :mod:`prunekit.criteria.calibration`) and raise ``ValueError``
-    without it; the others as ``score(graph, model)``.
+    Every criterion is called as ``score(graph, model, calibration=None)``. Criteria with
+    ``needs_data = True`` need ``calibration`` (an iterable of batches, see
+    :mod:`prunekit.criteria.calibration`) and raise ``ValueError`` without it
+    (:func:`require_calibration`); weight criteria ignore it.
     """
 
     name = "base"
     needs_data = False
 
-    def score(self, graph: ChannelGraph, model: nn.Module) -> dict[str, np.ndarray]:
+    def score(self, graph: ChannelGraph, model: nn.Module,
+              calibration=None) -> dict[str, np.ndarray]:
         return {g.name: self.score_group(g, model) for g in graph.prunable_groups()}
 
     def score_group(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
@@ -51,13 +54,13 @@ def get_criterion(criterion, **kwargs) -> Criterion:
         return criterion(**kwargs)
     if isinstance(criterion, str) and criterion in CRITERIA:
         return CRITERIA[criterion](**kwargs)
-    raise ValueError(f"unknown criterion {criterion!r}; available: {', '.join(sorted(CRITERIA))}")
+    raise ConfigError(f"unknown criterion {criterion!r}; available: {', '.join(sorted(CRITERIA))}")
 
 
 def require_calibration(criterion: Criterion, calibration):
     """``calibration`` unchanged, or a ValueError saying what a data criterion needs."""
     if calibration is None:
-        raise ValueError(f"criterion '{criterion.name}' needs calibration data: call "
+        raise ConfigError(f"criterion '{criterion.name}' needs calibration data: call "
                          f"score(graph, model, calibration) / prune(..., calibration=batches) "
                          "with an iterable of input batches or (inputs, targets) batches")
     return calibration
@@ -65,7 +68,7 @@ def require_calibration(criterion: Criterion, calibration):
 
 def check_choice(value, choices, what: str):
     if value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ConfigError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
 
 

@@ -143,19 +143,18 @@ class FPGM(Criterion):
         return opts
 
     def _removed_counts(self, graph) -> dict[str, int]:
-        from ..plan import keep_count, ratios_for_groups
+        from ..plan import ratio_counts
         removed = {}
         if self.ratio is not None or self.ratios is not None:
-            for name, r in ratios_for_groups(graph, self.ratio, self.ratios).items():
-                group = graph.by_name[name]
-                removed[name] = group.size - keep_count(group, r, self.round_to)
+            for name, keep in ratio_counts(graph, self.ratio, self.ratios, self.round_to).items():
+                removed[name] = graph.by_name[name].size - keep
         for name, keep in (self.counts or {}).items():
             if name not in graph.by_name:
                 raise ValueError(f"counts names unknown group '{name}'")
             removed[name] = graph.by_name[name].size - int(keep)
         return removed
 
-    def score(self, graph, model):
+    def score(self, graph, model, calibration=None):
         removed = self._removed_counts(graph) if self.mix_norm_ratio > 0 else {}
         return {g.name: self.score_group(g, model, removed.get(g.name, 0))
                 for g in graph.prunable_groups()}
@@ -234,6 +233,6 @@ class RandomCriterion(Criterion):
     def options(self) -> dict:
         return {"seed": self.seed}
 
-    def score(self, graph, model):
+    def score(self, graph, model, calibration=None):
         rng = np.random.default_rng(self.seed)
         return {g.name: rng.random(g.size) for g in graph.prunable_groups()}

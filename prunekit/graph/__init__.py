@@ -5,11 +5,11 @@ example inputs, and applies a channel rule to every node. Ops without a rule sto
 with a message naming the node; register rules for your own ops with the functions below.
 """
 from .errors import GraphError, TraceError, UnsupportedOpError
-from .groups import ChannelGraph, ChannelGroup, build_graph, explain
+from .groups import ChannelGraph, ChannelGroup, build_graph, explain, kept_positions
 from .registry import register_function_rule, register_method_rule, register_module_rule
 
 __all__ = [
     "ChannelGraph", "ChannelGroup", "GraphError", "TraceError", "UnsupportedOpError",
-    "build_graph", "explain", "register_function_rule", "register_method_rule",
+    "build_graph", "explain", "kept_positions", "register_function_rule", "register_method_rule",
     "register_module_rule",
 ]

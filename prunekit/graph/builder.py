@@ -6,6 +6,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch import nn
 
+from ..utils import as_tuple
 from .channels import channel_ids, no_channels
 from .context import RuleContext, TraceState
 from .errors import GraphError, UnsupportedOpError
@@ -15,10 +16,6 @@ from .tracer import trace
 from . import rules_layers, rules_tensor  # noqa: F401  (registers the built-in rules)
 
 
-def _as_tuple(example_inputs):
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
 
 
 def _tree_ids(value, make):
@@ -147,7 +144,7 @@ def _has_tensor_input(n: fx.Node, values) -> bool:
 def record_channels(model: nn.Module, example_inputs, *, leaf_modules=(), fixed_modules=()):
     """Trace ``model`` and run it once, returning the traced module and the recorded state."""
     gm = trace(model, leaf_types=tuple(LEAF_TYPES), leaf_names=leaf_modules)
-    inputs = _as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs)
     try:
         # Rules need shapes, not values: fake tensors give them without computing the
         # convolutions (ResNet-50 at 224x224: ~0.5 s instead of seconds).

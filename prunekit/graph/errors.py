@@ -1,6 +1,8 @@
 """Errors raised while building a channel graph. Each says what went wrong and what to do."""
 from __future__ import annotations
 
+from ..errors import PrunekitError
+
 HOW_TO_EXTEND = (
     "Register a channel rule with prunekit.graph.register_function_rule(target, rule) "
     "(or register_module_rule(ModuleClass, rule)), or pass leaf_modules=[...] so the module is "
@@ -8,7 +10,7 @@ HOW_TO_EXTEND = (
 )
 
 
-class GraphError(RuntimeError):
+class GraphError(PrunekitError, RuntimeError):
     """Base class of channel-graph errors."""
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .builder import _as_tuple, record_channels
+from ..utils import as_tuple
+from .builder import record_channels
 from .channels import NO_CHANNEL, UnionFind
 from .context import AttrMember, Member, TraceState
 
@@ -199,6 +200,30 @@ class ChannelGraph:
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
 
+    def tensor_members(self) -> list[tuple[Member, np.ndarray]]:
+        """Every (tensor member, channel identity per position) pair the trace recorded: a
+        conv's output rows, the next layer's input columns, norm entries, bare parameters."""
+        return list(zip(self.state.members, self.member_roots))
+
+    def attribute_members(self) -> list[tuple[AttrMember, np.ndarray]]:
+        """Every (integer attribute member, channel identity per position) pair, e.g. a
+        ZeroPadShortcut's output width."""
+        return list(zip(self.state.attr_members, self.attr_roots))
+
+    def module_meta(self, module: str) -> dict:
+        """What the trace recorded about ``module`` (e.g. ``{"kind": "depthwise"}``)."""
+        return self.state.module_meta.get(module, {})
+
+    def removed_roots(self, plan: dict[str, list[int]]) -> set[int]:
+        """Channel identities removed by ``plan`` (group name -> kept channel indices)."""
+        removed: set[int] = set()
+        for name, kept in plan.items():
+            group = self.by_name[name]
+            keep = np.zeros(group.size, dtype=bool)
+            keep[np.asarray(kept, dtype=np.int64)] = True
+            removed.update(int(r) for r in group.channels[~keep])
+        return removed
+
     def explain(self) -> str:
         lines = [f"ChannelGraph of {self.model_type}: {len(self.groups)} groups, "
                  f"{len(self.prunable_groups())} prunable"]
@@ -222,6 +247,14 @@ class ChannelGraph:
         if self.unreached:
             lines.append("not reached by the trace (left unpruned): " + ", ".join(self.unreached))
         return "\n".join(lines)
+
+
+def kept_positions(roots: np.ndarray, removed: set[int]) -> np.ndarray:
+    """Positions of a member (channel identity per position) that survive ``removed``."""
+    if not removed:
+        return np.arange(len(roots))
+    gone = np.isin(roots, np.fromiter(removed, dtype=np.int64, count=len(removed)))
+    return np.flatnonzero(~gone)
 
 
 def _group_name(members, index, taken) -> str:
@@ -260,7 +293,7 @@ def build_graph(model: nn.Module, example_inputs, *, leaf_modules=(), ignore=())
         # them would leave them reading channels that no longer exist. Trace a training-mode
         # copy (batch of 2 for BatchNorm) and keep it if it reaches them.
         trainee = copy.deepcopy(model).train()
-        inputs = _as_tuple(example_inputs)
+        inputs = as_tuple(example_inputs)
         inputs = tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) else t for t in inputs)
         try:
             gm2, state2 = record_channels(trainee, inputs, leaf_modules=leaf_modules,
@@ -285,4 +318,4 @@ def explain(model: nn.Module, example_inputs, **kwargs) -> str:
 
 
 __all__ = ["ChannelGraph", "ChannelGroup", "Member", "AttrMember", "build_graph", "explain",
-           "NO_CHANNEL"]
+           "kept_positions", "NO_CHANNEL"]

@@ -32,58 +32,31 @@ are left out of the sampler (every criterion keeps all of their channels).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..criteria import Criterion, get_criterion
-from ..graph import ChannelGraph
+from ..criteria import PerGroupCriterion, get_criterion
+from ..files import atomic_write
+from ..graph import ChannelGraph, build_graph
 from ..plan import make_plan
-from ..surgery import removed_channel_roots
+from ..train import TrainConfig, fit
+from ..utils import as_tuple, first_output
+from .soft import SoftPruning
 
-__all__ = ["CriteriaSampler", "CriteriaSearch", "PerGroupCriterion", "lfpc_prune", "linear_temperature",
-           "plot_choices"]
+__all__ = ["CriteriaSampler", "CriteriaSearch", "PerGroupCriterion", "lfpc_prune",
+           "linear_temperature"]
 
 
 def linear_temperature(progress: float, tau_max: float = 5.0, tau_min: float = 0.1) -> float:
     """Gumbel temperature at ``progress`` in [0, 1] of the search: linear ``tau_max -> tau_min``."""
     progress = min(max(float(progress), 0.0), 1.0)
     return tau_max - (tau_max - tau_min) * progress
-
-
-class PerGroupCriterion(Criterion):
-    """Scores every group with its own criterion: ``choices`` maps group name -> criterion
-    (name or instance); groups not listed use ``default``. LFPC's learned criteria."""
-
-    name = "per-group"
-
-    def __init__(self, choices: dict[str, Any], default: Any = "l2"):
-        self.choices = {str(k): get_criterion(v) for k, v in choices.items()}
-        self.default = get_criterion(default)
-        for crit in [self.default, *self.choices.values()]:
-            if getattr(crit, "needs_data", False):
-                raise ValueError(f"criterion '{crit.name}' needs calibration data; "
-                                 "PerGroupCriterion supports data-free criteria only")
-
-    def options(self) -> dict:
-        return {"choices": {k: v.name for k, v in self.choices.items()},
-                "default": self.default.name}
-
-    def score(self, graph: ChannelGraph, model: nn.Module) -> dict[str, np.ndarray]:
-        unknown = set(self.choices) - set(graph.by_name)
-        if unknown:
-            raise ValueError(f"PerGroupCriterion names unknown groups: {', '.join(sorted(unknown))}")
-        by_criterion: dict[int, dict[str, np.ndarray]] = {}
-        scores = {}
-        for group in graph.prunable_groups():
-            crit = self.choices.get(group.name, self.default)
-            if id(crit) not in by_criterion:  # whole-graph scoring: FPGM's mix needs counts
-                by_criterion[id(crit)] = crit.score(graph, model)
-            scores[group.name] = by_criterion[id(crit)][group.name]
-        return scores
 
 
 class CriteriaSampler(nn.Module):
@@ -134,7 +107,7 @@ class _MaskedOutput:
 def _masked_outputs(graph: ChannelGraph) -> list[_MaskedOutput]:
     """Every norm layer's output, and every producer's output that no norm of the same channels
     reads: the places where masking a channel is the same as removing its filter."""
-    members = list(zip(graph.state.members, graph.member_roots))
+    members = graph.tensor_members()
     normalised = {m.input_node for m, _ in members if m.role == "norm"}
     outputs: dict[str, _MaskedOutput] = {}
     for member, roots in members:
@@ -214,7 +187,7 @@ class CriteriaSearch:
         removed = []
         for crit in self.criteria:
             plan = make_plan(self.graph, crit.score(self.graph, self.model), {}, counts=self.keep)
-            removed.append(np.fromiter(removed_channel_roots(self.graph, plan), dtype=np.int64))
+            removed.append(np.fromiter(self.graph.removed_roots(plan), dtype=np.int64))
         for out in self._outputs:
             keep = np.stack([~np.isin(out.roots, gone) for gone in removed], axis=1)
             out.keep = torch.as_tensor(keep, dtype=torch.float32)
@@ -272,7 +245,7 @@ class CriteriaSearch:
         self._set_sample(self.sampler.sample())
         self._sampling = True
         try:
-            loss = F.cross_entropy(_first(self.model(inputs)), targets)
+            loss = F.cross_entropy(first_output(self.model(inputs)), targets)
         finally:
             self._sampling = False
         (grad,) = torch.autograd.grad(loss, self.sampler.alpha)
@@ -328,16 +301,12 @@ class CriteriaSearch:
         return rows
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def lfpc_prune(model: nn.Module, train_set, val_set, search_config, sfp_config, out_dir, *,
                example_inputs, macs_reduction: float | None = None, ratio: float | None = None,
                ratios: dict[str, float] | None = None,
                criteria: Sequence[str] = ("l1", "l2", "fpgm"), train_weights: bool = True,
                mask_grads: bool = False, ignore: Sequence = (), leaf_modules: Sequence = (),
-               resume: bool = True, **search_options):
+               resume: bool = True, graph: ChannelGraph | None = None, **search_options):
     """LFPC end to end: criteria search, SFP with the learned per-group criteria, removal.
 
     ``search_config`` / ``sfp_config``: :class:`prunekit.train.TrainConfig` (or dicts) of the
@@ -348,23 +317,19 @@ def lfpc_prune(model: nn.Module, train_set, val_set, search_config, sfp_config, 
     once, from the pretrained weights, and both phases use those counts. Each phase resumes from
     its ``last.pt`` under ``out_dir``. With ``train_weights=False`` the search only optimises
     the logits (model in eval mode, ``search_config.epochs`` passes over ``val_set``).
+    ``graph``: the model's ChannelGraph if already built (same ``ignore``); else it is traced.
 
     Returns ``(model, PruningResult, info)``; ``info`` holds ``choices`` (one row per group:
     size, kept, probabilities, choice), the search history and both phases' fit summaries.
     """
-    from pathlib import Path
-
-    from ..graph import build_graph
-    from ..train import TrainConfig, fit
-    from .soft import SoftPruning, _as_tuple
-
     out_dir = Path(out_dir)
     search_config = _config(search_config, TrainConfig)
     sfp_config = _config(sfp_config, TrainConfig)
-    example_inputs = _as_tuple(example_inputs)
+    example_inputs = as_tuple(example_inputs)
     if example_inputs is None:
         raise ValueError("lfpc_prune needs example_inputs (e.g. torch.randn(1, 3, 32, 32))")
-    graph = build_graph(model, example_inputs, leaf_modules=leaf_modules, ignore=ignore)
+    if graph is None:
+        graph = build_graph(model, example_inputs, leaf_modules=leaf_modules, ignore=ignore)
     counts = SoftPruning(graph, model=model, example_inputs=example_inputs, criterion="l2",
                          ratio=ratio, ratios=ratios, macs_reduction=macs_reduction).target_keep
     if train_weights:
@@ -405,10 +370,6 @@ def _config(config, cls):
 
 def _search_frozen(model: nn.Module, search: CriteriaSearch, config, out_dir, resume: bool):
     """Sampler-only search: the weights stay fixed (eval mode); resumable per pass."""
-    from pathlib import Path
-
-    from tqdm.auto import tqdm
-
     path = Path(out_dir) / "sampler.pt"
     start = 0
     if resume and path.exists():
@@ -426,30 +387,6 @@ def _search_frozen(model: nn.Module, search: CriteriaSearch, config, out_dir, re
             search.sampler_step()
         search.on_epoch_end(epoch)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"search": search.state_dict(), "epoch": epoch}, tmp)
-        tmp.replace(path)
+        state = {"search": search.state_dict(), "epoch": epoch}
+        atomic_write(path, lambda stream: torch.save(state, stream))
     return {"status": "completed", "epochs_run": config.epochs - start, "steps": search.step}
-
-
-def plot_choices(rows: list[dict[str, Any]], path, title: str = "LFPC: learned criterion per group"):
-    """A heat map of each group's criterion probabilities, the chosen one outlined."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    criteria = list(rows[0]["probabilities"])
-    probs = np.array([[r["probabilities"][c] for c in criteria] for r in rows])
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows) + 2), 3.2), dpi=120)
-    image = ax.imshow(probs.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    for i, r in enumerate(rows):
-        j = criteria.index(r["choice"])
-        ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, ec="white", lw=1.5))
-    ax.set_yticks(range(len(criteria)), criteria)
-    ax.set_xticks(range(len(rows)), [r["group"] for r in rows], rotation=90, fontsize=6)
-    ax.set_xlabel("prunable group (graph order); outlined: the chosen criterion")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="sampler probability")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -55,9 +55,12 @@ import torch
 from torch import nn
 
 from ..criteria import get_criterion
-from ..graph import ChannelGraph, build_graph
-from ..plan import check_ratio, keep_count, make_plan, ratios_for_groups
-from ..surgery import kept_positions, removed_channel_roots
+from ..graph import ChannelGraph, build_graph, kept_positions
+from ..measure import count_macs
+from ..plan import check_ratio, counts_for_macs, keep_count, make_plan, ratios_for_groups
+from ..pruning import prune
+from ..surgery import tensor_by_name
+from ..utils import as_tuple
 
 __all__ = ["SOFT_SCHEDULES", "SoftPruning", "asymptotic_rate", "finalize", "soft_prune",
            "zero_masked_channels"]
@@ -88,11 +91,11 @@ def _masked_entries(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[
     norm weights only with ``zero_norm_weight``. Gradients (``for_grads=True``): producer rows
     and biases, norm weights and biases. Consumer columns ("in") are never touched.
     """
-    removed = removed_channel_roots(graph, plan)
+    removed = graph.removed_roots(plan)
     entries = []
     if not removed:
         return entries
-    for member, roots in zip(graph.state.members, graph.member_roots):
+    for member, roots in graph.tensor_members():
         if member.blocks > 1 or member.role not in ("out", "norm"):
             continue
         if member.role == "norm":
@@ -105,15 +108,10 @@ def _masked_entries(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[
         if len(keep) == len(roots):
             continue
         drop = sorted(set(range(len(roots))) - set(keep.tolist()))
-        tensor = _tensor(model, member.tensor)
+        tensor = tensor_by_name(model, member.tensor)
         entries.append((tensor, member.dim,
                         torch.as_tensor(drop, dtype=torch.long, device=tensor.device)))
     return entries
-
-
-def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, attr)
 
 
 @torch.no_grad()
@@ -133,12 +131,6 @@ def zero_masked_channels(model: nn.Module, graph: ChannelGraph, plan: dict[str, 
                                              zero_norm_weight=zero_norm_weight):
         tensor.index_fill_(dim, drop, 0)
     return model
-
-
-def _as_tuple(example_inputs) -> tuple:
-    if example_inputs is None:
-        return None
-    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
 class SoftPruning:
@@ -184,7 +176,7 @@ class SoftPruning:
                              "or keep={group: channels kept}")
         if ratio is not None:
             check_ratio(ratio)
-        self.example_inputs = _as_tuple(example_inputs)
+        self.example_inputs = as_tuple(example_inputs)
         self.ignore, self.leaf_modules = list(ignore), list(leaf_modules)
         if graph is None:
             if model is None or self.example_inputs is None:
@@ -251,15 +243,12 @@ class SoftPruning:
         return out
 
     def _counts_for_macs(self, model: nn.Module | None, target: float) -> dict[str, int]:
-        from ..measure import count_macs
-        from ..pruning import _counts_for_macs
-
         if model is None or self.example_inputs is None:
             raise ValueError("macs_reduction needs model=... and example_inputs=...")
         check_ratio(target, "macs_reduction")
         scores = self.criterion.score(self.graph, model)
-        return _counts_for_macs(model, self.graph, scores, self.example_inputs, target,
-                                count_macs(model, self.example_inputs), 1)
+        return counts_for_macs(model, self.graph, scores, self.example_inputs, target,
+                               count_macs(model, self.example_inputs), 1)
 
     def update_mask(self, epoch: int) -> dict[str, list[int]]:
         """Recompute the plan for ``epoch`` from the current weights and apply it."""
@@ -348,22 +337,22 @@ def finalize(model: nn.Module, graph: ChannelGraph, hook, example_inputs=None):
     The mask is re-applied first (a no-op after training), so that the compact model computes
     exactly what the masked model computes (eval mode).
     """
-    from ..pruning import prune
-
     if isinstance(hook, SoftPruning):
         plan = hook.plan
         example_inputs = example_inputs if example_inputs is not None else hook.example_inputs
         ignore, leaf_modules = hook.ignore, hook.leaf_modules
     else:
         plan, ignore, leaf_modules = dict(hook), (), ()
-    example_inputs = _as_tuple(example_inputs)
+    example_inputs = as_tuple(example_inputs)
     if example_inputs is None:
         raise ValueError("finalize needs example_inputs (the hook was built from a graph)")
     device = next(model.parameters()).device
     example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x
                            for x in example_inputs)
     zero_masked_channels(model, graph, plan)
-    result = prune(model, example_inputs, plan=plan, ignore=ignore, leaf_modules=leaf_modules)
+    # The graph refers to tensors by name and soft training changes no shape: reuse it.
+    result = prune(model, example_inputs, plan=plan, ignore=ignore, leaf_modules=leaf_modules,
+                   graph=graph)
     if isinstance(hook, SoftPruning):
         result.criterion = f"soft-{getattr(hook.criterion, 'name', hook.criterion)}"
     return result
@@ -374,8 +363,10 @@ def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criteri
                schedule: str = "constant", mask_grads: bool = False, example_inputs=None,
                ignore: Sequence = (), leaf_modules: Sequence = (), resume: bool = True,
                macs_reduction: float | None = None, zero_norm_weight: bool = False,
-               reset_momentum: bool = False):
+               reset_momentum: bool = False, graph: ChannelGraph | None = None):
     """Soft-prune ``model`` during :func:`prunekit.train.fit`, then remove the last mask.
+
+    ``graph``: the model's ChannelGraph if already built (same ``ignore``); else it is traced.
 
     Returns ``(model, PruningResult, fit summary)``; ``model`` is pruned in place and holds the
     weights of the last epoch (``best.pt`` in ``out_dir`` is the best *masked* model on the
@@ -386,7 +377,7 @@ def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criteri
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if example_inputs is None:
         raise ValueError("soft_prune needs example_inputs (e.g. torch.randn(1, 3, 32, 32))")
-    hook = SoftPruning(model=model, example_inputs=example_inputs, criterion=criterion,
+    hook = SoftPruning(graph, model=model, example_inputs=example_inputs, criterion=criterion,
                        ratio=ratio, ratios=ratios, schedule=schedule, mask_grads=mask_grads,
                        epochs=config.epochs, ignore=ignore, leaf_modules=leaf_modules,
                        macs_reduction=macs_reduction, zero_norm_weight=zero_norm_weight,

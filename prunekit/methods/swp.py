@@ -31,14 +31,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import PrunekitError
 from ..graph import build_graph
-from ..io import register_replacement
 from ..measure import count_macs, count_params
 from ..models.cifar_resnet import BasicBlock
-from ..nn import StripeConv2d
+from ..nn import ShortcutBlock, StripeConv2d
 from ..pruning import reduction
-
-register_replacement(StripeConv2d)
+from ..utils import as_tuple, first_output, set_submodule
 
 __all__ = ["FilterSkeleton", "SWPExactnessError", "SWPResult", "ShortcutBlock", "SkeletonMask",
            "swp_prune"]
@@ -102,8 +101,7 @@ class FilterSkeleton:
         if not 0 <= threshold < 1:
             raise ValueError(f"threshold (delta) must be in [0, 1), got {threshold!r}; the "
                              "skeleton starts at 1, so a threshold >= 1 would empty every conv")
-        example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
-            else tuple(example_inputs)
+        example_inputs = as_tuple(example_inputs)
         named = dict(model.named_modules())
         if modules is None:
             modules = [n for n, m in named.items() if isinstance(m, nn.Conv2d) and m.groups == 1
@@ -220,36 +218,14 @@ class FilterSkeleton:
 def _norms_reading(model: nn.Module, example_inputs, names: Sequence[str]) -> dict[str, list[str]]:
     """For each conv, the norm layers that normalise its output directly."""
     graph = build_graph(model, example_inputs)
-    node_of = {m.module: m.node for m in graph.state.members if m.role == "out"}
+    node_of = {m.module: m.node for m, _ in graph.tensor_members() if m.role == "out"}
     out: dict[str, list[str]] = {name: [] for name in names}
-    for m in graph.state.members:
+    for m, _ in graph.tensor_members():
         if m.role == "norm" and m.tensor.endswith(".weight"):
             for name in names:
                 if node_of.get(name) == m.input_node:
                     out[name].append(m.module)
     return out
-
-
-@register_replacement
-class ShortcutBlock(nn.Module):
-    """What a BasicBlock computes once its branch lost every stripe: ``relu(shortcut(x) + c)``,
-    ``c`` the per-channel constant the emptied branch still adds (``bn2`` of zeros)."""
-
-    def __init__(self, shortcut: nn.Module, constant: torch.Tensor):
-        super().__init__()
-        self.shortcut = shortcut
-        self.register_buffer("constant", constant.detach().reshape(1, -1, 1, 1).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.shortcut(x) + self.constant)
-
-    def prunekit_init(self) -> dict:
-        return {"channels": int(self.constant.numel())}
-
-    @classmethod
-    def prunekit_build(cls, original: nn.Module, init: dict) -> "ShortcutBlock":
-        """Around the replaced block's own shortcut (restored by the spec like any module)."""
-        return cls(original.shortcut, torch.zeros(int(init["channels"])))
 
 
 @dataclass
@@ -276,7 +252,7 @@ class SWPResult:
                 "params_reduction": self.params_reduction}
 
 
-class SWPExactnessError(RuntimeError):
+class SWPExactnessError(PrunekitError, RuntimeError):
     """The stripe-pruned model does not compute what the skeleton-masked model computed."""
 
 
@@ -293,8 +269,7 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
 
     if executor not in ("stripe", "dense"):
         raise ValueError(f"executor must be 'stripe' or 'dense', got {executor!r}")
-    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
-        else tuple(example_inputs)
+    example_inputs = as_tuple(example_inputs)
     model.eval()
     macs_before, params_before = count_macs(model, example_inputs), count_params(model)
     if skeleton.stripe_fraction() == 0:
@@ -303,7 +278,7 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
                          "threshold, or train fewer steps (the skeleton training checkpoint "
                          "is kept)")
     masks = skeleton.remove()
-    reference = _first(model(*example_inputs)).clone()
+    reference = first_output(model(*example_inputs)).clone()
     stripes_before = sum(m.numel() for m in masks.values())
     replaced = _replace_empty_blocks(model, masks, example_inputs)
     plan, removed = _zero_channel_plan(model, example_inputs)
@@ -318,9 +293,9 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
         mask = conv.weight.detach().abs().amax(1) > 0  # (N, K, K): baked, sliced weights
         stripes_after += int(mask.sum())
         if executor == "stripe" and not bool(mask.all()):
-            _set_submodule(model, name, StripeConv2d.from_dense(conv, mask))
+            set_submodule(model, name, StripeConv2d.from_dense(conv, mask))
             stripe_convs.append(name)
-    after = _first(model(*example_inputs))
+    after = first_output(model(*example_inputs))
     error = float((after - reference).abs().max())
     scale = max(float(reference.abs().max()), 1.0)
     if error > check_atol * scale:
@@ -332,10 +307,6 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
         replaced_blocks=replaced, stripe_convs=stripe_convs, macs_before=macs_before,
         macs_after=count_macs(model, example_inputs), params_before=params_before,
         params_after=count_params(model), plan=plan)
-
-
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _replace_empty_blocks(model: nn.Module, masks: dict[str, torch.Tensor],
@@ -367,7 +338,7 @@ def _replace_empty_blocks(model: nn.Module, masks: dict[str, torch.Tensor],
         constant = branch[:, :, :1, :1]
         if not torch.equal(branch, constant.expand_as(branch)):
             continue
-        _set_submodule(model, name, ShortcutBlock(block.shortcut, constant.flatten()))
+        set_submodule(model, name, ShortcutBlock(block.shortcut, constant.flatten()))
         replaced.append(name)
     return replaced
 
@@ -419,9 +390,3 @@ def _zero_channel_plan(model: nn.Module, example_inputs
             plan[group.name] = np.flatnonzero(~zero).tolist()
             removed[group.name] = int(zero.sum())
     return plan, removed
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)

@@ -13,8 +13,8 @@ import warnings
 
 from torch import nn
 
-from .graph import ChannelGraph
-from .plan import PlanError, check_ratio
+from ..graph import ChannelGraph
+from .checks import PlanError, check_ratio
 
 _TERM = re.compile(r"\s*\[\s*([^\[\]]*?)\s*\]\s*(?:\*\s*(\d+))?\s*")
 

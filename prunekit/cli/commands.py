@@ -1,0 +1,146 @@
+"""``prunekit eval | export | report | models | explain``."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .. import data, io, measure, models
+from ..errors import ConfigError
+from ..graph import explain
+from ..pipeline import load_model
+from ..report import write_report
+from .options import add_model_args, int_list, model_spec
+from .prune import saved_model_path
+
+__all__ = ["add_inspect_parsers"]
+
+CIFAR_INPUT = (1, 3, 32, 32)
+
+
+def add_inspect_parsers(sub) -> None:
+    ev = sub.add_parser("eval", help="accuracy, MACs, params and measured latency of a model")
+    add_model_args(ev)
+    ev.add_argument("--data", default=None,
+                    help=f"CIFAR-10 location (default: ${data.DATA_ENV_VAR} or known places)")
+    ev.add_argument("--split", default="test", choices=data.SPLITS,
+                    help="which images to evaluate on (test-lossless: the 1,000 original-pixel "
+                         "test images, comparable to published numbers)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset")
+    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--workers", type=int, default=0)
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ev.add_argument("--latency-batches", default="1,64",
+                    help="batch sizes to time, comma-separated; empty to skip")
+    ev.add_argument("--latency-runs", type=int, default=30)
+    ev.add_argument("--threads", type=int, default=None, help="CPU threads for timing")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.set_defaults(func=cmd_eval)
+
+    exp = sub.add_parser("export", help="export a saved model to ONNX and/or TorchScript")
+    exp.add_argument("model", help="a .safetensors file written by prunekit, or a run directory")
+    exp.add_argument("--onnx", action="store_true")
+    exp.add_argument("--torchscript", action="store_true")
+    exp.add_argument("--out", default=None, help="output path stem (default: next to the model)")
+    exp.add_argument("--input-size", type=int, default=32)
+    exp.set_defaults(func=cmd_export)
+
+    rep = sub.add_parser("report", help="Markdown table + PNG plot of accuracy vs MACs")
+    rep.add_argument("runs", nargs="+", help="run directories containing report.json")
+    rep.add_argument("--out", default="report", help="output stem: OUT.md and OUT.png")
+    rep.add_argument("--split", default=None, help="which accuracy to plot (default: test)")
+    rep.set_defaults(func=cmd_report)
+
+    ls = sub.add_parser("models", help="list the registered models")
+    ls.add_argument("pattern", nargs="?", default=None)
+    ls.set_defaults(func=lambda a: print("\n".join(models.list_models(a.pattern))) or 0)
+
+    ex = sub.add_parser("explain", help="print the channel groups of a model")
+    add_model_args(ex)
+    ex.add_argument("--input-size", type=int, default=32)
+    ex.set_defaults(func=cmd_explain)
+
+
+def cmd_export(args) -> int:
+    source = Path(saved_model_path(args.model))
+    model = io.load(source).eval()
+    example = torch.randn(1, 3, args.input_size, args.input_size)
+    stem = Path(args.out) if args.out else source.with_suffix("")
+    if not (args.onnx or args.torchscript):
+        raise ConfigError("choose --onnx and/or --torchscript")
+    if args.onnx:
+        print(f"wrote {io.export_onnx(model, stem.with_suffix('.onnx'), example)} "
+              "(onnxruntime output checked against PyTorch)")
+    if args.torchscript:
+        print(f"wrote {io.export_torchscript(model, stem.with_suffix('.pt'), example)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    md, png = write_report(args.runs, args.out, split=args.split)
+    print(open(md).read())
+    print(f"wrote {md} and {png}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    device = measure.resolve_device(args.device)
+    model = load_model(model_spec(args)).to(device).eval()
+    root = data.resolve_data_root(args.data)
+    dataset = data.CIFAR10(root, split=args.split, limit=args.limit)
+    loader = data.build_loader(dataset, batch_size=args.batch_size, shuffle=False,
+                               num_workers=args.workers)
+    started = time.perf_counter()
+    accuracy = measure.evaluate(model, loader, device=device, progress=not args.json)
+    eval_seconds = time.perf_counter() - started
+    example = torch.randn(*CIFAR_INPUT, device=device)
+    sizes = measure.profile(model, example)
+    batches = int_list(args.latency_batches, "--latency-batches")
+    latency = None
+    if batches:
+        latency = measure.measure_latency(model, example, batch_sizes=batches,
+                                          runs=args.latency_runs, threads=args.threads)
+    report = {
+        "model": args.model, "weights": args.weights, "split": args.split,
+        "split_description": dataset.description, "images": accuracy["n"],
+        "top1": accuracy["top1"], "top5": accuracy["top5"], "loss": accuracy["loss"],
+        "macs": sizes["macs"], "macs_thop": sizes["macs_thop"], "params": sizes["params"],
+        "latency_ms": {str(b): ms for b, ms in latency.median_ms.items()} if latency else {},
+        "latency": latency.as_dict() if latency else None,
+        "device": str(device), "eval_seconds": eval_seconds,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(_table(report))
+    return 0
+
+
+def _table(r: dict) -> str:
+    rows = [
+        ("model", f"{r['model']} (weights: {r['weights'] or 'random init'})"),
+        ("data", r["split_description"]),
+        ("top-1 / top-5", f"{r['top1']:.2f}% / {r['top5']:.2f}%  on {r['images']:,} images "
+                          f"[{r['split']}]"),
+        ("MACs", f"{r['macs']:,} ({r['macs'] / 1e6:.2f}M; conv+linear; "
+                 f"thop-style with BN: {r['macs_thop'] / 1e6:.2f}M)"),
+        ("params", f"{r['params']:,} ({r['params'] / 1e6:.3f}M)"),
+    ]
+    if r["latency"]:
+        lat = r["latency"]
+        for bs, b in lat["batches"].items():
+            rows.append((f"latency bs={bs}", f"{b['median_ms']:.2f} ms median "
+                                             f"(p10 {b['p10_ms']:.2f}, p90 {b['p90_ms']:.2f}, "
+                                             f"{b['runs']} runs)"))
+        rows.append(("timed on", f"{lat['device_name']}, {lat['num_threads']} threads, "
+                                 f"torch {lat['torch_version']}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def cmd_explain(args) -> int:
+    model = load_model(model_spec(args)).eval()
+    explain(model, torch.randn(1, 3, args.input_size, args.input_size))
+    return 0

@@ -1,0 +1,84 @@
+"""Shared command-line options: the model, fine-tuning (from TrainConfig's fields) and run
+measurement; and turning parsed flags into the job's configuration mappings."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ConfigError
+from ..pipeline import RunConfig
+
+__all__ = ["add_common_run_args", "add_model_args", "add_train_args", "model_spec",
+           "run_options", "train_overrides"]
+
+TRAIN_FIELDS = (("epochs", int), ("lr", float), ("momentum", float), ("weight_decay", float),
+                ("schedule", str), ("warmup_epochs", int), ("label_smoothing", float),
+                ("batch_size", int), ("num_workers", int))
+_RUN_DEFAULTS = {f: RunConfig.__dataclass_fields__[f].default
+                 for f in ("seed", "latency_runs")}
+
+
+def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="model name (see `prunekit models`) or a saved .safetensors")
+    p.add_argument("--weights", default=None,
+                   help="checkpoint path, or 'pretrained' for the shared CIFAR ResNet weights")
+    p.add_argument("--shortcut", default=None, help="CIFAR ResNet shortcut: A, A_append or B")
+
+
+def model_spec(args) -> dict:
+    """A zoo model by name, or a saved (pruned) model given as a .safetensors path."""
+    if args.model.endswith(".safetensors"):
+        return {"path": args.model}
+    kwargs = {"shortcut": args.shortcut} if args.shortcut else {}
+    return {"name": args.model, "weights": args.weights, "kwargs": kwargs}
+
+
+def add_train_args(p, prefix: str) -> None:
+    for name, kind in TRAIN_FIELDS:
+        p.add_argument(f"--{prefix}{name.replace('_', '-')}", type=kind, default=None,
+                       dest=f"train_{name}")
+    p.add_argument(f"--{prefix}nesterov", action="store_true", default=None, dest="train_nesterov")
+    p.add_argument(f"--{prefix}milestones", default=None, dest="train_milestones",
+                   help="comma-separated epochs for the multistep schedule")
+    p.add_argument(f"--{prefix}max-steps", type=int, default=None,
+                   dest="train_max_steps_per_epoch", help="cap steps per epoch (smoke runs)")
+
+
+def add_common_run_args(p) -> None:
+    p.add_argument("--data", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-splits", default="test,test-lossless")
+    p.add_argument("--latency-batches", default="1,64")
+    p.add_argument("--latency-runs", type=int, default=_RUN_DEFAULTS["latency_runs"])
+    p.add_argument("--seed", type=int, default=_RUN_DEFAULTS["seed"])
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on a class-balanced subset of N images (smoke runs)")
+
+
+def train_overrides(args) -> dict:
+    out = {}
+    for name, _ in TRAIN_FIELDS + (("nesterov", bool), ("max_steps_per_epoch", int)):
+        value = getattr(args, f"train_{name}", None)
+        if value is not None:
+            out[name] = value
+    if getattr(args, "train_milestones", None):
+        out["milestones"] = [int(m) for m in args.train_milestones.split(",")]
+    if args.device != "auto":
+        out["device"] = args.device
+    out["seed"] = args.seed
+    return out
+
+
+def int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated whole numbers such as 1,64; "
+                          f"got {text!r}") from None
+
+
+def run_options(args) -> dict:
+    return {"data": args.data, "seed": args.seed,
+            "eval_splits": [s for s in args.eval_splits.split(",") if s],
+            "latency_batches": int_list(args.latency_batches, "--latency-batches"),
+            "latency_runs": args.latency_runs, "limit": args.limit}

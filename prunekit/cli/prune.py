@@ -1,0 +1,112 @@
+"""``prunekit prune`` and ``prunekit finetune``: flags (and a recipe) to a job configuration."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..pipeline import FINETUNE_DEFAULTS, finetune_saved, run_prune, summary_table
+from ..plan import TARGET_KINDS, check_ratio
+from ..recipes import load_recipe
+from .method_flags import add_method_arguments, method_overrides
+from .options import (add_common_run_args, add_train_args, model_spec, run_options,
+                      train_overrides)
+
+__all__ = ["add_finetune_parser", "add_prune_parser"]
+
+
+def add_prune_parser(sub) -> None:
+    pr = sub.add_parser("prune", help="prune, fine-tune, measure and save (report.json)")
+    pr.add_argument("--recipe", default=None, help="a recipe name (recipes/) or YAML file")
+    pr.add_argument("--model", default=None, help="model name or saved .safetensors")
+    pr.add_argument("--weights", default=None)
+    pr.add_argument("--shortcut", default=None)
+    pr.add_argument("--criterion", default=None, help="l1, l2, fpgm, bn_scale, hrank, chip, ...")
+    add_method_arguments(pr)
+    target = pr.add_mutually_exclusive_group()
+    target.add_argument("--ratio", type=float, default=None, help="uniform fraction removed")
+    target.add_argument("--macs-reduction", type=float, default=None,
+                        help="fraction of MACs to remove (reached within 1%%)")
+    target.add_argument("--chip-sparsity", default=None, help="e.g. '[0.]+[0.15]*2+[0.4]*27'")
+    target.add_argument("--global-ratio", type=float, default=None,
+                        help="fraction of all channels removed by one global ranking")
+    pr.add_argument("--ignore", default="", help="comma-separated modules whose outputs stay")
+    pr.add_argument("--round-to", type=int, default=None)
+    pr.add_argument("--out", required=True, help="run directory (rerun to resume)")
+    add_train_args(pr, prefix="finetune-")
+    add_common_run_args(pr)
+    pr.set_defaults(func=cmd_prune)
+
+
+def add_finetune_parser(sub) -> None:
+    ft = sub.add_parser("finetune", help="fine-tune a saved model (resumable)")
+    ft.add_argument("model", help="a .safetensors file written by prunekit, or a run directory")
+    ft.add_argument("--out", default=None, help="default: <run dir>/finetune-more")
+    add_train_args(ft, prefix="")
+    add_common_run_args(ft)
+    ft.set_defaults(func=cmd_finetune)
+
+
+def _method_section(args, options: dict) -> dict:
+    method = dict(options.get("method") or {})
+    if args.method and args.method != (method.get("name") or "oneshot"):
+        method = {"name": args.method}  # another method than the recipe's: its options go
+    name = method.get("name") or "oneshot"
+    for key, value in method_overrides(args, name).items():
+        if isinstance(value, dict):
+            value = {**(method.get(key) or {}), **value}
+        method[key] = value
+    method["name"] = name
+    return method
+
+
+def _plan_section(args, options: dict) -> dict:
+    plan = dict(options.get("plan") or {})
+    for key, value in (("ratio", args.ratio), ("macs_reduction", args.macs_reduction),
+                       ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio)):
+        if value is not None:
+            if key != "chip_sparsity":  # fail before loading data or measuring anything
+                check_ratio(value, "--" + key.replace("_", "-"))
+            for kind in TARGET_KINDS:
+                plan.pop(kind, None)
+            plan[key] = value
+    if args.ignore:
+        plan["ignore"] = [n for n in args.ignore.split(",") if n]
+    if args.round_to:
+        plan["round_to"] = args.round_to
+    return plan
+
+
+def cmd_prune(args) -> int:
+    options = load_recipe(args.recipe) if args.recipe else {}
+    recipe_name = options.get("name")
+    if args.model:
+        options["model"] = model_spec(args)
+    if "model" not in options:
+        raise ConfigError("give --model (and --weights) or --recipe")
+    if args.criterion:
+        options["criterion"] = {"name": args.criterion}
+    options["method"] = _method_section(args, options)
+    options["plan"] = _plan_section(args, options)
+    options["finetune"] = {**FINETUNE_DEFAULTS, **(options.get("finetune") or {}),
+                           **train_overrides(args)}
+    options.update(run_options(args), out=args.out, recipe=recipe_name)
+    report = run_prune(options)
+    print(summary_table(report))
+    print(f"wrote {args.out}/report.json and {args.out}/model.safetensors")
+    return 0
+
+
+def saved_model_path(path: str) -> str:
+    p = Path(path)
+    return str(p / "model.safetensors") if p.is_dir() else str(p)
+
+
+def cmd_finetune(args) -> int:
+    source = saved_model_path(args.model)
+    out = args.out or str(Path(source).parent / "finetune-more")
+    options = {**run_options(args),
+               "finetune": {**FINETUNE_DEFAULTS, "epochs": 1, **train_overrides(args)}}
+    report = finetune_saved(source, out, options)
+    print(json.dumps({k: report[k] for k in ("best_val_top1", "best_epoch", "status")}))
+    return 0

@@ -1,0 +1,82 @@
+"""LFPC as a registered method: the criteria search, then SFP with the learned criteria (the
+machinery is :mod:`prunekit.methods.lfpc`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..train import TrainConfig
+from .context import MethodContext
+from .lfpc import lfpc_prune
+from .lfpc_plot import plot_choices
+from .registry import MethodConfig, MethodResult, PruningMethod, option, register_method
+from .soft_methods import check_trains, soft_targets
+
+__all__ = ["LFPC", "SAMPLER_KEYS"]
+
+#: Options of :class:`~prunekit.methods.lfpc.CriteriaSearch` a recipe's ``sampler`` may set.
+SAMPLER_KEYS = ("tau_max", "tau_min", "hard", "alpha_lr", "alpha_betas", "alpha_weight_decay",
+                "init_std", "batch_size", "mask_every")
+
+
+@register_method
+class LFPC(PruningMethod):
+    """Learning Filter Pruning Criteria (He et al., CVPR 2020), as reconstructed in lfpc.md:
+    a Gumbel-softmax sampler learns which criterion each group uses (on the val split), then
+    SFP prunes with those criteria at the same per-group counts."""
+
+    name = "lfpc"
+    summary = "learn each group's criterion (l1/l2/fpgm), then SFP with those choices"
+    trains = True
+
+    @dataclass
+    class Config(MethodConfig):
+        criteria: tuple[str, ...] = option(("l1", "l2", "fpgm"), "the criteria each group's "
+                                           "sampler chooses among")
+        train_weights: bool = option(True, "train the weights during the search (off: only "
+                                     "the sampler learns)", flag="--frozen-search", invert=True)
+        mask_grads: bool = option(False, "zero the masked filters' gradients every step (FPGM's "
+                                  "code) instead of letting them regrow (SFP's)")
+        search: dict = option({}, "training settings of the search phase (TrainConfig keys; "
+                              "default: the fine-tuning's, 1 epoch)",
+                              subflags={"epochs": ("--search-epochs", int,
+                                                   "epochs of the criteria search "
+                                                   "(default 1)")})
+        sampler: dict = option({}, f"sampler options ({', '.join(SAMPLER_KEYS)})",
+                               subflags={"alpha_lr": ("--alpha-lr", float,
+                                                      "Adam lr of the sampler logits "
+                                                      "(default 1e-4)")})
+
+        def validate(self) -> None:
+            bad = set(self.sampler) - set(SAMPLER_KEYS)
+            if bad:
+                raise ConfigError(f"unknown sampler keys {sorted(bad)}; valid: "
+                                  f"{sorted(SAMPLER_KEYS)}")
+            known = {f.name for f in fields(TrainConfig)}
+            bad = set(self.search) - known
+            if bad:
+                raise ConfigError(f"method.search: unknown keys {sorted(bad)}; valid: "
+                                  f"{sorted(known)}")
+            if len(self.criteria) < 2:
+                raise ConfigError(f"LFPC chooses among criteria: give at least two, got "
+                                  f"{list(self.criteria)}")
+
+    def run(self, model: nn.Module, context: MethodContext) -> MethodResult:
+        check_trains(self.name, context)
+        targets = soft_targets(self.name, context)
+        data = context.require_data("method lfpc")
+        c = self.config
+        search = {**context.finetune.to_dict(), "epochs": 1, **c.search}
+        with context.stage("soft_prune"):
+            model, result, info = lfpc_prune(
+                model, data.train_set(), data.val_set(), search, context.finetune,
+                context.out_dir / "lfpc", example_inputs=context.example_inputs,
+                criteria=c.criteria, train_weights=c.train_weights, mask_grads=c.mask_grads,
+                ignore=context.target.ignore, graph=context.graph(model), **c.sampler,
+                **targets)
+        plot_choices(info["choices"], context.out_dir / "lfpc_choices.png")
+        extras = {"lfpc": {k: info[k] for k in ("choices", "criteria", "search_history")}}
+        return MethodResult(plan=result.plan, trained=True, summary=info["sfp"], extras=extras,
+                            group_sizes=result.group_sizes)

@@ -1,0 +1,16 @@
+"""The ``prunekit prune`` / ``prunekit finetune`` jobs.
+
+* :mod:`.config`: :class:`RunConfig`, the job's configuration (recipe + flags), defaults once;
+* :mod:`.run_data`: the data a run reads (CIFAR-10 splits, calibration batches);
+* :mod:`.measuring`: accuracy / MACs / params / latency of a model, the stage timer, the table;
+* :mod:`.job`: :func:`run_prune` (measure -> method -> measure -> fine-tune -> save) and
+  :func:`finetune_saved`.
+"""
+from .config import CALIBRATION_DEFAULTS, FINETUNE_DEFAULTS, RunConfig
+from .run_data import CifarRunData, calibration_batches
+from .measuring import StageTimer, measure_model, summary_table
+from .job import finetune_saved, load_model, run_prune
+
+__all__ = ["CALIBRATION_DEFAULTS", "FINETUNE_DEFAULTS", "CifarRunData", "RunConfig",
+           "StageTimer", "calibration_batches", "finetune_saved", "load_model", "measure_model",
+           "run_prune", "summary_table"]

@@ -1,0 +1,88 @@
+"""The prune job's configuration: one dataclass, each default written once.
+
+A recipe (``recipes/*.yaml``) merged with command-line flags becomes a :class:`RunConfig`;
+the job, the CLI's help texts and ``report.json`` (its ``options`` entry) all read it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+
+__all__ = ["CALIBRATION_DEFAULTS", "FINETUNE_DEFAULTS", "RunConfig"]
+
+# From a pretrained network: a tenth of the from-scratch learning rate (as FPGM/CHIP do).
+FINETUNE_DEFAULTS = {"epochs": 0, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+                     "schedule": "cosine", "batch_size": 128}
+# CHIP's and HRank's scoring data: 5 batches of 128 augmented training images.
+CALIBRATION_DEFAULTS = {"split": "train", "batches": 5, "batch_size": 128, "augment": True}
+
+
+@dataclass
+class RunConfig:
+    """What ``prunekit prune`` does, end to end.
+
+    ``model``: ``{"name", "weights", "kwargs"}`` (a zoo model) or ``{"path"}`` (a saved
+    model); ``method``: ``{"name": ..., options}`` (default one-shot); ``criterion``:
+    ``{"name", "options"}`` (default: the method's); ``plan``: the target
+    (:class:`prunekit.plan.PlanTarget` keys); ``finetune``: :class:`prunekit.train.TrainConfig`
+    keys over :data:`FINETUNE_DEFAULTS`; ``calibration``: scoring data over
+    :data:`CALIBRATION_DEFAULTS`; the rest says where data lives and how to measure.
+    """
+
+    model: dict[str, Any]
+    out: str
+    method: dict[str, Any] = field(default_factory=dict)
+    criterion: dict[str, Any] | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    seed: int = 0
+    eval_splits: list[str] = field(default_factory=lambda: ["test", "test-lossless"])
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_runs: int = 30
+    limit: int | None = None
+    input_shape: tuple[int, ...] = (1, 3, 32, 32)
+    recipe: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, Mapping) or not (self.model.get("name")
+                                                         or self.model.get("path")):
+            raise ConfigError("give --model (and --weights) or --recipe")
+        self.method = dict(self.method or {})
+        self.finetune = {**FINETUNE_DEFAULTS, **(self.finetune or {})}
+        self.calibration = {**CALIBRATION_DEFAULTS, **(self.calibration or {})}
+        self.plan = dict(self.plan or {})
+        self.latency_batches = tuple(int(b) for b in self.latency_batches)
+        self.input_shape = tuple(int(s) for s in self.input_shape)
+        self.eval_splits = list(self.eval_splits)
+
+    @property
+    def method_name(self) -> str:
+        return self.method.get("name") or "oneshot"
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """From a merged recipe + flags mapping; recipe-only sections (name, paper, notes,
+        expected, source) are ignored, anything else unknown is an error."""
+        known = {f.name for f in fields(cls)}
+        ignored = {"name", "paper", "notes", "expected", "source"}
+        unknown = set(values) - known - ignored
+        if unknown:
+            raise ConfigError(f"unknown run options {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as JSON (``report.json``'s ``options``; ``progress`` left out)."""
+        out = asdict(self)
+        out.pop("progress")
+        out["latency_batches"] = list(self.latency_batches)
+        out["input_shape"] = list(self.input_shape)
+        return out

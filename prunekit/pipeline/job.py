@@ -1,0 +1,163 @@
+"""The ``prunekit prune`` job: measure -> prune (any registered method) -> measure -> fine-tune
+-> measure -> save; and ``prunekit finetune`` for a saved model.
+
+Every stage is timed; everything lands in ``OUT/report.json`` and ``OUT/model.safetensors``.
+A rerun with the same OUT resumes: a one-shot run reloads its pruned model from
+``OUT/pruned.safetensors`` and fine-tuning continues from its last finished epoch; training
+methods resume from their own checkpoints under OUT.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .. import data, io, measure, models
+from ..criteria import get_criterion
+from ..errors import ConfigError
+from ..files import atomic_write_json
+from ..methods import MethodContext, MethodResult, get_method
+from ..plan import PlanError, PlanTarget
+from ..train import TrainConfig, fit
+from .config import RunConfig
+from .measuring import StageTimer, measure_model
+from .run_data import CifarRunData
+
+__all__ = ["finetune_saved", "load_model", "run_prune"]
+
+
+def load_model(spec: Mapping[str, Any]) -> torch.nn.Module:
+    """A zoo model (name, weights, kwargs) or a saved pruned model (``path``)."""
+    if spec.get("path"):
+        return io.load(spec["path"])
+    return models.create(spec["name"], weights=spec.get("weights"), **(spec.get("kwargs") or {}))
+
+
+class _Job:
+    """One prune run: the checked configuration and the objects built from it."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        # Everything that can be checked without data or a model is checked here, before work.
+        self.method = get_method(config.method_name)(config.method_options)
+        self.criterion = None
+        if config.criterion:
+            self.criterion = get_criterion(config.criterion["name"],
+                                           **(config.criterion.get("options") or {}))
+        self.target = PlanTarget.from_dict(config.plan)
+        if self.method.needs_target and self.target.kind is None:
+            raise PlanError(f"method {self.method.name} needs a target: ratio, ratios, "
+                            "macs_reduction, chip_sparsity, conv_rates or global_ratio")
+        epochs = config.finetune.get("epochs", 0)
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+            raise ConfigError(f"--finetune-epochs must be a whole number >= 0, got {epochs!r}")
+        # A run without fine-tuning still validates the other settings (TrainConfig needs
+        # epochs >= 1); ``finetune_epochs`` is what the run does.
+        self.finetune_epochs = epochs
+        self.finetune = TrainConfig.from_dict({**config.finetune, "epochs": max(epochs, 1)})
+        if self.method.trains and epochs < 1:
+            raise ConfigError(f"method {self.method.name} trains while it prunes: give "
+                              "--finetune-epochs >= 1")
+        self.out = Path(config.out)
+        self.timer = StageTimer()
+
+    def measure(self, model, run_data, example) -> dict:
+        c = self.config
+        return measure_model(model, run_data, c.eval_splits, example=example,
+                             latency_batches=c.latency_batches, latency_runs=c.latency_runs,
+                             progress=c.progress)
+
+    def described_method(self) -> dict:
+        described = self.method.describe()
+        if self.criterion is not None or self.method.default_criterion:
+            described["criterion"] = (self.criterion.name if self.criterion is not None
+                                      else self.method.default_criterion)
+        return described
+
+
+def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
+    """Run the whole job described by ``options`` (a :class:`RunConfig`, or a recipe merged
+    with command-line flags as a mapping)."""
+    config = options if isinstance(options, RunConfig) else RunConfig.from_dict(options)
+    job = _Job(config)
+    out, timer = job.out, job.timer
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    root = data.resolve_data_root(config.data)
+    run_data = CifarRunData(root, limit=config.limit, calibration=config.calibration,
+                            seed=config.seed)
+    example = torch.randn(*config.input_shape)
+    report: dict = {"options": config.to_dict(), "recipe": config.recipe}
+    report["options"]["method"] = {"name": job.method.name, **job.method.config.to_dict()}
+
+    with timer("load"):
+        model = load_model(config.model).eval()
+    with timer("measure_before"):
+        report["before"] = job.measure(model, run_data, example)
+
+    context = MethodContext(example_inputs=(example,), target=job.target,
+                            finetune=job.finetune, out_dir=out, data=run_data,
+                            criterion=job.criterion, seed=config.seed,
+                            progress=config.progress, stage=timer)
+    pruned_path = out / "pruned.safetensors"
+    if not job.method.trains and pruned_path.exists():
+        with timer("load_pruned"):
+            model = io.load(pruned_path).eval()
+            result = MethodResult(plan=io.read_spec(pruned_path).get("plan"))
+    else:
+        result = job.method.run(model, context)
+        if not result.trained:
+            io.save(model, pruned_path, method=job.described_method(), plan=result.plan,
+                    recipe=config.recipe)
+    report["plan"] = result.plan
+    if result.group_sizes is not None:
+        report["group_sizes"] = result.group_sizes
+    report.update(result.extras)
+
+    if result.trained:
+        report["finetune"] = result.summary
+        with timer("measure_finetuned"):
+            report["finetuned"] = job.measure(model.eval(), run_data, example)
+        report["pruned"] = report["finetuned"]  # no separate one-shot stage
+    else:
+        with timer("measure_pruned"):
+            report["pruned"] = job.measure(model, run_data, example)
+        if job.finetune_epochs > 0:
+            with timer("finetune"):
+                report["finetune"] = fit(model, run_data.train_set(), run_data.val_set(),
+                                         job.finetune, out / "finetune")
+            with timer("measure_finetuned"):
+                report["finetuned"] = job.measure(model, run_data, example)
+
+    final = report.get("finetuned", report["pruned"])
+    io.save(model, out / "model.safetensors", method=job.described_method(), plan=result.plan,
+            recipe=config.recipe,
+            metrics={s: a["top1"] for s, a in final["accuracy"].items()})
+    report["stage_seconds"] = timer.seconds
+    report["speedup"] = measure.speedup(report["before"], final)
+    atomic_write_json(out / "report.json", report, indent=1, default=str)
+    return report
+
+
+def finetune_saved(source, out, options: Mapping[str, Any]) -> dict:
+    """``prunekit finetune``: resume-able fine-tuning of a saved model; writes OUT/report.json."""
+    out = Path(out)
+    if "finetune" not in options:
+        raise ConfigError("finetune_saved needs options['finetune'] (TrainConfig keys)")
+    config = TrainConfig.from_dict(options["finetune"])
+    out.mkdir(parents=True, exist_ok=True)
+    root = data.resolve_data_root(options.get("data"))
+    run_data = CifarRunData(root, limit=options.get("limit"))
+    model = io.load(source)
+    spec = io.read_spec(source)
+    summary = fit(model, run_data.train_set(), run_data.val_set(), config, out)
+    measured = measure_model(model.eval(), run_data, options.get("eval_splits", ["test"]),
+                             latency_batches=options.get("latency_batches", (1, 64)),
+                             latency_runs=options.get("latency_runs", 30))
+    io.save(model, out / "model.safetensors", method=spec.get("method"), plan=spec.get("plan"),
+            recipe=spec.get("recipe"),
+            metrics={s: a["top1"] for s, a in measured["accuracy"].items()})
+    report = {"source": str(source), "finetune": summary, "finetuned": measured, **summary}
+    atomic_write_json(out / "report.json", report, indent=1, default=str)
+    return report

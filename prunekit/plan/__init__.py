@@ -1,0 +1,25 @@
+"""Pruning plans: how many channels each group keeps (allocation), and which (selection).
+
+A plan is ``{group name: sorted kept channel indices}`` — plain JSON.
+
+* :mod:`.target`: :class:`PlanTarget` and :func:`resolve_counts` / :func:`resolve_plan`, the one
+  place every target kind (uniform or per-group ratios, global ranking, MACs reduction,
+  CHIP/HRank strings, explicit counts or plan) becomes kept counts and kept indices;
+* :mod:`.allocate`: counts from ratios, and from one global ranking;
+* :mod:`.macs`: :class:`MacsEstimator` and :func:`counts_for_macs` (MACs targets);
+* :mod:`.paper_ratios`: CHIP's and HRank's per-layer strings;
+* :mod:`.select`: kept indices from scores and counts (fixed channels, blocks, requirements);
+* :mod:`.validate`: a plan checked against its graph before surgery.
+"""
+from .checks import PlanError, check_ratio
+from .select import keep_count, make_plan, select
+from .validate import validate_plan
+from .allocate import global_counts, ratio_counts, ratios_for_groups
+from .macs import MacsEstimator, counts_for_macs
+from .paper_ratios import chip_resnet_counts, conv_rate_counts, parse_ratio_list
+from .target import TARGET_KINDS, PlanTarget, group_ratios, resolve_counts, resolve_plan
+
+__all__ = ["MacsEstimator", "PlanError", "PlanTarget", "TARGET_KINDS", "check_ratio",
+           "chip_resnet_counts", "conv_rate_counts", "counts_for_macs", "global_counts",
+           "group_ratios", "keep_count", "make_plan", "parse_ratio_list", "ratio_counts",
+           "ratios_for_groups", "resolve_counts", "resolve_plan", "select", "validate_plan"]

@@ -1,0 +1,17 @@
+"""Plan errors and the checks every target value passes before any work starts."""
+from __future__ import annotations
+
+from ..errors import PrunekitError
+
+__all__ = ["PlanError", "check_ratio"]
+
+
+class PlanError(PrunekitError, ValueError):
+    """A plan or ratio that cannot be applied; the message says why and what to change."""
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
+        raise PlanError(f"{what} must be a number in [0, 1) (the fraction of channels removed); "
+                        f"got {ratio!r}")
+    return float(ratio)

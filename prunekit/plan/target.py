@@ -1,0 +1,161 @@
+"""One place that turns a pruning target into kept channel counts, and counts into a plan.
+
+A :class:`PlanTarget` holds exactly one target kind:
+
+* ``ratio`` (uniform fraction removed from every prunable group) and/or ``ratios`` (per group
+  or producing module, fnmatch patterns; ``ratio`` is then the default),
+* ``global_ratio`` (that fraction of all prunable channels by one global ranking of the
+  per-group-normalised scores, no group losing more than ``max_ratio``),
+* ``macs_reduction`` (per-group counts that remove that fraction of the MACs, within 1%),
+* ``chip_sparsity`` / ``conv_rates`` (CHIP's and HRank's per-layer strings),
+* ``counts`` (channels kept per group name) or ``plan`` (kept indices per group, explicit).
+
+plus how counts are rounded (``round_to``) and which modules keep their outputs (``ignore``).
+:func:`resolve_counts` gives the counts on a :class:`~prunekit.graph.ChannelGraph`;
+:func:`resolve_plan` the kept indices, choosing channels by the criterion's scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+from torch import nn
+
+from ..graph import ChannelGraph
+from .allocate import global_counts, ratio_counts, ratios_for_groups
+from .checks import PlanError, check_ratio
+from .macs import counts_for_macs
+from .paper_ratios import chip_resnet_counts, conv_rate_counts
+from .select import make_plan
+from .validate import validate_plan
+
+__all__ = ["TARGET_KINDS", "PlanTarget", "group_ratios", "resolve_counts", "resolve_plan"]
+
+#: The target keys, one of which a PlanTarget holds (``ratio`` may come with ``ratios``).
+TARGET_KINDS = ("ratio", "ratios", "macs_reduction", "chip_sparsity", "conv_rates",
+                "global_ratio", "counts", "plan")
+_RATIO_TARGETS = ("ratio", "macs_reduction", "global_ratio")
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """What to prune to; the ``plan`` section of a recipe (see the module doc)."""
+
+    ratio: float | None = None
+    ratios: Mapping[str, float] | None = None
+    macs_reduction: float | None = None
+    global_ratio: float | None = None
+    chip_sparsity: str | None = None
+    conv_rates: str | None = None
+    counts: Mapping[str, int] | None = None
+    plan: Mapping[str, list[int]] | None = None
+    round_to: int = 1
+    ignore: tuple[str, ...] = ()
+    normalize: str | None = "mean"   # global_ratio: per-group score normalisation
+    max_ratio: float = 0.9           # global_ratio: the most any group may lose
+
+    def __post_init__(self) -> None:
+        given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
+        if len(given) > 1 and set(given) != {"ratio", "ratios"}:
+            raise PlanError(f"the plan has several targets {given}; keep one")
+        for key in _RATIO_TARGETS:
+            value = getattr(self, key)
+            if value is not None:
+                check_ratio(value, key)
+        if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) \
+                or self.round_to < 1:
+            raise PlanError(f"round_to must be a positive int, got {self.round_to!r}")
+        object.__setattr__(self, "ignore", tuple(self.ignore or ()))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "PlanTarget":
+        """A target from a recipe's ``plan`` section; unknown keys are an error."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise PlanError(f"unknown plan keys {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The non-default entries (JSON)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @property
+    def kind(self) -> str | None:
+        """The target's key (``"ratio"`` also for ratio + ratios), or None when empty."""
+        for key in TARGET_KINDS:
+            if getattr(self, key) is not None:
+                return key
+        return None
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the counts depend on the criterion's scores (global ranking, MACs search)."""
+        return self.kind in ("global_ratio", "macs_reduction")
+
+
+def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
+                   scores: Mapping[str, np.ndarray] | None = None, example_inputs=None, *,
+                   macs_before: int | None = None) -> dict[str, int]:
+    """Channels kept per group name for ``target`` (groups absent keep everything).
+
+    ``scores`` are needed for ``global_ratio`` and ``macs_reduction``, ``example_inputs`` for
+    ``macs_reduction``. An explicit ``plan`` target gives the sizes of its kept lists.
+    """
+    kind = target.kind
+    if kind is None:
+        raise PlanError("the plan needs one of " + ", ".join(TARGET_KINDS))
+    if target.needs_scores and scores is None:
+        raise PlanError(f"a {kind} target ranks channels: pass the criterion's scores")
+    if kind in ("ratio", "ratios"):
+        return ratio_counts(graph, target.ratio, target.ratios, target.round_to)
+    if kind == "global_ratio":
+        return global_counts(graph, scores, target.global_ratio, normalize=target.normalize,
+                             max_ratio=target.max_ratio)
+    if kind == "macs_reduction":
+        if example_inputs is None:
+            raise PlanError("a macs_reduction target needs the example inputs")
+        return counts_for_macs(model, graph, scores, example_inputs, target.macs_reduction,
+                               macs_before, target.round_to)
+    if kind == "chip_sparsity":
+        return chip_resnet_counts(graph, model, target.chip_sparsity)
+    if kind == "conv_rates":
+        return conv_rate_counts(graph, model, target.conv_rates)
+    if kind == "counts":
+        return {str(k): int(v) for k, v in target.counts.items()}
+    return {str(k): len(v) for k, v in target.plan.items()}
+
+
+def resolve_plan(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
+                 scores: Mapping[str, np.ndarray] | None = None, example_inputs=None, *,
+                 macs_before: int | None = None) -> dict[str, list[int]]:
+    """Kept channel indices per group for ``target``, the channels chosen by ``scores``
+    (an explicit ``plan`` target is validated and returned as it is)."""
+    if target.kind == "plan":
+        plan = {str(k): [int(i) for i in v] for k, v in target.plan.items()}
+        validate_plan(graph, plan)
+        return plan
+    if scores is None:
+        raise PlanError("choosing which channels to keep needs the criterion's scores")
+    if target.kind in ("ratio", "ratios"):
+        # Through the ratios, exactly as make_plan has always derived ratio counts.
+        ratios = ratios_for_groups(graph, target.ratio, target.ratios)
+        return make_plan(graph, scores, ratios, target.round_to)
+    counts = resolve_counts(graph, model, target, scores, example_inputs,
+                            macs_before=macs_before)
+    return make_plan(graph, scores, {}, target.round_to, counts=counts)
+
+
+def group_ratios(graph: ChannelGraph, target: PlanTarget) -> dict[str, float]:
+    """The per-group removal ratios a ratio target asks for ({} for other targets)."""
+    if target.kind in ("ratio", "ratios"):
+        return ratios_for_groups(graph, target.ratio, target.ratios)
+    return {}
+
