@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..graph import explain
 from ..pipeline import load_model
 from ..report import write_report
-from .options import add_model_args, int_list, model_spec
+from .options import RUN_DEFAULTS, add_model_args, int_list, model_spec
 from .prune import saved_model_path
 
 __all__ = ["add_inspect_parsers"]
@@ -32,9 +32,9 @@ def add_inspect_parsers(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=500)
     ev.add_argument("--workers", type=int, default=0)
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    ev.add_argument("--latency-batches", default="1,64",
+    ev.add_argument("--latency-batches", default=RUN_DEFAULTS["latency_batches"],
                     help="batch sizes to time, comma-separated; empty to skip")
-    ev.add_argument("--latency-runs", type=int, default=30)
+    ev.add_argument("--latency-runs", type=int, default=RUN_DEFAULTS["latency_runs"])
     ev.add_argument("--threads", type=int, default=None, help="CPU threads for timing")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ev.set_defaults(func=cmd_eval)

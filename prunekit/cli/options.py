@@ -13,8 +13,10 @@ __all__ = ["add_common_run_args", "add_model_args", "add_train_args", "model_spe
 TRAIN_FIELDS = (("epochs", int), ("lr", float), ("momentum", float), ("weight_decay", float),
                 ("schedule", str), ("warmup_epochs", int), ("label_smoothing", float),
                 ("batch_size", int), ("num_workers", int))
-_RUN_DEFAULTS = {f: RunConfig.__dataclass_fields__[f].default
-                 for f in ("seed", "latency_runs")}
+_RUN = RunConfig.__dataclass_fields__
+RUN_DEFAULTS = {"seed": _RUN["seed"].default, "latency_runs": _RUN["latency_runs"].default,
+                "latency_batches": ",".join(map(str, _RUN["latency_batches"].default)),
+                "eval_splits": ",".join(_RUN["eval_splits"].default_factory())}
 
 
 def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -47,10 +49,12 @@ def add_train_args(p, prefix: str) -> None:
 def add_common_run_args(p) -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--eval-splits", default="test,test-lossless")
-    p.add_argument("--latency-batches", default="1,64")
-    p.add_argument("--latency-runs", type=int, default=_RUN_DEFAULTS["latency_runs"])
-    p.add_argument("--seed", type=int, default=_RUN_DEFAULTS["seed"])
+    p.add_argument("--eval-splits", default=RUN_DEFAULTS["eval_splits"],
+                   help="comma-separated splits to report accuracy on")
+    p.add_argument("--latency-batches", default=RUN_DEFAULTS["latency_batches"],
+                   help="batch sizes to time, comma-separated; empty to skip")
+    p.add_argument("--latency-runs", type=int, default=RUN_DEFAULTS["latency_runs"])
+    p.add_argument("--seed", type=int, default=RUN_DEFAULTS["seed"])
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on a class-balanced subset of N images (smoke runs)")
 
