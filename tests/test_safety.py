@@ -55,3 +55,45 @@ def test_stale_temp_files_are_removed(tmp_path):
     removed = remove_stale_temp_files(tmp_path)
     assert [p.name for p in removed] == [".report.json.abc123.tmp"]
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_round_to_zero_is_refused_not_read_as_one(tmp_path, capsys):
+    code = main(["prune", "--model", "cifar_resnet20", "--ratio", "0.3", "--round-to", "0",
+                 "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert code == 2 and "round_to must be a positive int" in capsys.readouterr().err
+
+
+def test_numpy_ratio_is_accepted_and_bool_refused():
+    import numpy as np
+    import torch
+
+    import prunekit
+    from prunekit.plan import PlanError, check_ratio
+    assert check_ratio(np.float32(0.5)) == 0.5
+    with pytest.raises(PlanError):
+        check_ratio(True)
+    model = prunekit.models.create("cifar_resnet20").eval()
+    result = prunekit.prune(model, torch.randn(1, 3, 32, 32), ratio=np.float32(0.5))
+    assert result.macs_after < result.macs_before
+
+
+@pytest.mark.parametrize("kept", [[0.5, 2.7], [True, False], [float("nan")]])
+def test_plan_indices_must_be_whole_numbers(kept):
+    import torch
+
+    import prunekit
+    from prunekit.plan import PlanError
+    model = prunekit.models.create("cifar_resnet20").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PlanError, match="whole channel indices"):
+        prunekit.prune(model, torch.randn(1, 3, 32, 32), plan={"conv1": kept})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_eval_of_a_saved_model_refuses_flags_it_would_ignore(tmp_path, capsys):
+    import prunekit
+    path = tmp_path / "m.safetensors"
+    prunekit.io.save(prunekit.models.create("cifar_resnet20"), path)
+    code = main(["eval", "--model", str(path), "--weights", "pretrained", "--shortcut", "B"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--weights and --shortcut cannot apply to a saved model" in err

@@ -30,6 +30,12 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
 def model_spec(args) -> dict:
     """A zoo model by name, or a saved (pruned) model given as a .safetensors path."""
     if args.model.endswith(".safetensors"):
+        ignored = [flag for flag, value in (("--weights", args.weights),
+                                            ("--shortcut", args.shortcut)) if value]
+        if ignored:
+            raise ConfigError(f"{' and '.join(ignored)} cannot apply to a saved model "
+                              f"({args.model} carries its own architecture and weights); "
+                              "drop them")
         return {"path": args.model}
     kwargs = {"shortcut": args.shortcut} if args.shortcut else {}
     return {"name": args.model, "weights": args.weights, "kwargs": kwargs}

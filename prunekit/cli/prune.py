@@ -72,8 +72,8 @@ def _plan_section(args, options: dict) -> dict:
             plan[key] = value
     if args.ignore:
         plan["ignore"] = [n for n in args.ignore.split(",") if n]
-    if args.round_to:
-        plan["round_to"] = args.round_to
+    if args.round_to is not None:
+        plan["round_to"] = args.round_to  # 0 is refused by PlanTarget, never read as 1
     return plan
 
 

@@ -1,6 +1,10 @@
 """Plan errors and the checks every target value passes before any work starts."""
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
+
 from ..errors import PrunekitError
 
 __all__ = ["PlanError", "check_ratio"]
@@ -11,7 +15,9 @@ class PlanError(PrunekitError, ValueError):
 
 
 def check_ratio(ratio: float, what: str = "ratio") -> float:
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
+    # numbers.Real covers numpy scalars (np.float32(0.5)); a bool is not a ratio.
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, (bool, np.bool_)) \
+            or not 0 <= ratio < 1:
         raise PlanError(f"{what} must be a number in [0, 1) (the fraction of channels removed); "
                         f"got {ratio!r}")
     return float(ratio)

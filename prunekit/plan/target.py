@@ -139,9 +139,8 @@ def resolve_plan(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
     """Kept channel indices per group for ``target``, the channels chosen by ``scores``
     (an explicit ``plan`` target is validated and returned as it is)."""
     if target.kind == "plan":
-        plan = {str(k): [int(i) for i in v] for k, v in target.plan.items()}
-        validate_plan(graph, plan)
-        return plan
+        validate_plan(graph, dict(target.plan))  # before int(): 2.7 must not become 2
+        return {str(k): [int(i) for i in v] for k, v in target.plan.items()}
     if scores is None:
         raise PlanError("choosing which channels to keep needs the criterion's scores")
     if target.kind in ("ratio", "ratios"):

@@ -10,13 +10,26 @@ from .checks import PlanError
 __all__ = ["validate_plan"]
 
 
+def _indices(name: str, kept) -> np.ndarray:
+    """The kept indices as int64, refusing anything that is not a whole number (0.5 or 2.7
+    would otherwise be truncated silently)."""
+    values = np.asarray(kept)
+    if values.dtype == bool or (values.size and not (
+            np.issubdtype(values.dtype, np.integer) or (
+                np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values))
+                and np.all(np.isfinite(values))))):
+        raise PlanError(f"plan for group '{name}' must list whole channel indices, got "
+                        f"{list(kept)[:8]!r}")
+    return values.astype(np.int64).reshape(-1)
+
+
 def validate_plan(graph: ChannelGraph, plan: dict[str, list[int]]) -> None:
     """Reject plans that would empty a group, drop fixed channels or break block structure."""
     for name, kept in plan.items():
         if name not in graph.by_name:
             raise PlanError(f"plan names unknown group '{name}'")
         group = graph.by_name[name]
-        kept = np.asarray(kept, dtype=np.int64)
+        kept = _indices(name, kept)
         if kept.size == 0:
             raise PlanError(f"plan keeps no channel of group '{name}': that would empty "
                             f"{', '.join(group.modules()[:4])}; keep at least one")
