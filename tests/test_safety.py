@@ -14,6 +14,8 @@ from prunekit.files import atomic_write, atomic_write_json, remove_stale_temp_fi
     (["--finetune-epochs", "-1"], "--finetune-epochs must be a whole number >= 0"),
     (["--latency-batches", "abc"], "--latency-batches takes comma-separated whole numbers"),
     (["--method", "sfp"], "method sfp trains while it prunes"),
+    (["--method", "swp", "--finetune-epochs", "1"], "method swp decides what it removes; drop "
+                                                    "the ratio target"),
 ])
 def test_bad_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -22,6 +24,16 @@ def test_bad_flags_are_refused_before_any_work(flags, message, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and message in err
     assert "CIFAR-10 not found" not in err  # refused before the data was looked for
+    assert not out.exists()
+
+
+def test_a_target_the_method_cannot_use_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["prune", "--model", "cifar_resnet20", "--method", "sfp", "--chip-sparsity",
+                 "[0.]+[0.2]*2+[0.3]*9", "--finetune-epochs", "1",
+                 "--data", str(tmp_path / "no-data-here"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs a ratio, ratios, macs_reduction target, not chip_sparsity" in err
     assert not out.exists()
 
 

@@ -187,7 +187,7 @@ def toy_method():
 
         name = "toy-first-group"
         summary = "a test method: prune the first prunable group"
-        needs_target = False
+        target_kinds = ()
 
         @dataclass
         class Config(MethodConfig):

@@ -10,14 +10,12 @@ import torch
 from .. import data, io, measure, models
 from ..errors import ConfigError
 from ..graph import explain
-from ..pipeline import load_model
+from ..pipeline import load_model, run_default
 from ..report import write_report
 from .options import RUN_DEFAULTS, add_model_args, int_list, model_spec
 from .prune import saved_model_path
 
 __all__ = ["add_inspect_parsers"]
-
-CIFAR_INPUT = (1, 3, 32, 32)
 
 
 def add_inspect_parsers(sub) -> None:
@@ -95,7 +93,7 @@ def cmd_eval(args) -> int:
     started = time.perf_counter()
     accuracy = measure.evaluate(model, loader, device=device, progress=not args.json)
     eval_seconds = time.perf_counter() - started
-    example = torch.randn(*CIFAR_INPUT, device=device)
+    example = torch.randn(*run_default("input_shape"), device=device)
     sizes = measure.profile(model, example)
     batches = int_list(args.latency_batches, "--latency-batches")
     latency = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from ..pipeline import RunConfig
+from ..pipeline import run_default
 
 __all__ = ["add_common_run_args", "add_model_args", "add_train_args", "model_spec",
            "run_options", "train_overrides"]
@@ -13,10 +13,10 @@ __all__ = ["add_common_run_args", "add_model_args", "add_train_args", "model_spe
 TRAIN_FIELDS = (("epochs", int), ("lr", float), ("momentum", float), ("weight_decay", float),
                 ("schedule", str), ("warmup_epochs", int), ("label_smoothing", float),
                 ("batch_size", int), ("num_workers", int))
-_RUN = RunConfig.__dataclass_fields__
-RUN_DEFAULTS = {"seed": _RUN["seed"].default, "latency_runs": _RUN["latency_runs"].default,
-                "latency_batches": ",".join(map(str, _RUN["latency_batches"].default)),
-                "eval_splits": ",".join(_RUN["eval_splits"].default_factory())}
+# The flags' defaults are the run configuration's, written as the flags take them.
+RUN_DEFAULTS = {"seed": run_default("seed"), "latency_runs": run_default("latency_runs"),
+                "latency_batches": ",".join(map(str, run_default("latency_batches"))),
+                "eval_splits": ",".join(run_default("eval_splits"))}
 
 
 def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:

@@ -1,8 +1,9 @@
 """Channel importance criteria: each a small class with a ``name`` and a ``score`` method.
 
-``score(graph, model, calibration=None)`` returns ``{group name: scores}`` with one score per channel of the group; higher means
-more important (kept first). ``get_criterion("l1")`` looks one up by name; options go as keyword
-arguments (``get_criterion("chip", round_decimals=4)``) or build the class directly.
+``score(graph, model, calibration=None)`` returns ``{group name: scores}`` with one score per
+channel of the group; higher means more important (kept first). ``get_criterion("l1")`` looks
+one up by name; options go as keyword arguments (``get_criterion("chip", round_decimals=4)``)
+or build the class directly.
 
 Registered names:
 

@@ -9,7 +9,7 @@
 """
 
 from .comparison import speedup
-from .context import _eval_mode, eval_mode, resolve_device
+from .context import eval_mode, resolve_device
 from .counting import MAC_CONVENTIONS, count_macs, count_params, macs_by_module, profile
 from .evaluation import evaluate, recalibrate_bn
 from .latency import BatchLatency, LatencyResult, measure_latency

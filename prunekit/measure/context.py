@@ -68,10 +68,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = was_training
 
 
-# The name export.py and older callers imported before eval_mode became public.
-_eval_mode = eval_mode
-
-
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
     """``None``/``"auto"`` -> cuda if available else cpu; otherwise validate the request."""
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):

@@ -14,7 +14,7 @@ The machinery behind them:
 * :mod:`prunekit.methods.swp`: SWP's filter skeleton and stripe removal.
 """
 from .registry import (MethodConfig, MethodResult, PruningMethod, get_method, list_methods,
-                       method_options, option, register_method)
+                       option, register_method)
 from .context import MethodContext, RunData
 from .lfpc import (CriteriaSampler, CriteriaSearch, PerGroupCriterion, lfpc_prune,
                    linear_temperature)
@@ -26,5 +26,5 @@ from . import oneshot, soft_methods, lfpc_method, swp_method  # noqa: F401,E402 
 __all__ = ["SOFT_SCHEDULES", "CriteriaSampler", "CriteriaSearch", "MethodConfig",
            "MethodContext", "MethodResult", "PerGroupCriterion", "PruningMethod", "RunData",
            "SoftPruning", "asymptotic_rate", "finalize", "get_method", "lfpc_prune",
-           "linear_temperature", "list_methods", "method_options", "option", "plot_choices",
+           "linear_temperature", "list_methods", "option", "plot_choices",
            "register_method", "soft_prune", "zero_masked_channels"]

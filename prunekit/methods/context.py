@@ -43,8 +43,6 @@ class MethodContext:
     out_dir: Path
     data: RunData | None = None
     criterion: Criterion | str | None = None
-    seed: int = 0
-    progress: bool = True
     stage: Callable[[str], ContextManager] = field(default=lambda name: nullcontext())
     leaf_modules: tuple = ()
     _graph: ChannelGraph | None = field(default=None, repr=False)

@@ -12,7 +12,7 @@ from .context import MethodContext
 from .lfpc import lfpc_prune
 from .lfpc_plot import plot_choices
 from .registry import MethodConfig, MethodResult, PruningMethod, option, register_method
-from .soft_methods import check_trains, soft_targets
+from .soft_methods import SOFT_TARGET_KINDS, soft_targets
 
 __all__ = ["LFPC", "SAMPLER_KEYS"]
 
@@ -30,6 +30,7 @@ class LFPC(PruningMethod):
     name = "lfpc"
     summary = "learn each group's criterion (l1/l2/fpgm), then SFP with those choices"
     trains = True
+    target_kinds = SOFT_TARGET_KINDS
 
     @dataclass
     class Config(MethodConfig):
@@ -64,8 +65,7 @@ class LFPC(PruningMethod):
                                   f"{list(self.criteria)}")
 
     def run(self, model: nn.Module, context: MethodContext) -> MethodResult:
-        check_trains(self.name, context)
-        targets = soft_targets(self.name, context)
+        targets = soft_targets(context)
         data = context.require_data("method lfpc")
         c = self.config
         search = {**context.finetune.to_dict(), "epochs": 1, **c.search}

@@ -32,9 +32,10 @@ from typing import Any, ClassVar, Mapping
 from torch import nn
 
 from ..errors import ConfigError
+from ..plan import TARGET_KINDS
 
 __all__ = ["MethodConfig", "MethodResult", "PruningMethod", "get_method", "list_methods",
-           "method_options", "option", "register_method"]
+           "option", "register_method"]
 
 METHODS: dict[str, type["PruningMethod"]] = {}
 
@@ -113,16 +114,17 @@ class PruningMethod:
     """A pruning method: ``name``, ``summary``, ``Config`` and ``run``.
 
     ``trains``: the method trains while it prunes (needs ``--finetune-epochs >= 1``; its
-    training replaces the job's fine-tuning). ``needs_target``: the method needs a plan target
-    (ratio, MACs reduction, ...); SWP decides its own. ``default_criterion``: the criterion used
-    when the run names none (None: the job's default, l1).
+    training replaces the job's fine-tuning). ``target_kinds``: the plan targets it accepts
+    (:data:`prunekit.plan.TARGET_KINDS` keys), one of which a run must give; ``()``: the method
+    decides what it removes and refuses a target (SWP). The job checks both before any work.
+    ``default_criterion``: the criterion used when the run names none.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     trains: ClassVar[bool] = False
-    needs_target: ClassVar[bool] = True
+    target_kinds: ClassVar[tuple[str, ...]] = TARGET_KINDS
     default_criterion: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None):
@@ -161,7 +163,3 @@ def list_methods() -> list[str]:
     """Every registered method name, in registration order."""
     return list(METHODS)
 
-
-def method_options(cls: type[PruningMethod]) -> list[dataclasses.Field]:
-    """The config fields of a method (what its flags and recipe keys are built from)."""
-    return list(fields(cls.Config))

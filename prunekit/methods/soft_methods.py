@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import ConfigError
 from .context import MethodContext
 from .registry import MethodConfig, MethodResult, PruningMethod, option, register_method
 from .soft import SOFT_SCHEDULES, soft_prune
 
-__all__ = ["ASFP", "FPGMSoft", "SFP", "SoftConfig", "soft_targets"]
+__all__ = ["ASFP", "FPGMSoft", "SFP", "SOFT_TARGET_KINDS", "SoftConfig", "soft_targets"]
+
+#: The targets soft pruning trains towards (counts fixed once, before training).
+SOFT_TARGET_KINDS = ("ratio", "ratios", "macs_reduction")
 
 
 @dataclass
@@ -25,19 +27,11 @@ class SoftConfig(MethodConfig):
                                   "(stabilises ASFP from a trained network)")
 
 
-def soft_targets(name: str, context: MethodContext) -> dict:
-    """The ratio / ratios / macs_reduction a soft method trains towards."""
-    target = context.target
-    if target.kind not in ("ratio", "ratios", "macs_reduction"):
-        raise ConfigError(f"method {name} needs a ratio, ratios or macs_reduction in the plan"
-                          + (f", not {target.kind}" if target.kind else ""))
-    return {k: getattr(target, k) for k in ("ratio", "ratios", "macs_reduction")
-            if getattr(target, k) is not None}
-
-
-def check_trains(name: str, context: MethodContext, what: str = "trains while it prunes") -> None:
-    if context.finetune.epochs < 1:
-        raise ConfigError(f"method {name} {what}: give --finetune-epochs >= 1")
+def soft_targets(context: MethodContext) -> dict:
+    """The ratio / ratios / macs_reduction a soft method trains towards, as keyword arguments
+    (the job has checked that the target is one of :data:`SOFT_TARGET_KINDS`)."""
+    return {k: getattr(context.target, k) for k in SOFT_TARGET_KINDS
+            if getattr(context.target, k) is not None}
 
 
 class _SoftMethod(PruningMethod):
@@ -45,12 +39,12 @@ class _SoftMethod(PruningMethod):
     zeroed and may regrow; the last mask is removed physically."""
 
     trains = True
+    target_kinds = SOFT_TARGET_KINDS
     Config = SoftConfig
     default_criterion = "l2"
 
     def run(self, model: nn.Module, context: MethodContext) -> MethodResult:
-        check_trains(self.name, context)
-        targets = soft_targets(self.name, context)
+        targets = soft_targets(context)
         data = context.require_data(f"method {self.name}")
         c = self.config
         with context.stage("soft_prune"):

@@ -12,7 +12,6 @@ from ..measure import evaluate, recalibrate_bn
 from ..train import fit
 from .context import MethodContext
 from .registry import MethodConfig, MethodResult, PruningMethod, option, register_method
-from .soft_methods import check_trains
 from .swp import FilterSkeleton, swp_prune
 
 __all__ = ["SWP"]
@@ -28,7 +27,7 @@ class SWP(PruningMethod):
     summary = ("stripe-wise pruning: train a filter skeleton for --finetune-epochs, then remove "
                "stripes, filters and blocks")
     trains = True
-    needs_target = False
+    target_kinds = ()  # the skeleton decides what goes
 
     @dataclass
     class Config(MethodConfig):
@@ -53,10 +52,6 @@ class SWP(PruningMethod):
                 raise ConfigError("bn_recalibration_batches must be >= 0")
 
     def run(self, model: nn.Module, context: MethodContext) -> MethodResult:
-        check_trains(self.name, context, "trains the filter skeleton")
-        if context.target.kind is not None:
-            raise ConfigError(f"method swp decides what it removes; drop the {context.target.kind} "
-                              "target (use --sr and --threshold)")
         data = context.require_data("method swp")
         c = self.config
         skeleton = FilterSkeleton(model, context.example_inputs, sr=c.sr, threshold=c.threshold,

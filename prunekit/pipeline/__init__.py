@@ -6,11 +6,11 @@
 * :mod:`.job`: :func:`run_prune` (measure -> method -> measure -> fine-tune -> save) and
   :func:`finetune_saved`.
 """
-from .config import CALIBRATION_DEFAULTS, FINETUNE_DEFAULTS, RunConfig
+from .config import CALIBRATION_DEFAULTS, FINETUNE_DEFAULTS, RunConfig, run_default
 from .run_data import CifarRunData, calibration_batches
 from .measuring import StageTimer, measure_model, summary_table
 from .job import finetune_saved, load_model, run_prune
 
 __all__ = ["CALIBRATION_DEFAULTS", "FINETUNE_DEFAULTS", "CifarRunData", "RunConfig",
            "StageTimer", "calibration_batches", "finetune_saved", "load_model", "measure_model",
-           "run_prune", "summary_table"]
+           "run_default", "run_prune", "summary_table"]

@@ -5,12 +5,13 @@ the job, the CLI's help texts and ``report.json`` (its ``options`` entry) all re
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from ..errors import ConfigError
 
-__all__ = ["CALIBRATION_DEFAULTS", "FINETUNE_DEFAULTS", "RunConfig"]
+__all__ = ["CALIBRATION_DEFAULTS", "FINETUNE_DEFAULTS", "RunConfig", "run_default"]
 
 # From a pretrained network: a tenth of the from-scratch learning rate (as FPGM/CHIP do).
 FINETUNE_DEFAULTS = {"epochs": 0, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
@@ -86,3 +87,9 @@ class RunConfig:
         out["latency_batches"] = list(self.latency_batches)
         out["input_shape"] = list(self.input_shape)
         return out
+
+
+def run_default(name: str) -> Any:
+    """The default of one :class:`RunConfig` field (for CLI flags and ``finetune_saved``)."""
+    f = RunConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

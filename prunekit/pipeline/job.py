@@ -20,7 +20,7 @@ from ..files import atomic_write_json
 from ..methods import MethodContext, MethodResult, get_method
 from ..plan import PlanError, PlanTarget
 from ..train import TrainConfig, fit
-from .config import RunConfig
+from .config import RunConfig, run_default
 from .measuring import StageTimer, measure_model
 from .run_data import CifarRunData
 
@@ -46,9 +46,7 @@ class _Job:
             self.criterion = get_criterion(config.criterion["name"],
                                            **(config.criterion.get("options") or {}))
         self.target = PlanTarget.from_dict(config.plan)
-        if self.method.needs_target and self.target.kind is None:
-            raise PlanError(f"method {self.method.name} needs a target: ratio, ratios, "
-                            "macs_reduction, chip_sparsity, conv_rates or global_ratio")
+        _check_target(self.method, self.target)
         epochs = config.finetune.get("epochs", 0)
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ConfigError(f"--finetune-epochs must be a whole number >= 0, got {epochs!r}")
@@ -76,6 +74,18 @@ class _Job:
         return described
 
 
+def _check_target(method, target: PlanTarget) -> None:
+    """The run's target is one the method accepts (before any work)."""
+    kinds, kind = method.target_kinds, target.kind
+    if not kinds and kind is not None:
+        raise ConfigError(f"method {method.name} decides what it removes; drop the {kind} "
+                          "target")
+    if kinds and kind is None:
+        raise PlanError(f"method {method.name} needs a target: {', '.join(kinds)}")
+    if kinds and kind not in kinds:
+        raise PlanError(f"method {method.name} needs a {', '.join(kinds)} target, not {kind}")
+
+
 def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
     """Run the whole job described by ``options`` (a :class:`RunConfig`, or a recipe merged
     with command-line flags as a mapping)."""
@@ -89,7 +99,7 @@ def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
                             seed=config.seed)
     example = torch.randn(*config.input_shape)
     report: dict = {"options": config.to_dict(), "recipe": config.recipe}
-    report["options"]["method"] = {"name": job.method.name, **job.method.config.to_dict()}
+    report["options"]["method"] = job.method.describe()
 
     with timer("load"):
         model = load_model(config.model).eval()
@@ -98,13 +108,12 @@ def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
 
     context = MethodContext(example_inputs=(example,), target=job.target,
                             finetune=job.finetune, out_dir=out, data=run_data,
-                            criterion=job.criterion, seed=config.seed,
-                            progress=config.progress, stage=timer)
+                            criterion=job.criterion, stage=timer)
     pruned_path = out / "pruned.safetensors"
     if not job.method.trains and pruned_path.exists():
         with timer("load_pruned"):
             model = io.load(pruned_path).eval()
-            result = MethodResult(plan=io.read_spec(pruned_path).get("plan"))
+            result = MethodResult(plan=getattr(model, io.SAVED_SPEC_ATTR).get("plan"))
     else:
         result = job.method.run(model, context)
         if not result.trained:
@@ -150,11 +159,13 @@ def finetune_saved(source, out, options: Mapping[str, Any]) -> dict:
     root = data.resolve_data_root(options.get("data"))
     run_data = CifarRunData(root, limit=options.get("limit"))
     model = io.load(source)
-    spec = io.read_spec(source)
+    spec = getattr(model, io.SAVED_SPEC_ATTR)
     summary = fit(model, run_data.train_set(), run_data.val_set(), config, out)
     measured = measure_model(model.eval(), run_data, options.get("eval_splits", ["test"]),
-                             latency_batches=options.get("latency_batches", (1, 64)),
-                             latency_runs=options.get("latency_runs", 30))
+                             example=torch.randn(*run_default("input_shape")),
+                             latency_batches=options.get("latency_batches",
+                                                         run_default("latency_batches")),
+                             latency_runs=options.get("latency_runs", run_default("latency_runs")))
     io.save(model, out / "model.safetensors", method=spec.get("method"), plan=spec.get("plan"),
             recipe=spec.get("recipe"),
             metrics={s: a["top1"] for s, a in measured["accuracy"].items()})

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-import torch
-
 from .. import data, measure
 
 __all__ = ["StageTimer", "measure_model", "summary_table"]
@@ -25,18 +23,13 @@ class StageTimer:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-def measure_model(model, source, splits, *, example=None, latency_batches=(1, 64),
-                  latency_runs=30, batch_size=500, device=None, progress=True,
-                  limit=None) -> dict:
-    """Accuracy on each split (labelled), MACs, params and measured latency.
-
-    ``source`` is a run-data object with ``eval_set(split)`` or a CIFAR-10 root directory.
-    """
-    example = example if example is not None else torch.randn(1, 3, 32, 32)
+def measure_model(model, run_data, splits, *, example, latency_batches=(1, 64),
+                  latency_runs=30, batch_size=500, device=None, progress=True) -> dict:
+    """Accuracy on each split of ``run_data`` (``eval_set(split)``, labelled), MACs, params
+    and measured latency on ``example``'s shape."""
     result = {"accuracy": {}, **measure.profile(model, example)}
     for split in splits:
-        ds = source.eval_set(split) if hasattr(source, "eval_set") else \
-            data.CIFAR10(source, split=split, limit=limit)
+        ds = run_data.eval_set(split)
         loader = data.build_loader(ds, batch_size=batch_size, shuffle=False)
         acc = measure.evaluate(model, loader, device=device, progress=progress, desc=split)
         result["accuracy"][split] = {**acc, "description": ds.description}
