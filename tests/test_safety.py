@@ -109,3 +109,67 @@ def test_eval_of_a_saved_model_refuses_flags_it_would_ignore(tmp_path, capsys):
     code = main(["eval", "--model", str(path), "--weights", "pretrained", "--shortcut", "B"])
     err = capsys.readouterr().err
     assert code == 2 and "--weights and --shortcut cannot apply to a saved model" in err
+
+
+# ------------------------------------------------ a rerun into an existing --out (items 1, 2)
+from conftest import SHARED, needs_shared  # noqa: E402
+
+QUICK = ["--data", str(SHARED), "--eval-splits", "test-lossless", "--limit", "20",
+         "--latency-batches", ""]
+
+
+def _files(run):
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+@pytest.mark.shared_data
+@needs_shared
+@pytest.mark.parametrize("second, named", [
+    (["--model", "cifar_resnet32", "--ratio", "0.2"], ["model:", "plan:"]),
+    (["--model", "cifar_resnet20", "--ratio", "0.2"], ["plan:"]),
+    (["--model", "cifar_resnet20", "--ratio", "0.5", "--criterion", "fpgm"], ["method:"]),
+    (["--model", "cifar_resnet20", "--ratio", "0.5", "--seed", "3"], ["seed:"]),
+], ids=["other-model", "other-ratio", "other-criterion", "other-seed"])
+def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(second, named, tmp_path,
+                                                                    capsys):
+    run = tmp_path / "run"
+    assert main(["prune", "--model", "cifar_resnet20", "--ratio", "0.5", *QUICK,
+                 "--out", str(run)]) == 0
+    before = _files(run)
+    capsys.readouterr()
+    assert main(["prune", *second, *QUICK, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "new --out" in err
+    assert all(word in err for word in named)
+    assert _files(run) == before
+
+
+@pytest.mark.shared_data
+@needs_shared
+def test_a_rerun_may_add_epochs_but_never_replace_a_finetuned_model(tmp_path, capsys):
+    run = tmp_path / "run"
+    train = ["--finetune-max-steps", "1", "--finetune-batch-size", "8"]
+    base = ["prune", "--model", "cifar_resnet20", "--ratio", "0.5", *QUICK, *train,
+            "--out", str(run)]
+    assert main([*base, "--finetune-epochs", "1"]) == 0
+    fine_tuned = _files(run)
+    capsys.readouterr()
+    assert main(base) == 2  # no --finetune-epochs: would save the un-fine-tuned model
+    assert "fine-tuned for 1 epochs" in capsys.readouterr().err
+    assert _files(run) == fine_tuned
+    assert main([*base, "--finetune-epochs", "2"]) == 0  # more epochs: a resume
+    report = json.loads((run / "report.json").read_text())
+    assert report["finetune"]["epochs_run"] == 1
+    assert json.loads((run / "run.json").read_text())["finetune_epochs"] == 2
+
+
+@pytest.mark.shared_data
+@needs_shared
+def test_results_without_a_run_record_are_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "report.json").write_text("{}")
+    code = main(["prune", "--model", "cifar_resnet20", "--ratio", "0.5", *QUICK,
+                 "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no run.json" in err and (run / "report.json").read_text() == "{}"

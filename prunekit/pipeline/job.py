@@ -23,6 +23,7 @@ from ..train import TrainConfig, fit
 from .config import RunConfig, run_default
 from .measuring import StageTimer, measure_model
 from .run_data import CifarRunData
+from .run_record import check_and_record_run, run_identity
 
 __all__ = ["finetune_saved", "load_model", "run_prune"]
 
@@ -66,6 +67,14 @@ class _Job:
                              latency_batches=c.latency_batches, latency_runs=c.latency_runs,
                              progress=c.progress)
 
+    def identity(self, data_root) -> dict:
+        c = self.config
+        return run_identity(model=c.model, method=self.described_method(),
+                            criterion=c.criterion, plan=self.target.to_dict(),
+                            calibration=c.calibration, finetune=self.finetune.to_dict(),
+                            seed=c.seed, limit=c.limit, input_shape=c.input_shape,
+                            data=data_root)
+
     def described_method(self) -> dict:
         described = self.method.describe()
         if self.criterion is not None or self.method.default_criterion:
@@ -92,9 +101,10 @@ def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
     config = options if isinstance(options, RunConfig) else RunConfig.from_dict(options)
     job = _Job(config)
     out, timer = job.out, job.timer
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
     root = data.resolve_data_root(config.data)
+    out.mkdir(parents=True, exist_ok=True)
+    check_and_record_run(out, job.identity(root), job.finetune_epochs)
+    torch.manual_seed(config.seed)
     run_data = CifarRunData(root, limit=config.limit, calibration=config.calibration,
                             seed=config.seed)
     example = torch.randn(*config.input_shape)
