@@ -19,6 +19,9 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_wr
            "fsync_directory", "remove_stale_temp_files", "temp_path_for"]
 
 TEMP_SUFFIX = ".tmp"
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def fsync_directory(directory: str | os.PathLike) -> None:
@@ -32,11 +35,31 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         os.close(handle)
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would give: the existing file's when it is a regular
+    file, otherwise 0o666 less the umask (mkstemp's own 0o600 would hide results from the
+    user's group and other tools)."""
+    try:
+        if path.is_file() and not path.is_symlink():
+            return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    return 0o666 & ~_UMASK
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        os.chmod(name, _new_file_mode(path))
+    except OSError:  # e.g. file systems without permissions; the content matters more
+        pass
+    return handle, name
+
+
 def temp_path_for(path: str | os.PathLike) -> Path:
     """A fresh, empty temporary file next to ``path`` (for writers that need a file name,
     e.g. exporters); the caller renames it with ``os.replace`` or deletes it."""
-    path = Path(path)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    handle, name = _temp_file(Path(path))
     os.close(handle)
     return Path(name)
 
@@ -48,8 +71,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     left as it was.
     """
     path = Path(path)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=TEMP_SUFFIX)
+    handle, temp_name = _temp_file(path)
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)

@@ -101,6 +101,7 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
         kept = resolve_plan(graph, model, target, scores, example_inputs,
                             macs_before=macs_before)
     validate_plan(graph, kept)
+    _check_something_removed(graph, target, kept)
     apply_plan(model, graph, kept)
     return PruningResult(
         plan={k: [int(i) for i in v] for k, v in kept.items()},
@@ -109,6 +110,30 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
         macs_before=macs_before, macs_after=count_macs(model, example_inputs),
         params_before=params_before, params_after=count_params(model),
         unreached_modules=graph.unreached)
+
+
+def _check_something_removed(graph: ChannelGraph, target: PlanTarget,
+                             kept: dict[str, list[int]]) -> None:
+    """A target that asks for channels to go but removes none is refused: the run would
+    otherwise report an unpruned model as pruned (e.g. ``round_to`` above every layer's size)."""
+    if target.kind == "plan" or not target.asks_for_removal:
+        return
+    sizes = {g.name: g.size for g in graph.groups}
+    if any(len(indices) < sizes.get(name, len(indices)) for name, indices in kept.items()):
+        return
+    prunable = graph.prunable_groups()
+    largest = max((g.size for g in prunable), default=0)
+    if not prunable:
+        reason = "the model has no prunable channel group (see prunekit explain)"
+    elif target.round_to >= largest:
+        reason = (f"round_to={target.round_to} is at least the largest prunable group "
+                  f"({largest} channels), so every layer keeps all its channels; use a smaller "
+                  "round_to")
+    else:
+        reason = ("every layer's kept count rounds up to all its channels (the target is too "
+                  f"small for groups of {min(g.size for g in prunable)}-{largest} channels"
+                  f"{f' with round_to={target.round_to}' if target.round_to > 1 else ''})")
+    raise PlanError(f"the {target.kind} target removes no channel: {reason}")
 
 
 def _single_target(ratio, ratios, macs_reduction, plan, target, round_to) -> PlanTarget:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import ConfigError
+from .files import atomic_write, atomic_write_text
+
 
 def load_runs(run_dirs) -> list[dict]:
     runs = []
@@ -11,7 +14,12 @@ def load_runs(run_dirs) -> list[dict]:
         path = Path(d) / "report.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: is {d} a `prunekit prune` run directory?")
-        report = json.loads(path.read_text())
+        try:
+            report = json.loads(path.read_text())
+            report["before"]["accuracy"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a complete prunekit report ({exc!r}); rerun "
+                              f"the prune command for {d}") from None
         report["run"] = Path(d).name
         runs.append(report)
     return runs
@@ -26,11 +34,35 @@ def _method(report: dict) -> str:
     return report.get("recipe") or criterion.get("name", "?")
 
 
+def _check_same_images(runs: list[dict], split: str) -> str:
+    """The one description of the images every run evaluated on ``split``; runs measured on
+    other images (a ``--limit`` subset, another data copy) cannot share one accuracy column."""
+    seen: dict[str, list[str]] = {}
+    for r in runs:
+        for stage in ("before", "pruned", "finetuned"):
+            accuracy = (r.get(stage) or {}).get("accuracy")
+            if accuracy is None:
+                continue
+            if split not in accuracy:
+                raise ConfigError(f"run {r['run']} has no accuracy on split {split!r} (it has "
+                                  f"{', '.join(accuracy)}); choose one with --split")
+            seen.setdefault(accuracy[split].get("description", "?"), []).append(r["run"])
+    if len(seen) > 1:
+        listed = "; ".join(f"{', '.join(dict.fromkeys(names))}: {description}"
+                           for description, names in seen.items())
+        raise ConfigError(f"the runs were evaluated on different {split!r} images ({listed}), so "
+                          "their accuracies are not comparable; report them separately or "
+                          "rerun them with the same --limit and data")
+    return next(iter(seen))
+
+
 def write_report(run_dirs, out_stem: str, split: str | None = None) -> tuple[Path, Path]:
+    """Write ``OUT.md`` (a table) and ``OUT.png`` (accuracy vs MACs) comparing the runs,
+    atomically; refuses runs whose accuracies were measured on different images."""
     runs = load_runs(run_dirs)
     split = split or next(iter(runs[0]["before"]["accuracy"]))
-    lines = [f"Accuracy: top-1 on `{split}` "
-             f"({runs[0]['before']['accuracy'][split]['description']}). MACs: conv + linear.",
+    description = _check_same_images(runs, split)
+    lines = [f"Accuracy: top-1 on `{split}` ({description}). MACs: conv + linear.",
              "",
              "| run | method | top-1 before | after pruning | after fine-tuning | MACs | MACs -% "
              "| params | latency bs=1 speed-up | MACs speed-up |",
@@ -51,13 +83,13 @@ def write_report(run_dirs, out_stem: str, split: str | None = None) -> tuple[Pat
                       f"{before['macs'] / final['macs']:.2f}x |")
     md = Path(f"{out_stem}.md")
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines) + "\n")
+    atomic_write_text(md, "\n".join(lines) + "\n")
     png = Path(f"{out_stem}.png")
-    _plot(runs, split, png)
+    atomic_write(png, lambda stream: _plot(runs, split, stream))
     return md, png
 
 
-def _plot(runs, split, path: Path) -> None:
+def _plot(runs, split, stream) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,5 +111,5 @@ def _plot(runs, split, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(stream, format="png")
     plt.close(fig)

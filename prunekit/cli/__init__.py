@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 
 from ..errors import PrunekitError
 from .commands import add_inspect_parsers
 from .prune import add_finetune_parser, add_prune_parser
 
 __all__ = ["main"]
+
+_RESUMABLE = ("prune", "finetune")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,8 +44,29 @@ def _os_error_message(exc: OSError) -> str:
     return str(exc)
 
 
+def _show_prunekit_warnings(command: str):
+    """A warnings.showwarning that prints prunekit's own warnings as one CLI line."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] != "prunekit":
+            return default(message, category, filename, lineno, file, line)
+        print(f"prunekit {command}: warning: {message}", file=sys.stderr)
+
+    return show
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_prunekit_warnings(args.command)
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = previous
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except PrunekitError as exc:
@@ -58,8 +82,9 @@ def main(argv=None) -> int:
         print(f"prunekit {args.command}: error: {_os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"prunekit {args.command}: interrupted; rerun the same command to resume",
-              file=sys.stderr)
+        # Only the run commands resume; anything else simply stopped.
+        advice = "; rerun the same command to resume" if args.command in _RESUMABLE else ""
+        print(f"prunekit {args.command}: interrupted{advice}", file=sys.stderr)
         return 130
 
 

@@ -10,9 +10,9 @@ import torch
 from .. import data, io, measure, models
 from ..errors import ConfigError
 from ..graph import explain
-from ..pipeline import load_model, run_default
+from ..pipeline import check_outputs_fit_data, load_model, run_default
 from ..report import write_report
-from .options import RUN_DEFAULTS, add_model_args, int_list, model_spec
+from .options import RUN_DEFAULTS, add_model_args, count, int_list, model_spec
 from .prune import saved_model_path
 
 __all__ = ["add_inspect_parsers"]
@@ -26,14 +26,14 @@ def add_inspect_parsers(sub) -> None:
     ev.add_argument("--split", default="test", choices=data.SPLITS,
                     help="which images to evaluate on (test-lossless: the 1,000 original-pixel "
                          "test images, comparable to published numbers)")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset")
-    ev.add_argument("--batch-size", type=int, default=500)
-    ev.add_argument("--workers", type=int, default=0)
+    ev.add_argument("--limit", type=count(1), default=None, help="evaluate a class-balanced subset")
+    ev.add_argument("--batch-size", type=count(1), default=500)
+    ev.add_argument("--workers", type=count(0), default=0)
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ev.add_argument("--latency-batches", default=RUN_DEFAULTS["latency_batches"],
                     help="batch sizes to time, comma-separated; empty to skip")
-    ev.add_argument("--latency-runs", type=int, default=RUN_DEFAULTS["latency_runs"])
-    ev.add_argument("--threads", type=int, default=None, help="CPU threads for timing")
+    ev.add_argument("--latency-runs", type=count(1), default=RUN_DEFAULTS["latency_runs"])
+    ev.add_argument("--threads", type=count(1), default=None, help="CPU threads for timing")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ev.set_defaults(func=cmd_eval)
 
@@ -42,7 +42,7 @@ def add_inspect_parsers(sub) -> None:
     exp.add_argument("--onnx", action="store_true")
     exp.add_argument("--torchscript", action="store_true")
     exp.add_argument("--out", default=None, help="output path stem (default: next to the model)")
-    exp.add_argument("--input-size", type=int, default=32)
+    exp.add_argument("--input-size", type=count(1), default=32)
     exp.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="Markdown table + PNG plot of accuracy vs MACs")
@@ -57,7 +57,7 @@ def add_inspect_parsers(sub) -> None:
 
     ex = sub.add_parser("explain", help="print the channel groups of a model")
     add_model_args(ex)
-    ex.add_argument("--input-size", type=int, default=32)
+    ex.add_argument("--input-size", type=count(1), default=32)
     ex.set_defaults(func=cmd_explain)
 
 
@@ -85,7 +85,10 @@ def cmd_report(args) -> int:
 
 def cmd_eval(args) -> int:
     device = measure.resolve_device(args.device)
+    batches = int_list(args.latency_batches, "--latency-batches")
     model = load_model(model_spec(args)).to(device).eval()
+    example = torch.randn(*run_default("input_shape"), device=device)
+    check_outputs_fit_data(model, example, len(data.CIFAR10_CLASSES), "CIFAR-10")
     root = data.resolve_data_root(args.data)
     dataset = data.CIFAR10(root, split=args.split, limit=args.limit)
     loader = data.build_loader(dataset, batch_size=args.batch_size, shuffle=False,
@@ -93,9 +96,7 @@ def cmd_eval(args) -> int:
     started = time.perf_counter()
     accuracy = measure.evaluate(model, loader, device=device, progress=not args.json)
     eval_seconds = time.perf_counter() - started
-    example = torch.randn(*run_default("input_shape"), device=device)
     sizes = measure.profile(model, example)
-    batches = int_list(args.latency_batches, "--latency-batches")
     latency = None
     if batches:
         latency = measure.measure_latency(model, example, batch_sizes=batches,

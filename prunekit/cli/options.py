@@ -7,8 +7,8 @@ import argparse
 from ..errors import ConfigError
 from ..pipeline import run_default
 
-__all__ = ["add_common_run_args", "add_model_args", "add_train_args", "model_spec",
-           "run_options", "train_overrides"]
+__all__ = ["add_common_run_args", "add_model_args", "add_train_args", "count", "int_list",
+           "model_spec", "run_options", "train_overrides"]
 
 TRAIN_FIELDS = (("epochs", int), ("lr", float), ("momentum", float), ("weight_decay", float),
                 ("schedule", str), ("warmup_epochs", int), ("label_smoothing", float),
@@ -17,6 +17,21 @@ TRAIN_FIELDS = (("epochs", int), ("lr", float), ("momentum", float), ("weight_de
 RUN_DEFAULTS = {"seed": run_default("seed"), "latency_runs": run_default("latency_runs"),
                 "latency_batches": ",".join(map(str, run_default("latency_batches"))),
                 "eval_splits": ",".join(run_default("eval_splits"))}
+
+
+def count(minimum: int):
+    """An argparse type: a whole number >= ``minimum`` (refused by argparse, naming the flag,
+    before any work)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
 
 
 def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -48,7 +63,7 @@ def add_train_args(p, prefix: str) -> None:
     p.add_argument(f"--{prefix}nesterov", action="store_true", default=None, dest="train_nesterov")
     p.add_argument(f"--{prefix}milestones", default=None, dest="train_milestones",
                    help="comma-separated epochs for the multistep schedule")
-    p.add_argument(f"--{prefix}max-steps", type=int, default=None,
+    p.add_argument(f"--{prefix}max-steps", type=count(1), default=None,
                    dest="train_max_steps_per_epoch", help="cap steps per epoch (smoke runs)")
 
 
@@ -59,9 +74,9 @@ def add_common_run_args(p) -> None:
                    help="comma-separated splits to report accuracy on")
     p.add_argument("--latency-batches", default=RUN_DEFAULTS["latency_batches"],
                    help="batch sizes to time, comma-separated; empty to skip")
-    p.add_argument("--latency-runs", type=int, default=RUN_DEFAULTS["latency_runs"])
-    p.add_argument("--seed", type=int, default=RUN_DEFAULTS["seed"])
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--latency-runs", type=count(1), default=RUN_DEFAULTS["latency_runs"])
+    p.add_argument("--seed", type=count(0), default=RUN_DEFAULTS["seed"])
+    p.add_argument("--limit", type=count(1), default=None,
                    help="evaluate on a class-balanced subset of N images (smoke runs)")
 
 
@@ -72,19 +87,24 @@ def train_overrides(args) -> dict:
         if value is not None:
             out[name] = value
     if getattr(args, "train_milestones", None):
-        out["milestones"] = [int(m) for m in args.train_milestones.split(",")]
+        out["milestones"] = list(int_list(args.train_milestones, "--milestones", minimum=1))
     if args.device != "auto":
         out["device"] = args.device
     out["seed"] = args.seed
     return out
 
 
-def int_list(text: str, flag: str) -> tuple[int, ...]:
+def int_list(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
+    """Comma-separated whole numbers >= ``minimum`` (empty text: none), or ConfigError."""
     try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
+        values = tuple(int(b) for b in text.split(",") if b.strip())
     except ValueError:
         raise ConfigError(f"{flag} takes comma-separated whole numbers such as 1,64; "
                           f"got {text!r}") from None
+    small = [v for v in values if v < minimum]
+    if small:
+        raise ConfigError(f"{flag} values must be >= {minimum}, got {small[0]} in {text!r}")
+    return values
 
 
 def run_options(args) -> dict:

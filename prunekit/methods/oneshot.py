@@ -21,6 +21,7 @@ class OneShot(PruningMethod):
     name = "oneshot"
     summary = "score once with --criterion, remove, then fine-tune (default)"
     default_criterion = "l1"
+    rounds_counts = True
 
     @dataclass
     class Config(MethodConfig):

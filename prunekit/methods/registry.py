@@ -117,7 +117,8 @@ class PruningMethod:
     training replaces the job's fine-tuning). ``target_kinds``: the plan targets it accepts
     (:data:`prunekit.plan.TARGET_KINDS` keys), one of which a run must give; ``()``: the method
     decides what it removes and refuses a target (SWP). The job checks both before any work.
-    ``default_criterion``: the criterion used when the run names none.
+    ``default_criterion``: the criterion used when the run names none. ``rounds_counts``:
+    the method honours the target's ``round_to`` (a method that does not refuses one != 1).
     """
 
     name: ClassVar[str] = ""
@@ -126,6 +127,7 @@ class PruningMethod:
     trains: ClassVar[bool] = False
     target_kinds: ClassVar[tuple[str, ...]] = TARGET_KINDS
     default_criterion: ClassVar[str | None] = None
+    rounds_counts: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None):
         if config is None or isinstance(config, Mapping):

@@ -34,7 +34,7 @@ from torch import nn
 from ..graph import register_module_rule
 from ..graph.channels import channel_ids
 from ..nn.registry import register_structural_attributes
-from .registry import register_model
+from .registry import check_positive_int, register_model
 from .weights import PretrainedWeights
 
 __all__ = [
@@ -227,6 +227,7 @@ class CifarResNet(nn.Module):
                 f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, ...), got {depth}"
             )
         _check_shortcut(shortcut)
+        check_positive_int(num_classes, "num_classes", f"cifar_resnet{depth}")
         n = (depth - 2) // 6
         default_mid, default_out = _standard_widths(n)
         mid = _widths("mid_channels", mid_channels, default_mid)

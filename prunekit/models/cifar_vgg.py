@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .registry import register_model
+from .registry import check_positive_int, register_model
 
 __all__ = ["VGG16_CONFIG", "CifarVGG", "cifar_vgg16_bn"]
 
@@ -49,6 +49,8 @@ class CifarVGG(nn.Module):
     def __init__(self, config: Sequence[int | str] = VGG16_CONFIG, num_classes: int = 10,
                  channels: Sequence[int] | None = None, hidden_features: int = 512):
         super().__init__()
+        check_positive_int(num_classes, "num_classes", "CifarVGG")
+        check_positive_int(hidden_features, "hidden_features", "CifarVGG")
         self.config = tuple(config)
         default = [v for v in self.config if v != "M"]
         widths = _widths(channels, default)

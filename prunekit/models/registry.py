@@ -20,12 +20,14 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 from torch import nn
 
-from ..errors import PrunekitError
+from ..errors import ConfigError, PrunekitError
 from .weights import PretrainedWeights, find_pretrained_file, load_weights
 
 __all__ = [
+    "check_positive_int",
     "UnknownModelError",
     "create",
     "get_model_spec",
@@ -100,6 +102,13 @@ def get_pretrained_weights(name: str) -> PretrainedWeights | None:
     return _PRETRAINED.get(name)
 
 
+def check_positive_int(value: Any, name: str, model: str) -> int:
+    """``value`` as a size argument of ``model`` (an int >= 1, not a bool), or ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{model}: {name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 def create(
     name: str, weights: str | os.PathLike | Mapping[str, Any] | None = None, **kwargs: Any
 ) -> nn.Module:
@@ -111,6 +120,9 @@ def create(
     :func:`load_weights` with ``strict=True``.
     """
     builder = _builder(name)
+    for size in ("num_classes", "hidden_features"):
+        if size in kwargs:
+            check_positive_int(kwargs[size], size, name)
     source = weights
     if isinstance(weights, str) and weights == "pretrained":
         source = _pretrained_source(name, kwargs)

@@ -18,14 +18,18 @@ from ..criteria import get_criterion
 from ..errors import ConfigError
 from ..files import atomic_write_json
 from ..methods import MethodContext, MethodResult, get_method
+from ..models.registry import SPEC_ATTR
+from ..models.weights import WeightsLoadError
 from ..plan import PlanError, PlanTarget
 from ..train import TrainConfig, fit
+from ..utils import first_output
 from .config import RunConfig, run_default
 from .measuring import StageTimer, measure_model
 from .run_data import CifarRunData
+from .run_dir import RunLock, check_out_dir, is_secondary_rank
 from .run_record import check_and_record_run, run_identity
 
-__all__ = ["finetune_saved", "load_model", "run_prune"]
+__all__ = ["check_outputs_fit_data", "finetune_saved", "load_model", "run_prune"]
 
 
 def load_model(spec: Mapping[str, Any]) -> torch.nn.Module:
@@ -83,6 +87,36 @@ class _Job:
         return described
 
 
+def check_outputs_fit_data(model: torch.nn.Module, example: torch.Tensor, classes: int,
+                           data_name: str) -> None:
+    """The model gives one score per class of the run's data (else accuracy and the loss
+    would be computed over the wrong classes, or fail mid-run on a label)."""
+    with torch.no_grad():
+        output = model(example)
+    output = first_output(output)
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ConfigError(f"the model's output has shape {shape} for an input of shape "
+                          f"{tuple(example.shape)}; prunekit expects (batch, classes) logits")
+    if output.shape[1] != classes:
+        raise ConfigError(f"the model has {output.shape[1]} outputs but {data_name} has "
+                          f"{classes} classes; build "
+                          f"the model with num_classes={classes}")
+
+
+def _load_pruned(path: Path, unpruned: torch.nn.Module) -> torch.nn.Module:
+    """The pruned model a previous attempt of this run saved, or a CLI-level refusal."""
+    expected = (getattr(unpruned, SPEC_ATTR, None) or {}).get("name")
+    try:
+        return io.load(path, expect=expected)
+    except WeightsLoadError as exc:
+        # Its first sentence says what is wrong; the rest is advice for Python callers.
+        reason = str(exc).splitlines()[0].split(". ")[0].rstrip(".")
+        raise ConfigError(f"{path} cannot be used to resume this run: {reason}. Delete {path} "
+                          "and rerun the same command to prune again (fine-tuning then resumes "
+                          "from its checkpoint).") from exc
+
+
 def _check_target(method, target: PlanTarget) -> None:
     """The run's target is one the method accepts (before any work)."""
     kinds, kind = method.target_kinds, target.kind
@@ -93,6 +127,9 @@ def _check_target(method, target: PlanTarget) -> None:
         raise PlanError(f"method {method.name} needs a target: {', '.join(kinds)}")
     if kinds and kind not in kinds:
         raise PlanError(f"method {method.name} needs a {', '.join(kinds)} target, not {kind}")
+    if target.round_to != 1 and not method.rounds_counts:
+        raise ConfigError(f"method {method.name} does not round its channel counts; drop "
+                          f"--round-to {target.round_to} (only the one-shot method honours it)")
 
 
 def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
@@ -100,10 +137,16 @@ def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
     with command-line flags as a mapping)."""
     config = options if isinstance(options, RunConfig) else RunConfig.from_dict(options)
     job = _Job(config)
-    out, timer = job.out, job.timer
     root = data.resolve_data_root(config.data)
-    out.mkdir(parents=True, exist_ok=True)
-    check_and_record_run(out, job.identity(root), job.finetune_epochs)
+    check_out_dir(job.out)
+    with RunLock(job.out):
+        check_and_record_run(job.out, job.identity(root), job.finetune_epochs,
+                             record=not is_secondary_rank())
+        return _run(job, root)
+
+
+def _run(job: _Job, root: Path) -> dict:
+    config, out, timer = job.config, job.out, job.timer
     torch.manual_seed(config.seed)
     run_data = CifarRunData(root, limit=config.limit, calibration=config.calibration,
                             seed=config.seed)
@@ -113,6 +156,7 @@ def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
 
     with timer("load"):
         model = load_model(config.model).eval()
+        check_outputs_fit_data(model, example, run_data.num_classes, run_data.name)
     with timer("measure_before"):
         report["before"] = job.measure(model, run_data, example)
 
@@ -122,7 +166,7 @@ def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
     pruned_path = out / "pruned.safetensors"
     if not job.method.trains and pruned_path.exists():
         with timer("load_pruned"):
-            model = io.load(pruned_path).eval()
+            model = _load_pruned(pruned_path, model).eval()
             result = MethodResult(plan=getattr(model, io.SAVED_SPEC_ATTR).get("plan"))
     else:
         result = job.method.run(model, context)
@@ -165,8 +209,14 @@ def finetune_saved(source, out, options: Mapping[str, Any]) -> dict:
     if "finetune" not in options:
         raise ConfigError("finetune_saved needs options['finetune'] (TrainConfig keys)")
     config = TrainConfig.from_dict(options["finetune"])
-    out.mkdir(parents=True, exist_ok=True)
     root = data.resolve_data_root(options.get("data"))
+    check_out_dir(out)
+    with RunLock(out):
+        return _finetune(source, out, options, config, root)
+
+
+def _finetune(source, out: Path, options: Mapping[str, Any], config: TrainConfig,
+              root: Path) -> dict:
     run_data = CifarRunData(root, limit=options.get("limit"))
     model = io.load(source)
     spec = getattr(model, io.SAVED_SPEC_ATTR)

@@ -35,6 +35,9 @@ class CifarRunData:
     """CIFAR-10 at ``root``: augmented ``train``, held-out ``val`` (``limit``: a class-balanced
     subset for smoke runs), calibration batches, and the evaluation splits."""
 
+    num_classes = len(data.CIFAR10_CLASSES)
+    name = "CIFAR-10"
+
     def __init__(self, root: str | Path, *, limit: int | None = None,
                  calibration: Mapping[str, Any] | None = None, seed: int = 0):
         self.root, self.limit, self.seed = Path(root), limit, seed

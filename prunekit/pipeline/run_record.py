@@ -40,9 +40,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def check_and_record_run(out: Path, identity: Mapping[str, Any], epochs: int) -> None:
+def check_and_record_run(out: Path, identity: Mapping[str, Any], epochs: int, *,
+                         record: bool = True) -> None:
     """Refuse a rerun into ``out`` that is not the recorded run (or asks for fewer fine-tuning
-    epochs than it already has); record the run when it is new or resumed."""
+    epochs than it already has); record the run when it is new or resumed (``record=False``:
+    check only, as the torchrun ranks other than 0 do)."""
     path = Path(out) / RUN_FILE
     recorded_epochs = 0
     if path.exists():
@@ -70,5 +72,7 @@ def check_and_record_run(out: Path, identity: Mapping[str, Any], epochs: int) ->
             raise ConfigError(f"{out} already holds {', '.join(found)} but no {RUN_FILE} (written "
                               "by an older prunekit?), so this rerun cannot be checked against "
                               f"it. Start afresh with a new --out (or delete {out}).")
+    if not record:
+        return
     atomic_write_json(path, {**identity, "finetune_epochs": max(epochs, recorded_epochs)},
                       indent=1, sort_keys=True)

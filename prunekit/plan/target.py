@@ -96,6 +96,19 @@ class PlanTarget:
         return None
 
     @property
+    def asks_for_removal(self) -> bool:
+        """Whether the target wants some channels removed (a ratio above 0, a paper string,
+        counts or an explicit plan; False for an all-zero ratio target or no target)."""
+        kind = self.kind
+        if kind is None:
+            return False
+        if kind in ("ratio", "ratios"):
+            return bool((self.ratio or 0) > 0 or any(v > 0 for v in (self.ratios or {}).values()))
+        if kind in _RATIO_TARGETS:
+            return getattr(self, kind) > 0
+        return True
+
+    @property
     def needs_scores(self) -> bool:
         """Whether the counts depend on the criterion's scores (global ranking, MACs search)."""
         return self.kind in ("global_ratio", "macs_reduction")
