@@ -20,6 +20,7 @@ from prunekit.graph import TraceError, UnsupportedOpError, register_function_rul
 from prunekit.graph import register_module_rule
 from prunekit.graph.registry import FUNCTION_RULES, LEAF_TYPES, MODULE_RULES
 from prunekit.models.cifar_resnet import ZeroPadShortcut
+from prunekit.plan import keep_count
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -408,6 +409,12 @@ def test_random_cnns_prune_like_zeroed_reference(arch, ratio, seed, prune_and_co
     torch.manual_seed(seed)
     model = _RandomNet(ops)
     x = _x(2, 3, size, size, seed=seed)
+    graph = prunekit.build_graph(model, x[:1])
+    if ratio > 0 and all(keep_count(g, ratio) == g.size for g in graph.prunable_groups()):
+        # Nothing would go (tiny groups round up): refused rather than "pruned" unchanged.
+        with pytest.raises(prunekit.plan.PlanError, match="removes no channel"):
+            prunekit.prune(model, x[:1], criterion=RandomCriterion(seed), ratio=ratio)
+        return
     # A uniform ratio must always give a valid pruning equal to the zeroed reference.
     check = prune_and_compare(model, x, criterion=RandomCriterion(seed), ratio=ratio, seed=seed)
     result = check.result
