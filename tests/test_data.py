@@ -35,6 +35,7 @@ from prunekit.data import (
     resolve_data_root,
     train_val_indices,
 )
+from prunekit.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 IMAGES_PER_BATCH = 20
@@ -182,8 +183,11 @@ def test_malicious_pickle_is_refused(tmp_path):
 
     with open(folder / "test_batch", "wb") as handle:
         pickle.dump({b"labels": [0], b"data": RunsCode()}, handle)
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    # A DataError (one CLI line) naming the file and the refused global, not a raw
+    # UnpicklingError.
+    with pytest.raises(DataError, match="refused as unsafe") as error:
         load_cifar10_arrays(tmp_path, "test")
+    assert "test_batch" in str(error.value) and "getcwd" in str(error.value)
 
 
 def python2_style_pickle(rows: np.ndarray, labels: list[int]) -> bytes:

@@ -706,11 +706,13 @@ class _LiteralChannelSlice(nn.Module):
 def test_literal_channel_slice(prune_and_compare):
     model = _LiteralChannelSlice().eval()
     x = _x(2, 3, 4, 4)
-    check = prune_and_compare(model, x, criterion="l1", ratio=0.5)
     sliced = set(range(2, 6))
-    group = check.graph.group("conv")
+    group = prunekit.build_graph(model, x[:1]).group("conv")
     assert sliced <= set(np.flatnonzero(group.fixed).tolist())
-    assert model.fc.in_features == 4
+    # Nothing else may go: the prune is refused as a no-op, the model left as it was.
+    with pytest.raises(prunekit.plan.PlanError, match="no prunable channel group"):
+        prunekit.prune(model, x[:1], criterion="l1", ratio=0.5)
+    assert model.fc.in_features == 4 and model.conv.out_channels == 8
 
 
 # ================================================================================================

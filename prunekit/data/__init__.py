@@ -13,9 +13,17 @@ Every accuracy should be reported together with its split name (see :data:`SPLIT
 :func:`describe_split`) so a reader can tell a JPEG-test number from a lossless one and a
 validation number from a test number.
 
-Modules, each importing only those above it: ``errors``; ``cifar_files`` (layouts, readers,
-cache); ``locate`` (the data root); ``splits`` (train/val/test, report labels);
-``normalization``; ``cifar`` (the Dataset); ``loaders``; ``download``; ``folders``.
+Files are validated when a dataset opens them (:mod:`prunekit.data.validate` has the rules):
+images ``(N, 32, 32, 3)`` as ``uint8`` 0..255 or as floats already in ``[0, 1]`` (never
+divided by 255 twice), integer labels in ``0..9``, one per image; anything else, a damaged
+file or a pickle that asks for more than numpy arrays is a :class:`~prunekit.errors.DataError`
+naming the file. Bad options (split, limit, val_size, normalize) are a
+:class:`~prunekit.errors.ConfigError`.
+
+Modules, each importing only those above it: ``errors``; ``validate`` (what a stored part
+must hold); ``cifar_files`` (layouts, readers, cache); ``locate`` (the data root); ``splits``
+(train/val/test, report labels, option checks); ``normalization``; ``cifar`` (the Dataset);
+``loaders``; ``download``; ``folders``.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 from .cifar import CIFAR10, CIFAR10_CLASSES, random_crop_flip
 from .cifar_files import clear_cache
 from .download import CIFAR10_MD5, CIFAR10_URL, download_cifar10
-from .errors import ChecksumError, DatasetNotFoundError
+from .errors import ChecksumError, DatasetNotFoundError, DownloadError
 from .folders import image_folder
 from .loaders import build_loader
 from .locate import DATA_ENV_VAR, resolve_data_root
@@ -39,6 +47,8 @@ from .splits import (
     LIMIT_SEED,
     SPLITS,
     VAL_SPLIT_SEED,
+    check_limit,
+    check_split,
     describe_split,
     load_cifar10_arrays,
     load_cifar10_labels,
@@ -49,8 +59,8 @@ from .splits import (
 __all__ = [
     "CIFAR10", "CIFAR10_CLASSES", "CIFAR10_MD5", "CIFAR10_URL", "CIFAR_MEAN", "CIFAR_STD",
     "DATA_ENV_VAR", "DEFAULT_VAL_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "LIMIT_SEED", "SPLITS",
-    "VAL_SPLIT_SEED", "ChecksumError", "DatasetNotFoundError", "build_loader", "clear_cache",
-    "describe_split", "download_cifar10", "image_folder", "load_cifar10_arrays",
-    "load_cifar10_labels", "normalization_stats", "random_crop_flip", "resolve_data_root",
-    "stratified_order", "train_val_indices",
+    "VAL_SPLIT_SEED", "ChecksumError", "DatasetNotFoundError", "DownloadError", "build_loader",
+    "check_limit", "check_split", "clear_cache", "describe_split", "download_cifar10",
+    "image_folder", "load_cifar10_arrays", "load_cifar10_labels", "normalization_stats",
+    "random_crop_flip", "resolve_data_root", "stratified_order", "train_val_indices",
 ]

@@ -17,7 +17,8 @@ from .normalization import normalization_stats
 from .splits import (
     DEFAULT_VAL_SIZE,
     LIMIT_SEED,
-    _check_split,
+    check_limit,
+    check_split,
     _split_indices,
     _stored_part,
     describe_split,
@@ -53,11 +54,17 @@ class CIFAR10(Dataset):
             "trainval" only. Padding happens before normalisation, i.e. the border is black.
         normalize: "imagenet" (default; what the shared pretrained weights expect), "cifar",
             an explicit ``(mean, std)`` pair, or None for plain ``[0, 1]`` pixels.
-        limit: keep only this many images, chosen class-balanced by a fixed seed
-            (:data:`LIMIT_SEED`, see :func:`stratified_order`) and kept in stored order. Not a
-            prefix on purpose: the packaged ``test.npz`` is class-major, so its first 100
-            images would all be airplanes.
-        val_size: images held out of "train" as "val".
+        limit: keep only this many images (a whole number >= 1), chosen class-balanced by a
+            fixed seed (:data:`LIMIT_SEED`, see :func:`stratified_order`) and kept in stored
+            order. Not a prefix on purpose: the packaged ``test.npz`` is class-major, so its
+            first 100 images would all be airplanes.
+        val_size: images held out of "train" as "val" (in ``[0, trainval size)``).
+
+    The stored part is validated when the dataset is opened (see
+    :mod:`prunekit.data.validate`): a file with wrong dtypes, pixel or label ranges or
+    lengths is a :class:`~prunekit.errors.DataError` naming it; bad options (split, limit,
+    val_size, normalize) are a :class:`~prunekit.errors.ConfigError`. Stored ``uint8`` pixels
+    are divided by 255; stored float pixels are already in ``[0, 1]`` and are not.
 
     Attributes: ``split``, ``description`` (for reports), ``labels`` (int64 array),
     ``classes``.
@@ -74,16 +81,18 @@ class CIFAR10(Dataset):
         limit: int | None = None,
         val_size: int = DEFAULT_VAL_SIZE,
     ) -> None:
-        _check_split(split)
+        # Options first: a bad one is reported before any file is read.
+        check_split(split)
+        limit = check_limit(limit)
+        stats = normalization_stats(normalize)
         layout, folder = _locate(root)
         # Keep the cached stored part plus an index array instead of copying 45,000 images.
+        # Reading the part validates it (dtype, range, lengths), once per cached part.
         self._images, stored_labels = _cached_part(str(folder), layout, _stored_part(split))
         indices = _split_indices(layout, folder, split, val_size)
         labels = stored_labels if indices is None else stored_labels[indices]
         self.description = describe_split(folder, split, val_size)
         if limit is not None:
-            if limit <= 0:
-                raise ValueError(f"limit must be positive, got {limit}")
             if limit < len(labels):
                 chosen = np.sort(stratified_order(labels, LIMIT_SEED)[:limit])
                 indices = chosen if indices is None else indices[chosen]
@@ -91,11 +100,12 @@ class CIFAR10(Dataset):
                 self.description += f" [class-balanced subset of {limit:,}, seed {LIMIT_SEED}]"
         self._indices = indices
         self.labels = np.asarray(labels, dtype=np.int64)
+        # uint8 parts hold 0..255; float parts were validated to hold [0, 1] pixels already.
+        self._scale = 255.0 if self._images.dtype == np.uint8 else 1.0
         self.split = split
         if train_augment is None:
             train_augment = split in ("train", "trainval")
         self.train_augment = train_augment
-        stats = normalization_stats(normalize)
         self._mean = None if stats is None else torch.tensor(stats[0]).view(3, 1, 1)
         self._std = None if stats is None else torch.tensor(stats[1]).view(3, 1, 1)
 
@@ -105,7 +115,7 @@ class CIFAR10(Dataset):
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
         stored = item if self._indices is None else self._indices[item]
         # torch.tensor copies, so the shared read-only cache is never aliased.
-        image = torch.tensor(self._images[stored]).permute(2, 0, 1).float().div_(255.0)
+        image = torch.tensor(self._images[stored]).permute(2, 0, 1).float().div_(self._scale)
         if self.train_augment:
             image = random_crop_flip(image)
         if self._mean is not None:

@@ -12,8 +12,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..errors import DataError
 from .cifar_files import _OFFICIAL_DIR, _OFFICIAL_FILES, clear_cache
-from .errors import ChecksumError
+from .errors import ChecksumError, DownloadError
 from .locate import DATA_ENV_VAR
 
 __all__ = ["CIFAR10_MD5", "CIFAR10_URL", "download_cifar10"]
@@ -26,9 +27,11 @@ def _check_members(archive: tarfile.TarFile) -> None:
     for member in archive.getmembers():
         parts = Path(member.name).parts
         if Path(member.name).is_absolute() or member.name.startswith(("/", "\\")) or ".." in parts:
-            raise ValueError(f"refusing to extract {member.name!r}: path escapes the target")
+            raise DataError(f"refusing to extract {member.name!r}: path escapes the target; "
+                            f"the archive is not the official CIFAR-10 one")
         if not (member.isfile() or member.isdir()):
-            raise ValueError(f"refusing to extract {member.name!r}: links/devices not allowed")
+            raise DataError(f"refusing to extract {member.name!r}: links/devices not allowed; "
+                            f"the archive is not the official CIFAR-10 one")
 
 
 def _open_url(url: str):
@@ -36,7 +39,7 @@ def _open_url(url: str):
         return urllib.request.urlopen(url)
     except urllib.error.URLError as error:
         # Typical on offline machines: say how to use a copy that is already on disk.
-        raise ConnectionError(
+        raise DownloadError(
             f"could not download {url}: {error.reason}. Without internet access, point "
             f"prunekit at an existing copy with '--data DIR' or {DATA_ENV_VAR}=DIR."
         ) from error
@@ -85,7 +88,8 @@ def download_cifar10(
             unpacked = Path(staging) / _OFFICIAL_DIR
             missing = [n for n in _OFFICIAL_FILES if not (unpacked / n).is_file()]
             if missing:
-                raise ValueError(f"{url} does not contain {_OFFICIAL_DIR}/{', '.join(missing)}")
+                raise DataError(f"{url} does not contain {_OFFICIAL_DIR}/{', '.join(missing)}; "
+                                f"give the official CIFAR-10 python archive")
             if target.exists():
                 shutil.rmtree(target)
             shutil.move(str(unpacked), str(target))

@@ -16,12 +16,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import ConfigError
 from .cifar_files import _cached_labels, _cached_part
 from .locate import _locate
 
 __all__ = [
-    "DEFAULT_VAL_SIZE", "LIMIT_SEED", "SPLITS", "VAL_SPLIT_SEED", "describe_split",
-    "load_cifar10_arrays", "load_cifar10_labels", "stratified_order", "train_val_indices",
+    "DEFAULT_VAL_SIZE", "LIMIT_SEED", "SPLITS", "VAL_SPLIT_SEED", "check_limit", "check_split",
+    "describe_split", "load_cifar10_arrays", "load_cifar10_labels", "stratified_order",
+    "train_val_indices",
 ]
 
 #: Split names used throughout prunekit and in every report.
@@ -33,10 +35,33 @@ VAL_SPLIT_SEED = 0
 LIMIT_SEED = 1
 
 
-def _check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"unknown CIFAR-10 split {split!r}; valid splits: {', '.join(SPLITS)}")
+def check_split(split: str) -> str:
+    """Return ``split`` if it is one of :data:`SPLITS`; else a ConfigError listing them."""
+    if not isinstance(split, str) or split not in SPLITS:
+        raise ConfigError(f"unknown CIFAR-10 split {split!r}; valid splits: {', '.join(SPLITS)}")
     return split
+
+
+def _whole_number(value) -> bool:
+    # bool is an int to Python, but limit=True is a slip, not "one image".
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_limit(limit: int | None) -> int | None:
+    """Return ``limit`` (None, or a whole number of images >= 1) as an int or None; anything
+    else (0, negative, bool, 0.5, "10") is a ConfigError, raised before any data is read."""
+    if limit is None:
+        return None
+    if not _whole_number(limit) or limit < 1:
+        raise ConfigError(f"limit must be a whole number of images >= 1 (or None for all), "
+                          f"got {limit!r}")
+    return int(limit)
+
+
+def _check_val_size(val_size: int) -> int:
+    if not _whole_number(val_size) or val_size < 0:
+        raise ConfigError(f"val_size must be a whole number of images >= 0, got {val_size!r}")
+    return int(val_size)
 
 
 def _stored_part(split: str) -> str:
@@ -67,9 +92,10 @@ def train_val_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split the trainval indices into sorted (train, val) index arrays; val is class-balanced."""
     count = len(labels)
-    if not 0 <= val_size < count:
-        raise ValueError(
-            f"val_size must be in [0, {count}) for {count} training images, got {val_size}"
+    if not 0 <= _check_val_size(val_size) < count:
+        raise ConfigError(
+            f"val_size={val_size} holds out {val_size} of the {count} trainval images, "
+            f"leaving {max(count - val_size, 0)} to train on; give a val_size in [0, {count})"
         )
     val = np.sort(stratified_order(labels, seed)[:val_size])
     train = np.setdiff1d(np.arange(count), val, assume_unique=True)
@@ -85,8 +111,9 @@ def _split_indices(layout: str, folder: Path, split: str, val_size: int) -> np.n
     """Indices into the stored part for ``split``, or None when the split is the whole part."""
     if split not in ("train", "val"):
         return None
-    if split == "val" and val_size == 0:
-        raise ValueError("val_size=0 leaves the 'val' split empty")
+    if split == "val" and _check_val_size(val_size) == 0:
+        raise ConfigError("val_size=0 leaves the 'val' split empty; give a val_size >= 1 or "
+                          "use split='test'")
     train, val = _cached_train_val(str(folder), layout, val_size)
     return train if split == "train" else val
 
@@ -94,13 +121,16 @@ def _split_indices(layout: str, folder: Path, split: str, val_size: int) -> np.n
 def load_cifar10_arrays(
     root: str | os.PathLike | None, split: str, val_size: int = DEFAULT_VAL_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``uint8 (N, 32, 32, 3)`` (HWC, RGB) and labels ``int64 (N,)`` of a split.
+    """Images ``(N, 32, 32, 3)`` (HWC, RGB) and labels ``int64 (N,)`` of a split.
+
+    Images are ``uint8`` 0..255 as CIFAR-10 stores them, or ``float32`` in ``[0, 1]`` when
+    the files store float pixels (see :mod:`prunekit.data.validate`).
 
     ``root`` goes through :func:`resolve_data_root` (None = search). Stored parts are cached
     per process; for "trainval", "test" and "test-lossless" the cached read-only arrays
     themselves are returned (copy them before editing), "train" and "val" are fresh copies.
     """
-    _check_split(split)
+    check_split(split)
     layout, folder = _locate(root)
     images, labels = _cached_part(str(folder), layout, _stored_part(split))
     indices = _split_indices(layout, folder, split, val_size)
@@ -113,7 +143,7 @@ def load_cifar10_labels(
     root: str | os.PathLike | None, split: str, val_size: int = DEFAULT_VAL_SIZE
 ) -> np.ndarray:
     """Labels of a split without decoding the packaged images (cheap; for counting and sampling)."""
-    _check_split(split)
+    check_split(split)
     layout, folder = _locate(root)
     labels = _cached_labels(str(folder), layout, _stored_part(split))
     indices = _split_indices(layout, folder, split, val_size)
@@ -124,7 +154,7 @@ def describe_split(
     root: str | os.PathLike | None, split: str, val_size: int = DEFAULT_VAL_SIZE
 ) -> str:
     """Human label for a split, e.g. for a report line "top-1 91.5% on <description>"."""
-    _check_split(split)
+    check_split(split)
     layout, folder = _locate(root)
     count = len(load_cifar10_labels(folder, split, val_size))
     lossy = layout == "packaged"

@@ -9,6 +9,9 @@ import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+import numpy as np
+
+from .. import data
 from ..errors import ConfigError
 
 __all__ = ["CALIBRATION_DEFAULTS", "FINETUNE_DEFAULTS", "RunConfig", "run_default"]
@@ -57,9 +60,13 @@ class RunConfig:
         self.finetune = {**FINETUNE_DEFAULTS, **(self.finetune or {})}
         self.calibration = {**CALIBRATION_DEFAULTS, **(self.calibration or {})}
         self.plan = dict(self.plan or {})
-        self.latency_batches = tuple(int(b) for b in self.latency_batches)
-        self.input_shape = tuple(int(s) for s in self.input_shape)
-        self.eval_splits = list(self.eval_splits)
+        self.latency_batches = _whole_numbers(self.latency_batches, "latency_batches")
+        self.input_shape = _whole_numbers(self.input_shape, "input_shape")
+        _whole_numbers([self.latency_runs], "latency_runs")
+        _whole_numbers([self.seed], "seed", minimum=0)
+        self.eval_splits = [data.check_split(s) for s in self.eval_splits]
+        data.check_split(self.calibration["split"])
+        self.limit = data.check_limit(self.limit)
 
     @property
     def method_name(self) -> str:
@@ -87,6 +94,16 @@ class RunConfig:
         out["latency_batches"] = list(self.latency_batches)
         out["input_shape"] = list(self.input_shape)
         return out
+
+
+def _whole_numbers(values, name: str, minimum: int = 1) -> tuple[int, ...]:
+    """``values`` as ints >= ``minimum`` (bools and fractions refused), or ConfigError."""
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ConfigError(f"{name} takes whole numbers >= {minimum}, got {value!r}")
+        out.append(int(value))
+    return tuple(out)
 
 
 def run_default(name: str) -> Any:

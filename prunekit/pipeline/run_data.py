@@ -40,7 +40,7 @@ class CifarRunData:
 
     def __init__(self, root: str | Path, *, limit: int | None = None,
                  calibration: Mapping[str, Any] | None = None, seed: int = 0):
-        self.root, self.limit, self.seed = Path(root), limit, seed
+        self.root, self.limit, self.seed = Path(root), data.check_limit(limit), seed
         self.calibration = dict(calibration or {})
 
     def train_set(self):
