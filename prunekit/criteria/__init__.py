@@ -13,14 +13,21 @@ Registered names:
   ``hrank``, ``chip``, ``apoz``, sharing one streaming pass
   (:func:`prunekit.criteria.calibration.run_calibration`);
 * gradients on labelled calibration data (``needs_data``): ``taylor`` (Taylor-FO-BN).
+
+``list_criteria()`` gives the registered names. Every criterion's scores are checked in one
+place (:func:`prunekit.criteria.base.checked_score`, applied to every subclass): NaN/inf in the
+model's group tensors, the calibration batches or the scores raise :class:`ScoreError`
+(:class:`CalibrationDataError` for a batch) naming the layer, group or batch.
 """
-from .base import CRITERIA, Criterion, combine_scores, get_criterion, register_criterion
+from .base import (CRITERIA, Criterion, ScoreError, combine_scores, get_criterion,
+                   list_criteria, register_criterion)
 from .weight import FPGM, BNScale, L1Norm, L2Norm, RandomCriterion
 from .activation import APoZ, CHIP, ActivationCriterion, HRank
 from .gradient import Taylor
-from .calibration import run_calibration
+from .calibration import CalibrationDataError, run_calibration
 from .per_group import PerGroupCriterion
 
-__all__ = ["Criterion", "CRITERIA", "get_criterion", "register_criterion", "combine_scores",
+__all__ = ["Criterion", "CRITERIA", "get_criterion", "list_criteria", "register_criterion",
+           "combine_scores", "ScoreError", "CalibrationDataError",
            "L1Norm", "L2Norm", "FPGM", "BNScale", "RandomCriterion", "ActivationCriterion",
            "HRank", "CHIP", "APoZ", "Taylor", "PerGroupCriterion", "run_calibration"]

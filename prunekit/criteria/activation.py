@@ -28,6 +28,9 @@ flatten -> linear`` before a classifier), the 4-D map before the pooling is used
 map the papers hook (HRank's and CHIP's ReLU modules, a ResNet's last block output). A group none of whose maps is usable falls back to
 ``l1`` with a warning; channels that appear in no usable map of a group that has some get the
 group's highest score (kept), with a warning.
+
+A feature map holding NaN/inf, or whose decomposition (hrank's rank, chip's spectra) fails,
+raises :class:`~prunekit.criteria.base.ScoreError` naming the map, its groups and the batch.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import ChannelGraph, ChannelGroup
-from .base import Criterion, check_choice, combine_scores, register_criterion, require_calibration
+from .base import (Criterion, ScoreError, check_choice, combine_scores, nonfinite_cause,
+                   register_criterion, require_calibration)
 from .calibration import check_max_batches, run_calibration
 from .weight import L1Norm
 
@@ -134,6 +138,12 @@ class ActivationCriterion(Criterion):
                 further.setdefault(src, chain[k + 1:])
         stats: dict[str, _MapStats] = {}
         skipped: dict[str, str] = {}
+        groups_of: dict[str, list[str]] = {}
+        for name, fm in maps.items():
+            for node, _, _ in fm:
+                for n in [node, *sources[node]]:
+                    groups_of.setdefault(n, []).append(name)
+        batch = [0]
 
         def consume(node: str, x) -> None:
             if any(src in stats for src in further.get(node, ())):
@@ -148,13 +158,18 @@ class ActivationCriterion(Criterion):
             if x.shape[cdim] != width[node]:
                 skipped[node] = f"{x.shape[cdim]} channels, the graph expects {width[node]}"
                 return
-            stats.setdefault(node, _MapStats(x.dim())).add(self.per_image(x))
+            stats.setdefault(node, _MapStats(x.dim())).add(self._checked_per_image(
+                x, model, f"feature map '{node}' (group(s) {', '.join(groups_of.get(node, []))}) on "
+                   f"calibration batch {batch[0]} (counting from 0)"))
+
+        def on_batch(index: int) -> None:
+            batch[0] = index
 
         if channel_dim:
             self.prepare()
             run_calibration(graph, model, calibration, channel_dim, consume,
                             max_batches=self.max_batches, device=self.device,
-                            progress=self.progress, desc=self.name)
+                            progress=self.progress, desc=self.name, on_batch=on_batch)
         means = {node: self.finish(st.mean()) for node, st in stats.items()}
 
         def best(node: str, pos: np.ndarray) -> str | None:
@@ -179,6 +194,22 @@ class ActivationCriterion(Criterion):
                 scores = L1Norm().score_group(g, model)
             result[g.name] = scores
         return result
+
+    def _checked_per_image(self, x: torch.Tensor, model: nn.Module, where: str) -> torch.Tensor:
+        """per_image of a finite map; ScoreError naming ``where`` for NaN/inf or a failed
+        decomposition (svd/eigh do not converge on such input, or on extreme values)."""
+        if x.is_floating_point():
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                raise ScoreError(f"{self.name}: {where} holds {bad} NaN/inf value(s): "
+                                 f"{nonfinite_cause(model)}")
+        try:
+            return self.per_image(x)
+        except torch.linalg.LinAlgError as error:
+            raise ScoreError(f"{self.name}: the decomposition of {where} failed ({error}); "
+                             "check that the calibration data is finite and on the model's "
+                             "usual scale, or score this model with a weight criterion "
+                             "(e.g. l1)") from error
 
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d,

@@ -1,21 +1,127 @@
-"""The criterion interface and the registry of criteria by name."""
+"""The criterion interface, the registry of criteria by name, and the one place that makes
+sure every criterion's scores are finite (:class:`ScoreError`)."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
+import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PrunekitError
 from ..graph import ChannelGraph, ChannelGroup
+from ..measure.evaluation import first_nonfinite
 
 CRITERIA: dict[str, type["Criterion"]] = {}
 
 
+class ScoreError(PrunekitError, ValueError):
+    """A criterion cannot give every channel a finite score: NaN/inf in the weights, the
+    calibration data or the model's feature maps, or a decomposition that failed."""
+
+
 def register_criterion(cls):
-    """Class decorator: make ``cls`` available by its ``name``."""
+    """Class decorator: make ``cls`` available by its ``name``. Its ``score`` is checked
+    like every :class:`Criterion`'s (see :func:`checked_score`)."""
+    if not issubclass(cls, Criterion) and "score" in vars(cls):
+        cls.score = checked_score(vars(cls)["score"])
     CRITERIA[cls.name] = cls
     return cls
+
+
+def list_criteria() -> list[str]:
+    """The registered criterion names, sorted."""
+    return sorted(CRITERIA)
+
+
+def layers_of(group: ChannelGroup) -> str:
+    """The modules producing ``group``'s channels, for messages (the group name if none)."""
+    names = sorted({m.module for m, _ in group.producers() if m.module})
+    return ", ".join(names) or group.name
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return named
+
+
+def nonfinite_cause(model: nn.Module) -> str:
+    """Why a data-driven statistic of ``model`` is not finite, as far as can be told."""
+    found = first_nonfinite(model)
+    if found is not None:
+        return (f"the model's tensor '{found[0]}' holds {found[1]} NaN/inf value(s); load "
+                "finite weights")
+    return ("the weights and calibration inputs are finite, so the forward pass overflows "
+            "(inputs far outside the range the model was trained on?); check the calibration "
+            "data's scale and normalisation")
+
+
+def check_finite_weights(criterion, graph: ChannelGraph, model: nn.Module) -> None:
+    """ScoreError naming the first tensor of a prunable group (weights, biases, norm
+    parameters and statistics, consumers' weights) that holds NaN/inf."""
+    tensors = _tensors(model)
+    seen: set[str] = set()
+    groups = graph.prunable_groups()
+    # a layer's own group first: conv2.weight is named with group conv2, not as conv1's consumer
+    members = [(m, g) for consumers in (False, True) for g in groups for m, _ in g.members
+               if (m.role == "in") == consumers]
+    for member, group in members:
+        tensor = tensors.get(member.tensor)
+        if tensor is None or member.tensor in seen or not tensor.is_floating_point():
+            continue
+        seen.add(member.tensor)
+        bad = int((~torch.isfinite(tensor.detach())).sum())
+        if bad:
+            raise ScoreError(
+                f"criterion '{criterion.name}': '{member.tensor}' (layer "
+                f"'{member.module or member.tensor}', group '{group.name}') holds {bad} "
+                f"NaN/inf value(s) of {tensor.numel()}, so no score computed from this model "
+                "means anything. Load finite weights (a training that diverged writes such "
+                "weights) before scoring or pruning")
+
+
+def check_finite_scores(criterion, graph: ChannelGraph, model: nn.Module, scores) -> None:
+    """ScoreError naming the first group whose scores are not all finite, with the likely
+    cause (a non-finite model tensor, else the calibration data or the feature maps)."""
+    for name, values in scores.items():
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().double().numpy()
+        try:
+            values = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue  # not numbers: another check's business
+        bad = int((~np.isfinite(values)).sum())
+        if not bad:
+            continue
+        group = graph.by_name.get(name)
+        layer = layers_of(group) if group is not None else name
+        if getattr(criterion, "needs_data", False) or first_nonfinite(model) is not None:
+            cause = nonfinite_cause(model)
+        else:
+            cause = "the weights are finite, so the criterion itself failed (please report it)"
+        raise ScoreError(f"criterion '{criterion.name}': {bad} of {values.size} scores of "
+                         f"group '{name}' (layer {layer}) are not finite (NaN/inf): {cause}")
+
+
+def checked_score(score):
+    """Wrap a ``score(self, graph, model, calibration=None)`` method so that it refuses a
+    model with non-finite group tensors before scoring and non-finite scores after it.
+    Applied to every :class:`Criterion` subclass that defines ``score``, so criteria written
+    later are checked too."""
+    if getattr(score, "_checks_finite", False):
+        return score
+
+    @functools.wraps(score)
+    def score_checked(self, graph, model, calibration=None, *args, **kwargs):
+        check_finite_weights(self, graph, model)
+        scores = score(self, graph, model, calibration, *args, **kwargs)
+        check_finite_scores(self, graph, model, scores)
+        return scores
+
+    score_checked._checks_finite = True
+    return score_checked
 
 
 class Criterion:
@@ -30,8 +136,15 @@ class Criterion:
     name = "base"
     needs_data = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "score" in vars(cls):
+            cls.score = checked_score(vars(cls)["score"])
+
     def score(self, graph: ChannelGraph, model: nn.Module,
               calibration=None) -> dict[str, np.ndarray]:
+        """``{group name: scores}``; raises :class:`ScoreError` when the group tensors or
+        the scores are not finite (every subclass's ``score`` is checked the same way)."""
         return {g.name: self.score_group(g, model) for g in graph.prunable_groups()}
 
     def score_group(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
@@ -44,6 +157,9 @@ class Criterion:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
+
+
+Criterion.score = checked_score(Criterion.score)
 
 
 def get_criterion(criterion, **kwargs) -> Criterion:

@@ -16,7 +16,8 @@ mode under ``torch.no_grad()``; the training flag of every module is restored af
 Calibration data is an iterable of batches (a list, a ``DataLoader``); a batch is a tensor of
 inputs, an ``(inputs, targets)`` pair (tuple or list, what a ``DataLoader`` of a labelled
 dataset yields) or a one-element ``(inputs,)``; ``inputs`` may itself be a tuple of tensors for
-a model with several inputs. A single tensor is taken as one batch.
+a model with several inputs. A single tensor is taken as one batch. A batch holding NaN/inf
+(inputs, or floating-point targets) is refused with :class:`CalibrationDataError` naming it.
 """
 from __future__ import annotations
 
@@ -27,7 +28,29 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import DataError, PrunekitError
 from ..graph import ChannelGraph
+from .base import ScoreError
+
+
+class CalibrationDataError(ScoreError, DataError):
+    """A calibration batch holds NaN/inf values: no criterion can score channels from it."""
+
+
+def check_finite_batch(inputs: tuple, targets, index: int, what: str = "calibration") -> None:
+    """CalibrationDataError when a floating-point tensor of batch ``index`` is not finite."""
+    named = [(f"input {k}", t) for k, t in enumerate(inputs)]
+    if isinstance(targets, torch.Tensor):
+        named.append(("targets", targets))
+    for label, tensor in named:
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CalibrationDataError(
+                    f"{what}: calibration batch {index} (counting from 0) holds {bad} NaN/inf "
+                    f"value(s) in its {label} (shape {list(tensor.shape)}); channel scores "
+                    "computed from it would be NaN or meaningless. Check the calibration data "
+                    "and its preprocessing (normalisation, decoding) for NaN/inf")
 
 
 def split_batch(batch) -> tuple[tuple, torch.Tensor | None]:
@@ -45,15 +68,17 @@ def split_batch(batch) -> tuple[tuple, torch.Tensor | None]:
                      + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
 
 
-def iter_batches(calibration, max_batches: int | None = None, device=None
-                 ) -> Iterator[tuple[tuple, torch.Tensor | None]]:
-    """``(inputs, targets)`` of at most ``max_batches`` batches, moved to ``device``."""
+def iter_batches(calibration, max_batches: int | None = None, device=None,
+                 what: str = "calibration") -> Iterator[tuple[tuple, torch.Tensor | None]]:
+    """``(inputs, targets)`` of at most ``max_batches`` batches, moved to ``device``; a batch
+    with NaN/inf raises :class:`CalibrationDataError` (``what`` starts its message)."""
     if isinstance(calibration, torch.Tensor):
         calibration = [calibration]
     for i, batch in enumerate(calibration):
         if max_batches is not None and i >= max_batches:
             break
         inputs, targets = split_batch(batch)
+        check_finite_batch(inputs, targets, i, what)
         if device is not None:
             inputs = tuple(t.to(device, non_blocking=True) for t in inputs)
             if isinstance(targets, torch.Tensor):
@@ -179,21 +204,33 @@ class FeatureTap(fx.Interpreter):
         super().__init__(live_root(gm, model, graph), garbage_collect_values=True, graph=graph)
         self.consume = consume
         self.visited: list[str] = []  # wanted nodes seen in the last batch, in order
+        self._refusal: tuple[PrunekitError, tuple] | None = None
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
         name = self.wanted.get(n)
         if name is not None:
             self.visited.append(name)
-            self.consume(name, result)
+            try:
+                self.consume(name, result)
+            except PrunekitError as error:
+                # fx.Interpreter.run appends the graph and a traceback to any error's message;
+                # a refusal of ours must stay the one line the CLI prints.
+                self._refusal = (error, error.args)
+                raise
             if not n.users:
                 return None
         return result
 
     def run_batch(self, *inputs):
         self.visited = []
+        self._refusal = None
         try:
             return self.run(*inputs)
+        except PrunekitError as error:
+            if self._refusal is not None and self._refusal[0] is error:
+                error.args = self._refusal[1]
+            raise
         finally:
             self.env = {}
             self.args_iter = iter(())
@@ -202,12 +239,14 @@ class FeatureTap(fx.Interpreter):
 def run_calibration(graph: ChannelGraph, model: nn.Module, calibration, nodes: Iterable[str],
                     consume: Callable[[str, torch.Tensor], None], *,
                     max_batches: int | None = None, device=None, progress: bool = True,
-                    desc: str = "calibration") -> int:
+                    desc: str = "calibration",
+                    on_batch: Callable[[int], None] | None = None) -> int:
     """Run ``calibration`` through ``graph.traced`` once, calling ``consume(node, output)`` for
     each requested node of each batch; returns the number of batches processed.
 
     ``device``: where to run (the model is moved there and back); default the model's device,
     to which the batches are moved. ``max_batches``: stop after that many batches (None: all).
+    ``on_batch(index)`` is called before each batch runs (so ``consume`` can name it).
     """
     check_max_batches(max_batches)
     gm = getattr(graph, "traced", None)
@@ -220,10 +259,12 @@ def run_calibration(graph: ChannelGraph, model: nn.Module, calibration, nodes: I
     with training_flags(model, gm), moved_to(model, device) as dev, torch.no_grad():
         model.eval()
         gm.eval()
-        batches = tqdm(iter_batches(calibration, max_batches, dev), desc=desc, unit="batch",
-                       total=batch_count(calibration, max_batches), disable=not progress,
-                       leave=False)
+        batches = tqdm(iter_batches(calibration, max_batches, dev, what=desc), desc=desc,
+                       unit="batch", total=batch_count(calibration, max_batches),
+                       disable=not progress, leave=False)
         for inputs, _ in batches:
+            if on_batch is not None:
+                on_batch(done)
             tap.run_batch(*inputs)
             done += 1
     if done == 0:

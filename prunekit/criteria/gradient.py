@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..graph import ChannelGraph, ChannelGroup
-from .base import Criterion, check_choice, register_criterion, require_calibration
+from .base import (Criterion, ScoreError, check_choice, nonfinite_cause, register_criterion,
+                   require_calibration)
 from .calibration import (batch_count, check_max_batches, iter_batches, moved_to,
                           training_flags)
 
@@ -138,7 +139,7 @@ class Taylor(Criterion):
                     p.requires_grad_(False)
                 for t in tensors:
                     t.requires_grad_(True)
-                batches = tqdm(iter_batches(calibration, self.max_batches, dev),
+                batches = tqdm(iter_batches(calibration, self.max_batches, dev, what=self.name),
                                desc=self.name, unit="batch", leave=False,
                                total=batch_count(calibration, self.max_batches),
                                disable=not self.progress)
@@ -147,6 +148,11 @@ class Taylor(Criterion):
                         raise ValueError("taylor needs (inputs, targets) calibration batches "
                                          "to compute the loss; got input-only batches")
                     loss = loss_fn(model(*inputs), targets)
+                    if not bool(torch.isfinite(loss.detach()).all()):
+                        raise ScoreError(
+                            f"taylor: the loss on calibration batch {done} (counting from 0) is "
+                            f"{float(loss.detach().reshape(-1)[0]):.4g}: "
+                            f"{nonfinite_cause(model)}")
                     grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors \
                         else ()
                     wg = {n: None if g is None else (t.detach() * g).double()

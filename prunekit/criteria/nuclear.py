@@ -89,6 +89,8 @@ import math
 
 import torch
 
+from .base import ScoreError
+
 __all__ = [
     "METHODS",
     "FACTORIZATIONS",
@@ -126,6 +128,10 @@ def _as_bcn(features: torch.Tensor) -> torch.Tensor:
         raise TypeError("features must be real")
     if not features.is_floating_point():
         features = features.to(torch.get_default_dtype())
+    bad = int((~torch.isfinite(features)).sum())
+    if bad:  # the SVD/eigh below would fail to converge, or return NaN, on them
+        raise ScoreError(f"features hold {bad} NaN/inf value(s); channel independence needs "
+                         "finite feature maps")
     return features
 
 

@@ -11,7 +11,7 @@
 from .comparison import speedup
 from .context import eval_mode, resolve_device
 from .counting import MAC_CONVENTIONS, count_macs, count_params, macs_by_module, profile
-from .evaluation import evaluate, recalibrate_bn
+from .evaluation import NonFiniteWarning, evaluate, first_nonfinite, recalibrate_bn
 from .latency import BatchLatency, LatencyResult, measure_latency
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "LatencyResult",
     "measure_latency",
     "evaluate",
+    "first_nonfinite",
+    "NonFiniteWarning",
     "recalibrate_bn",
     "resolve_device",
     "speedup",

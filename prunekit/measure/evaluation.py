@@ -1,12 +1,15 @@
 """Quality on data: top-1/top-5 accuracy and loss of a model, and re-estimating its BN statistics.
 
 Both run over a loader of ``(inputs, targets)`` batches on the model's device (or one given,
-moving the model there and back).
+moving the model there and back). A model holding NaN/inf values, or producing them, is still
+evaluated (one may measure a broken model on purpose) but never silently: see
+:class:`NonFiniteWarning` and :func:`first_nonfinite`.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Iterable
 
 import torch
@@ -16,7 +19,32 @@ from tqdm.auto import tqdm
 
 from .context import eval_mode, on_device
 
-__all__ = ["evaluate", "recalibrate_bn"]
+__all__ = ["NonFiniteWarning", "evaluate", "first_nonfinite", "recalibrate_bn"]
+
+
+class NonFiniteWarning(UserWarning):
+    """A model, or its outputs, holds NaN/inf values: the numbers measured on it mean little."""
+
+
+def first_nonfinite(model: nn.Module) -> tuple[str, int] | None:
+    """``(name, number of NaN/inf entries)`` of the first parameter or floating-point buffer of
+    ``model`` (in ``state_dict`` order) that is not finite everywhere; None if all are finite."""
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    for name, tensor in named:
+        if tensor.is_floating_point() or tensor.is_complex():
+            finite = torch.isfinite(tensor.detach())
+            if not bool(finite.all()):
+                return name, int((~finite).sum())
+    return None
+
+
+def _warn_nonfinite_model(model: nn.Module, desc: str) -> None:
+    found = first_nonfinite(model)
+    if found is not None:
+        name, count = found
+        warnings.warn(f"{desc}: the model's tensor '{name}' holds {count} NaN/inf value(s) "
+                      "(it may hold others too); its accuracy and loss are those of a broken "
+                      "model (weights from a diverged training?)", NonFiniteWarning, stacklevel=3)
 
 
 def evaluate(
@@ -32,7 +60,13 @@ def evaluate(
 
     Top-5 uses ``min(5, num_classes)`` so it is defined for small label sets. ``device=None``
     evaluates where the model already is; an explicit device moves it there and back.
+
+    The result also holds ``nonfinite_outputs``: the number of examples whose output row has a
+    NaN/inf entry (their top-1/top-5 hits are arbitrary and the loss is not finite). A
+    :class:`NonFiniteWarning` is issued when it is not 0, and when a parameter or buffer of the
+    model is not finite (naming the first one); the evaluation itself goes on.
     """
+    _warn_nonfinite_model(model, desc)
     try:
         total_batches = len(loader)  # type: ignore[arg-type]
     except TypeError:
@@ -40,7 +74,7 @@ def evaluate(
     if max_batches is not None and total_batches is not None:
         total_batches = min(total_batches, max_batches)
 
-    seen = correct_top1 = correct_top5 = 0
+    seen = correct_top1 = correct_top5 = nonfinite = 0
     loss_sum = 0.0
     with on_device(model, device) as run_device, eval_mode(model), torch.inference_mode():
         bar = tqdm(loader, total=total_batches, desc=desc, disable=not progress, leave=False)
@@ -56,6 +90,8 @@ def evaluate(
                 if isinstance(logits, (tuple, list)):  # e.g. models that also return aux outputs
                     logits = logits[0]
                 loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+                rows = logits.reshape(logits.shape[0], -1)
+                nonfinite += int((~torch.isfinite(rows)).any(dim=1).sum())
                 k = min(5, logits.shape[1])
                 top_k = logits.topk(k, dim=1).indices
                 hits = top_k.eq(targets.unsqueeze(1))
@@ -67,11 +103,17 @@ def evaluate(
             bar.close()
     if seen == 0:
         raise ValueError("evaluate: the loader yielded no examples")
+    if nonfinite:
+        warnings.warn(f"{desc}: the model's outputs hold NaN/inf values for {nonfinite} of "
+                      f"{seen} examples; their predictions are arbitrary and the loss is not "
+                      "finite, so the accuracy is not meaningful (check the weights and the "
+                      "input data)", NonFiniteWarning, stacklevel=2)
     return {
         "top1": 100.0 * correct_top1 / seen,
         "top5": 100.0 * correct_top5 / seen,
         "loss": loss_sum / seen,
         "n": seen,
+        "nonfinite_outputs": nonfinite,
     }
 
 

@@ -21,12 +21,17 @@ with ``resume=True`` therefore repeats no finished epoch, loses none, and - on C
 
 Distributed: launch with ``torchrun --nproc_per_node=N``; see :func:`fit` for the rules.
 
+Divergence: a non-finite loss (every step) or non-finite weights (every epoch end) stop the
+run with :class:`DivergenceError` before anything of that epoch is written, so the files keep
+the last good epoch.
+
 The package, one idea per module (each imports only the ones listed before it):
 ``config`` (:class:`TrainConfig`, :data:`SCHEDULES`, :data:`LOG_KEYS`), ``checkpoint`` (the
 three files, :class:`CheckpointError`), ``hooks`` (:class:`TrainHook`), ``optim``
 (:func:`build_optimizer`, :func:`build_scheduler`), ``seeding`` (:func:`seed_everything`,
-:func:`epoch_seeds`, determinism), ``distributed`` (the process group), ``trainer`` (one
-epoch's steps) and ``loop`` (:func:`fit`).
+:func:`epoch_seeds`, determinism), ``distributed`` (the process group), ``divergence``
+(:class:`DivergenceError` and the finite checks), ``trainer`` (one epoch's steps) and
+``loop`` (:func:`fit`).
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ from __future__ import annotations
 from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT, LOG_FILE,
                          CheckpointError)
 from .config import LOG_KEYS, SCHEDULES, TrainConfig
+from .divergence import DivergenceError
 from .hooks import TrainHook
 from .loop import fit
 from .optim import build_optimizer, build_scheduler
 from .seeding import epoch_seeds, seed_everything
 
 __all__ = [
-    "SCHEDULES", "LOG_KEYS", "CheckpointError", "TrainConfig", "TrainHook", "build_optimizer",
-    "build_scheduler", "epoch_seeds", "fit", "seed_everything",
+    "SCHEDULES", "LOG_KEYS", "CheckpointError", "DivergenceError", "TrainConfig", "TrainHook",
+    "build_optimizer", "build_scheduler", "epoch_seeds", "fit", "seed_everything",
 ]

@@ -5,6 +5,7 @@ keys of every log record. Imports nothing from prunekit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -66,6 +67,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.milestones, (str, bytes)) or not hasattr(self.milestones, "__iter__"):
+            raise ConfigError(f"TrainConfig: milestones must be a list of epochs, got "
+                              f"{self.milestones!r}")
         self.milestones = tuple(self.milestones)
         self._validate()
 
@@ -78,26 +82,32 @@ class TrainConfig:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
         def is_number(value: Any) -> bool:
-            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            # finite: inf/nan compare as no sane value would (lr=inf passes "lr > 0")
+            return (isinstance(value, (int, float, np.integer, np.floating))
+                    and not isinstance(value, bool) and math.isfinite(value))
 
         require(is_int(self.epochs) and self.epochs >= 1,
                 f"epochs must be an int >= 1, got {self.epochs!r}")
-        require(is_number(self.lr) and self.lr >= 0, f"lr must be >= 0, got {self.lr!r}")
+        require(is_number(self.lr) and self.lr > 0,
+                f"lr (the learning rate; --finetune-lr on the command line) must be a finite "
+                f"number > 0, got {self.lr!r}")
         require(is_number(self.momentum) and 0 <= self.momentum < 1,
-                f"momentum must be in [0, 1), got {self.momentum!r}")
+                f"momentum must be a number in [0, 1), got {self.momentum!r}")
         require(not self.nesterov or self.momentum > 0, "nesterov=True needs momentum > 0")
         require(is_number(self.weight_decay) and self.weight_decay >= 0,
-                f"weight_decay must be >= 0, got {self.weight_decay!r}")
+                f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         require(self.schedule in SCHEDULES,
                 f"unknown schedule {self.schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
         require(is_number(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs,
-                f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs!r}")
+                f"warmup_epochs must be a number in [0, epochs={self.epochs}], got "
+                f"{self.warmup_epochs!r}")
         require(all(is_int(m) and m > 0 for m in self.milestones)
                 and list(self.milestones) == sorted(set(self.milestones)),
                 f"milestones must be increasing positive epochs, got {list(self.milestones)}")
-        require(is_number(self.gamma) and self.gamma > 0, f"gamma must be > 0, got {self.gamma!r}")
+        require(is_number(self.gamma) and self.gamma > 0,
+                f"gamma must be a finite number > 0, got {self.gamma!r}")
         require(is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-                f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+                f"label_smoothing must be a number in [0, 1), got {self.label_smoothing!r}")
         require(is_int(self.batch_size) and self.batch_size >= 1,
                 f"batch_size must be an int >= 1, got {self.batch_size!r}")
         require(is_int(self.seed) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
@@ -109,9 +119,11 @@ class TrainConfig:
                 or (is_int(self.max_steps_per_epoch) and self.max_steps_per_epoch >= 1),
                 f"max_steps_per_epoch must be None or an int >= 1, got {self.max_steps_per_epoch!r}")
         require(self.grad_clip is None or (is_number(self.grad_clip) and self.grad_clip > 0),
-                f"grad_clip must be None or > 0, got {self.grad_clip!r}")
+                f"grad_clip must be None (no clipping) or a finite number > 0, got "
+                f"{self.grad_clip!r}")
         for flag in ("nesterov", "no_decay_bn_bias", "amp", "deterministic", "progress"):
-            require(isinstance(getattr(self, flag), bool), f"{flag} must be a bool")
+            require(isinstance(getattr(self, flag), bool),
+                    f"{flag} must be a bool, got {getattr(self, flag)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (milestones as a list), ready for JSON or YAML."""
@@ -122,6 +134,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error (they are usually typos)."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"TrainConfig: expected a mapping of settings (e.g. "
+                              f"{{'epochs': 10, 'lr': 0.01}}), got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

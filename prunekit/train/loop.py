@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from ..data import build_loader
 from ..measure import evaluate
 from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT, LOG_FILE,
-                         _load_last_checkpoint, _save_log, _save_torch)
+                         CheckpointError, _load_last_checkpoint, _save_log, _save_torch)
 from .config import TrainConfig
 from .distributed import _Distributed, _setup_distributed
+from .divergence import DivergenceError, _NonFinite, check_weights
 from .hooks import _Hooks
 from .optim import build_optimizer, build_scheduler
 from .seeding import _enable_determinism, epoch_seeds, seed_everything
@@ -55,6 +56,13 @@ def fit(
     :class:`CheckpointError` instead of being overwritten. ``resume=False`` starts over and
     overwrites the files. A KeyboardInterrupt abandons the running epoch, keeps the files of
     the last finished one, and is re-raised.
+
+    Divergence: a non-finite loss (checked at every step, before the backward pass) or a
+    non-finite parameter or buffer (checked at the end of every epoch, before and after the
+    hooks' ``on_epoch_end``) raises :class:`DivergenceError` on every rank. Nothing of that
+    epoch is written: ``last.pt``, ``best.pt`` and ``log.jsonl`` stay those of the last good
+    epoch. A model that is already non-finite before the first step raises it too, and a
+    ``last.pt`` holding non-finite weights raises :class:`CheckpointError`.
 
     Hooks (objects with any subset of the methods of :class:`TrainHook`) are called, each
     method on every hook in the order given, as follows::
@@ -159,6 +167,7 @@ def _fit(model, train_set, val_set, config: TrainConfig, out_dir: Path, hooks: _
     hooks.call("on_train_start", model, optimizer)
     if checkpoint is not None:
         hooks.load_state_dicts(checkpoint.get("hooks", []), last_path)
+    _check_start(model, ddp, device, last_path if checkpoint is not None else None)
 
     val_loader = None
     if ddp.is_main:
@@ -175,8 +184,16 @@ def _fit(model, train_set, val_set, config: TrainConfig, out_dir: Path, hooks: _
         seed_everything(global_seed)
         loader = trainer.train_loader(epoch, loader_seed)
         hooks.call("on_epoch_start", epoch)
-        result = trainer.train_epoch(epoch, loader)
-        hooks.call("on_epoch_end", epoch)
+        try:
+            result = trainer.train_epoch(epoch, loader)
+            # Before on_epoch_end too: a hook that scores the weights (SFP's mask update)
+            # would otherwise fail on them with an error that does not say "diverged".
+            check_weights(model, ddp, device, "at the end of the epoch")
+            hooks.call("on_epoch_end", epoch)
+            check_weights(model, ddp, device, "after the hooks' on_epoch_end")
+        except _NonFinite as problem:
+            raise _diverged(problem.problem, epoch, config, out_dir, history, best) \
+                from problem.__cause__
 
         record: dict[str, Any] | None = None
         if ddp.is_main:
@@ -226,3 +243,37 @@ def _fit(model, train_set, val_set, config: TrainConfig, out_dir: Path, hooks: _
         "final_val_top1": history[-1]["val_top1"] if history else None,
         "out_dir": str(out_dir),
     }
+
+
+def _check_start(model: nn.Module, ddp: _Distributed, device: torch.device,
+                 resumed_from: Path | None) -> None:
+    """Refuse to train weights that are not finite to begin with."""
+    try:
+        check_weights(model, ddp, device, "before the first step")
+    except _NonFinite as problem:
+        if resumed_from is not None:
+            raise CheckpointError(f"{resumed_from} holds non-finite weights ({problem.problem}); "
+                                  f"it cannot be resumed. Delete it (or give the run another "
+                                  f"--out) to start this training over") from None
+        raise DivergenceError(f"fit() was given a model whose weights are not finite "
+                              f"({problem.problem}); load finite weights before training. "
+                              "Nothing was trained or written") from None
+
+
+def _diverged(problem: str, epoch: int, config: TrainConfig, out_dir: Path,
+              history: Sequence[Mapping[str, Any]], best: Mapping[str, Any]) -> DivergenceError:
+    """The error for a divergence in ``epoch``: what was not finite, what was kept, what to do."""
+    if history:
+        kept = (f"The last good checkpoint, {out_dir / LAST_CHECKPOINT} (after epoch "
+                f"{int(history[-1]['epoch']) + 1} of {config.epochs}), was kept")
+        if best.get("epoch") is not None:
+            kept += (f", and {out_dir / BEST_CHECKPOINT} (epoch {int(best['epoch']) + 1}, "
+                     f"val_top1 {best['val_top1']:.2f})")
+        kept += "."
+    else:
+        kept = "No checkpoint of this run was written (it diverged in its first epoch)."
+    return DivergenceError(
+        f"training diverged in epoch {epoch + 1} of {config.epochs}, {problem}. Nothing of "
+        f"this epoch was saved. {kept} Lower the learning rate (lr={config.lr:g}; "
+        "--finetune-lr on the command line, --lr for `prunekit finetune`) or check the "
+        "training data for NaN/inf values, then train again.")

@@ -18,10 +18,12 @@ from torch.utils.data import Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from ..data import build_loader
+from ..measure.evaluation import first_nonfinite
 from ..utils import first_output
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError
 from .config import _RUNTIME_FIELDS, TrainConfig
 from .distributed import _Distributed
+from .divergence import _NonFinite, check_loss
 from .hooks import _Hooks
 
 
@@ -97,6 +99,9 @@ class _Trainer:
                 loss = self.criterion(logits.float(), targets)
                 extra = self.hooks.extra_loss(self.model)
                 total_loss = loss if extra is None else loss + extra
+                where = f"step {index + 1}/{self.steps_per_epoch} (global step {self.global_step})"
+                # Before backward: a non-finite step never reaches the weights or the momentum.
+                check_loss(loss, extra, total_loss, self.model, self.ddp, device, where)
                 self.scaler.scale(total_loss).backward()
                 if self.use_amp:
                     self.scaler.unscale_(self.optimizer)  # hooks and clipping see true gradients
@@ -106,7 +111,7 @@ class _Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
-                self.hooks.call("after_step", self.global_step)
+                self._after_step(where)
                 self.global_step += 1
 
                 batch = targets.numel()
@@ -132,6 +137,19 @@ class _Trainer:
             raise ValueError("the training loader yielded no batches")
         return _EpochResult(loss_total / seen_total, 100.0 * correct_total / seen_total, lr,
                             int(seen_total), seconds, extra_total / seen_total if saw_extra else None)
+
+    def _after_step(self, where: str) -> None:
+        # A hook that scores the weights (LFPC's mask refresh) fails on the NaN a step just
+        # wrote before the next loss check could see it: that is divergence, said as such.
+        try:
+            self.hooks.call("after_step", self.global_step)
+        except Exception as error:
+            found = first_nonfinite(self.model)
+            if found is None:
+                raise
+            raise _NonFinite(f"{where}: the optimizer step made '{found[0]}' non-finite "
+                             f"({found[1]} NaN/inf value(s)) and a hook's after_step failed on "
+                             f"it ({type(error).__name__}: {error})") from error
 
     def checkpoint(self, epoch: int, history: list[dict], best: dict) -> dict[str, Any]:
         return {
