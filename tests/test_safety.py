@@ -216,11 +216,13 @@ def test_num_classes_must_be_a_positive_whole_number(value):
         prunekit.models.CifarVGG(num_classes=value)
 
 
+@pytest.mark.shared_data
+@needs_shared
 def test_a_model_whose_outputs_do_not_fit_the_data_is_refused(tmp_path, capsys):
     import prunekit
     path = tmp_path / "c100.safetensors"
     prunekit.io.save(prunekit.models.create("cifar_resnet20", num_classes=100), path)
-    code = main(["eval", "--model", str(path), "--data", str(tmp_path / "no-data")])
+    code = main(["eval", "--model", str(path), "--data", str(SHARED)])
     err = capsys.readouterr().err
     assert code == 2 and "the model has 100 outputs but CIFAR-10 has 10 classes" in err
 

@@ -10,9 +10,12 @@ import torch
 from .. import data, io, measure, models
 from ..errors import ConfigError
 from ..graph import explain
-from ..pipeline import check_outputs_fit_data, load_model, run_default
+from ..models.sources import model_preprocessing
+from ..pipeline import (check_outputs_fit_data, load_model, open_run_data, resolve_dataset,
+                        run_preprocessing)
 from ..report import write_report
-from .options import RUN_DEFAULTS, add_model_args, count, int_list, model_spec
+from .options import (RUN_DEFAULTS, add_data_args, add_model_args, count, int_list, model_spec,
+                      preprocessing_overrides)
 from .prune import saved_model_path
 
 __all__ = ["add_inspect_parsers"]
@@ -21,11 +24,12 @@ __all__ = ["add_inspect_parsers"]
 def add_inspect_parsers(sub) -> None:
     ev = sub.add_parser("eval", help="accuracy, MACs, params and measured latency of a model")
     add_model_args(ev)
-    ev.add_argument("--data", default=None,
-                    help=f"CIFAR-10 location (default: ${data.DATA_ENV_VAR} or known places)")
-    ev.add_argument("--split", default="test", choices=data.SPLITS,
-                    help="which images to evaluate on (test-lossless: the 1,000 original-pixel "
-                         "test images, comparable to published numbers)")
+    add_data_args(ev)
+    ev.add_argument("--split", default="test",
+                    help="which images to evaluate on: CIFAR-10 "
+                         f"{', '.join(data.SPLITS)} (test-lossless: the 1,000 original-pixel "
+                         "test images, comparable to published numbers); image folder "
+                         f"{', '.join(data.FOLDER_SPLITS)}")
     ev.add_argument("--limit", type=count(1), default=None, help="evaluate a class-balanced subset")
     ev.add_argument("--batch-size", type=count(1), default=500)
     ev.add_argument("--workers", type=count(0), default=0)
@@ -42,7 +46,8 @@ def add_inspect_parsers(sub) -> None:
     exp.add_argument("--onnx", action="store_true")
     exp.add_argument("--torchscript", action="store_true")
     exp.add_argument("--out", default=None, help="output path stem (default: next to the model)")
-    exp.add_argument("--input-size", type=count(1), default=32)
+    exp.add_argument("--input-size", type=count(1), default=None,
+                     help="example input size (default: the model's)")
     exp.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="Markdown table + PNG plot of accuracy vs MACs")
@@ -57,14 +62,16 @@ def add_inspect_parsers(sub) -> None:
 
     ex = sub.add_parser("explain", help="print the channel groups of a model")
     add_model_args(ex)
-    ex.add_argument("--input-size", type=count(1), default=32)
+    ex.add_argument("--input-size", type=count(1), default=None,
+                    help="example input size (default: the model's)")
     ex.set_defaults(func=cmd_explain)
 
 
 def cmd_export(args) -> int:
     source = Path(saved_model_path(args.model))
     model = io.load(source).eval()
-    example = torch.randn(1, 3, args.input_size, args.input_size)
+    size = args.input_size or model_preprocessing({"path": str(source)}, model).input_size
+    example = torch.randn(1, 3, size, size)
     stem = Path(args.out) if args.out else source.with_suffix("")
     if not (args.onnx or args.torchscript):
         raise ConfigError("choose --onnx and/or --torchscript")
@@ -86,11 +93,18 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     device = measure.resolve_device(args.device)
     batches = int_list(args.latency_batches, "--latency-batches")
-    model = load_model(model_spec(args)).to(device).eval()
-    example = torch.randn(*run_default("input_shape"), device=device)
-    check_outputs_fit_data(model, example, len(data.CIFAR10_CLASSES), "CIFAR-10")
-    root = data.resolve_data_root(args.data)
-    dataset = data.CIFAR10(root, split=args.split, limit=args.limit)
+    spec = model_spec(args)
+    kind, root = resolve_dataset(args.dataset, args.data)
+    known = data.FOLDER_SPLITS if kind == "imagefolder" else data.SPLITS
+    if args.split not in known:
+        raise ConfigError(f"unknown split {args.split!r} for this data; valid: "
+                          f"{', '.join(known)}")
+    model = load_model(spec).to(device).eval()
+    preprocessing = run_preprocessing(spec, model, kind, preprocessing_overrides(args))
+    run_data = open_run_data(kind, root, preprocessing, limit=args.limit)
+    example = torch.randn(*preprocessing.input_shape(), device=device)
+    check_outputs_fit_data(model, example, run_data.num_classes, run_data.name)
+    dataset = run_data.eval_set(args.split)
     loader = data.build_loader(dataset, batch_size=args.batch_size, shuffle=False,
                                num_workers=args.workers)
     started = time.perf_counter()
@@ -102,8 +116,10 @@ def cmd_eval(args) -> int:
         latency = measure.measure_latency(model, example, batch_sizes=batches,
                                           runs=args.latency_runs, threads=args.threads)
     report = {
-        "model": args.model, "weights": args.weights, "split": args.split,
-        "split_description": dataset.description, "images": accuracy["n"],
+        "model": args.model, "weights": args.weights, "source": spec.get("source", "saved"),
+        "preprocessing": preprocessing.to_dict(), "input_size": preprocessing.input_size,
+        "split": args.split, "split_description": dataset.description, "images": accuracy["n"],
+        "nonfinite_outputs": accuracy.get("nonfinite_outputs", 0),
         "top1": accuracy["top1"], "top5": accuracy["top5"], "loss": accuracy["loss"],
         "macs": sizes["macs"], "macs_thop": sizes["macs_thop"], "params": sizes["params"],
         "latency_ms": {str(b): ms for b, ms in latency.median_ms.items()} if latency else {},
@@ -121,6 +137,7 @@ def _table(r: dict) -> str:
     rows = [
         ("model", f"{r['model']} (weights: {r['weights'] or 'random init'})"),
         ("data", r["split_description"]),
+        ("preprocessing", _preprocessing_text(r["preprocessing"])),
         ("top-1 / top-5", f"{r['top1']:.2f}% / {r['top5']:.2f}%  on {r['images']:,} images "
                           f"[{r['split']}]"),
         ("MACs", f"{r['macs']:,} ({r['macs'] / 1e6:.2f}M; conv+linear; "
@@ -139,7 +156,13 @@ def _table(r: dict) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+def _preprocessing_text(values: dict) -> str:
+    return data.Preprocessing.from_dict(values).describe()
+
+
 def cmd_explain(args) -> int:
-    model = load_model(model_spec(args)).eval()
-    explain(model, torch.randn(1, 3, args.input_size, args.input_size))
+    spec = model_spec(args)
+    model = load_model(spec).eval()
+    size = args.input_size or model_preprocessing(spec, model).input_size
+    explain(model, torch.randn(1, 3, size, size))
     return 0

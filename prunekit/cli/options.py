@@ -3,20 +3,22 @@ measurement; and turning parsed flags into the job's configuration mappings."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from ..errors import ConfigError
-from ..pipeline import run_default
+from ..models.sources import parse_model_ref
+from ..pipeline import DATASET_KINDS, run_default
 
-__all__ = ["add_common_run_args", "add_model_args", "add_train_args", "count", "int_list",
-           "model_spec", "run_options", "train_overrides"]
+__all__ = ["add_common_run_args", "add_data_args", "add_model_args", "add_train_args", "count",
+           "data_options", "int_list", "model_spec", "preprocessing_overrides", "run_options",
+           "train_overrides"]
 
 TRAIN_FIELDS = (("epochs", int), ("lr", float), ("momentum", float), ("weight_decay", float),
                 ("schedule", str), ("warmup_epochs", int), ("label_smoothing", float),
                 ("batch_size", int), ("num_workers", int))
 # The flags' defaults are the run configuration's, written as the flags take them.
 RUN_DEFAULTS = {"seed": run_default("seed"), "latency_runs": run_default("latency_runs"),
-                "latency_batches": ",".join(map(str, run_default("latency_batches"))),
-                "eval_splits": ",".join(run_default("eval_splits"))}
+                "latency_batches": ",".join(map(str, run_default("latency_batches")))}
 
 
 def count(minimum: int):
@@ -34,26 +36,91 @@ def count(minimum: int):
     return parse
 
 
+MODEL_HELP = ("a zoo name (see `prunekit models`), torchvision:NAME, timm:NAME, "
+              "package.module:function (any callable returning an nn.Module), or a saved "
+              ".safetensors")
+WEIGHTS_HELP = ("a checkpoint file (.pth/.pt state dict, read without unpickling code; "
+                ".safetensors), or a name the source knows: 'pretrained' (zoo, timm), "
+                "IMAGENET1K_V2 / DEFAULT (torchvision)")
+
+
 def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    p.add_argument("--model", required=required,
-                   help="model name (see `prunekit models`) or a saved .safetensors")
-    p.add_argument("--weights", default=None,
-                   help="checkpoint path, or 'pretrained' for the shared CIFAR ResNet weights")
+    p.add_argument("--model", required=required, help=MODEL_HELP)
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    p.add_argument("--model-kwargs", default=None,
+                   help='constructor arguments as JSON, e.g. \'{"num_classes": 100}\'')
     p.add_argument("--shortcut", default=None, help="CIFAR ResNet shortcut: A, A_append or B")
 
 
+def _model_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--model-kwargs must be a JSON object such as "
+                          f'\'{{"num_classes": 100}}\'; got {text!r} ({exc})') from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return kwargs
+
+
 def model_spec(args) -> dict:
-    """A zoo model by name, or a saved (pruned) model given as a .safetensors path."""
-    if args.model.endswith(".safetensors"):
+    """The model spec of ``--model`` / ``--weights`` / ``--model-kwargs`` / ``--shortcut``."""
+    spec = parse_model_ref(args.model)
+    kwargs = _model_kwargs(getattr(args, "model_kwargs", None))
+    if spec.get("path"):
         ignored = [flag for flag, value in (("--weights", args.weights),
-                                            ("--shortcut", args.shortcut)) if value]
+                                            ("--shortcut", args.shortcut),
+                                            ("--model-kwargs", kwargs)) if value]
         if ignored:
             raise ConfigError(f"{' and '.join(ignored)} cannot apply to a saved model "
                               f"({args.model} carries its own architecture and weights); "
                               "drop them")
-        return {"path": args.model}
-    kwargs = {"shortcut": args.shortcut} if args.shortcut else {}
-    return {"name": args.model, "weights": args.weights, "kwargs": kwargs}
+        return spec
+    if args.shortcut:
+        if spec["source"] != "prunekit":
+            raise ConfigError("--shortcut is an option of the zoo's CIFAR ResNets; for "
+                              f"{args.model} pass constructor arguments with --model-kwargs")
+        kwargs["shortcut"] = args.shortcut
+    return {**spec, "weights": args.weights, "kwargs": kwargs}
+
+
+def add_data_args(p) -> None:
+    """--data, --dataset and the preprocessing overrides."""
+    p.add_argument("--data", default=None,
+                   help="CIFAR-10 location, or an image folder DIR (DIR/train/<class>/..., "
+                        "DIR/val/<class>/... reported as 'test')")
+    p.add_argument("--dataset", default=None, choices=DATASET_KINDS,
+                   help="which kind of data --data holds (default auto: detected)")
+    p.add_argument("--input-size", type=count(1), default=None,
+                   help="image size in pixels (default: the model's, from its weights)")
+    p.add_argument("--mean", type=_three_floats, default=None,
+                   help="normalisation mean, e.g. 0.485,0.456,0.406 (default: the model's)")
+    p.add_argument("--std", type=_three_floats, default=None,
+                   help="normalisation std (default: the model's)")
+
+
+def preprocessing_overrides(args) -> dict:
+    """--input-size / --mean / --std as given (for Preprocessing.with_overrides)."""
+    return {k: v for k, v in data_options(args).items() if k in ("input_size", "mean", "std")}
+
+
+def _three_floats(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers, got {text!r}")
+    return values
+
+
+def data_options(args) -> dict:
+    """The data flags the user gave (flags left out do not replace a recipe's values)."""
+    given = {"data": args.data, "dataset": args.dataset, "input_size": args.input_size,
+             "mean": args.mean, "std": args.std}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def add_train_args(p, prefix: str) -> None:
@@ -68,10 +135,11 @@ def add_train_args(p, prefix: str) -> None:
 
 
 def add_common_run_args(p) -> None:
-    p.add_argument("--data", default=None)
+    add_data_args(p)
     p.add_argument("--device", default="auto")
-    p.add_argument("--eval-splits", default=RUN_DEFAULTS["eval_splits"],
-                   help="comma-separated splits to report accuracy on")
+    p.add_argument("--eval-splits", default=None,
+                   help="comma-separated splits to report accuracy on (default: test and "
+                        "test-lossless for CIFAR-10, test for an image folder)")
     p.add_argument("--latency-batches", default=RUN_DEFAULTS["latency_batches"],
                    help="batch sizes to time, comma-separated; empty to skip")
     p.add_argument("--latency-runs", type=count(1), default=RUN_DEFAULTS["latency_runs"])
@@ -108,7 +176,9 @@ def int_list(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
 
 
 def run_options(args) -> dict:
-    return {"data": args.data, "seed": args.seed,
-            "eval_splits": [s for s in args.eval_splits.split(",") if s],
-            "latency_batches": int_list(args.latency_batches, "--latency-batches"),
-            "latency_runs": args.latency_runs, "limit": args.limit}
+    options = {**data_options(args), "seed": args.seed,
+               "latency_batches": int_list(args.latency_batches, "--latency-batches"),
+               "latency_runs": args.latency_runs, "limit": args.limit}
+    if args.eval_splits is not None:
+        options["eval_splits"] = [s for s in args.eval_splits.split(",") if s]
+    return options

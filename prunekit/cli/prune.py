@@ -9,8 +9,8 @@ from ..pipeline import FINETUNE_DEFAULTS, finetune_saved, run_prune, summary_tab
 from ..plan import TARGET_KINDS, check_ratio
 from ..recipes import load_recipe
 from .method_flags import add_method_arguments, method_overrides
-from .options import (add_common_run_args, add_train_args, model_spec, run_options,
-                      train_overrides)
+from .options import (add_common_run_args, add_model_args, add_train_args, model_spec,
+                      run_options, train_overrides)
 
 __all__ = ["add_finetune_parser", "add_prune_parser"]
 
@@ -18,9 +18,7 @@ __all__ = ["add_finetune_parser", "add_prune_parser"]
 def add_prune_parser(sub) -> None:
     pr = sub.add_parser("prune", help="prune, fine-tune, measure and save (report.json)")
     pr.add_argument("--recipe", default=None, help="a recipe name (recipes/) or YAML file")
-    pr.add_argument("--model", default=None, help="model name or saved .safetensors")
-    pr.add_argument("--weights", default=None)
-    pr.add_argument("--shortcut", default=None)
+    add_model_args(pr, required=False)
     pr.add_argument("--criterion", default=None, help="l1, l2, fpgm, bn_scale, hrank, chip, ...")
     add_method_arguments(pr)
     target = pr.add_mutually_exclusive_group()

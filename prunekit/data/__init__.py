@@ -23,7 +23,8 @@ naming the file. Bad options (split, limit, val_size, normalize) are a
 Modules, each importing only those above it: ``errors``; ``validate`` (what a stored part
 must hold); ``cifar_files`` (layouts, readers, cache); ``locate`` (the data root); ``splits``
 (train/val/test, report labels, option checks); ``normalization``; ``cifar`` (the Dataset);
-``loaders``; ``download``; ``folders``.
+``loaders``; ``download``; ``folders``; ``preprocess`` (:class:`Preprocessing`, the images a
+model expects); ``folder_splits`` (ImageNet-style folders cut into train/val/test).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from .cifar_files import clear_cache
 from .download import CIFAR10_MD5, CIFAR10_URL, download_cifar10
 from .errors import ChecksumError, DatasetNotFoundError, DownloadError
 from .folders import image_folder
+from .folder_splits import (FOLDER_SPLITS, FolderDataset, clear_folder_cache, folder_classes,
+                            folder_split, is_image_folder)
+from .preprocess import Preprocessing
 from .loaders import build_loader
 from .locate import DATA_ENV_VAR, resolve_data_root
 from .normalization import (
@@ -57,6 +61,8 @@ from .splits import (
 )
 
 __all__ = [
+    "FOLDER_SPLITS", "FolderDataset", "Preprocessing", "clear_folder_cache", "folder_classes",
+    "folder_split", "is_image_folder",
     "CIFAR10", "CIFAR10_CLASSES", "CIFAR10_MD5", "CIFAR10_URL", "CIFAR_MEAN", "CIFAR_STD",
     "DATA_ENV_VAR", "DEFAULT_VAL_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "LIMIT_SEED", "SPLITS",
     "VAL_SPLIT_SEED", "ChecksumError", "DatasetNotFoundError", "DownloadError", "build_loader",

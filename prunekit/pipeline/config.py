@@ -14,7 +14,10 @@ import numpy as np
 from .. import data
 from ..errors import ConfigError
 
-__all__ = ["CALIBRATION_DEFAULTS", "FINETUNE_DEFAULTS", "RunConfig", "run_default"]
+__all__ = ["CALIBRATION_DEFAULTS", "DATASET_KINDS", "FINETUNE_DEFAULTS", "RunConfig",
+           "run_default"]
+
+DATASET_KINDS = ("auto", "cifar10", "imagefolder")
 
 # From a pretrained network: a tenth of the from-scratch learning rate (as FPGM/CHIP do).
 FINETUNE_DEFAULTS = {"epochs": 0, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
@@ -32,7 +35,11 @@ class RunConfig:
     ``{"name", "options"}`` (default: the method's); ``plan``: the target
     (:class:`prunekit.plan.PlanTarget` keys); ``finetune``: :class:`prunekit.train.TrainConfig`
     keys over :data:`FINETUNE_DEFAULTS`; ``calibration``: scoring data over
-    :data:`CALIBRATION_DEFAULTS`; the rest says where data lives and how to measure.
+    :data:`CALIBRATION_DEFAULTS`; ``data`` / ``dataset``: where the images are and which kind
+    (``auto`` tells CIFAR-10 from an image folder); ``input_size`` / ``mean`` / ``std``
+    override the preprocessing the model's source gives; ``eval_splits`` default to the
+    data's (CIFAR-10: test and test-lossless; an image folder: test); the rest says how to
+    measure.
     """
 
     model: dict[str, Any]
@@ -43,12 +50,15 @@ class RunConfig:
     plan: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
     data: str | None = None
+    dataset: str = "auto"
     seed: int = 0
-    eval_splits: list[str] = field(default_factory=lambda: ["test", "test-lossless"])
+    eval_splits: list[str] | None = None
     latency_batches: tuple[int, ...] = (1, 64)
     latency_runs: int = 30
     limit: int | None = None
-    input_shape: tuple[int, ...] = (1, 3, 32, 32)
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     recipe: str | None = None
     progress: bool = True
 
@@ -61,12 +71,27 @@ class RunConfig:
         self.calibration = {**CALIBRATION_DEFAULTS, **(self.calibration or {})}
         self.plan = dict(self.plan or {})
         self.latency_batches = _whole_numbers(self.latency_batches, "latency_batches")
-        self.input_shape = _whole_numbers(self.input_shape, "input_shape")
         _whole_numbers([self.latency_runs], "latency_runs")
         _whole_numbers([self.seed], "seed", minimum=0)
-        self.eval_splits = [data.check_split(s) for s in self.eval_splits]
-        data.check_split(self.calibration["split"])
+        if self.input_size is not None:
+            self.input_size = _whole_numbers([self.input_size], "input_size")[0]
+        if self.eval_splits is not None:
+            self.eval_splits = list(self.eval_splits)  # checked against the data's splits
+        if self.dataset not in DATASET_KINDS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; valid: "
+                              f"{', '.join(DATASET_KINDS)}")
         self.limit = data.check_limit(self.limit)
+        # Checked here (not when data is opened): the values must be usable before any work.
+        self.preprocessing_overrides()
+
+    def preprocessing_overrides(self) -> dict[str, Any]:
+        """The user's ``input_size`` / ``mean`` / ``std`` (checked), for
+        :meth:`prunekit.data.Preprocessing.with_overrides`."""
+        out = {k: getattr(self, k) for k in ("input_size", "mean", "std")
+               if getattr(self, k) is not None}
+        if out:
+            data.Preprocessing().with_overrides(**out)  # raises ConfigError on bad values
+        return out
 
     @property
     def method_name(self) -> str:
@@ -92,7 +117,9 @@ class RunConfig:
         out = asdict(self)
         out.pop("progress")
         out["latency_batches"] = list(self.latency_batches)
-        out["input_shape"] = list(self.input_shape)
+        for key in ("mean", "std"):
+            if out[key] is not None:
+                out[key] = list(out[key])
         return out
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import data, io, measure, models
+from .. import data, io, measure
 from ..criteria import get_criterion
 from ..errors import ConfigError
 from ..files import atomic_write_json
@@ -22,21 +22,14 @@ from ..models.registry import SPEC_ATTR
 from ..models.weights import WeightsLoadError
 from ..plan import PlanError, PlanTarget
 from ..train import TrainConfig, fit
-from ..utils import first_output
-from .config import RunConfig, run_default
+from .config import RunConfig
 from .measuring import StageTimer, measure_model
-from .run_data import CifarRunData
+from .model_setup import check_outputs_fit_data, load_model, run_preprocessing
+from .run_data import open_run_data, resolve_dataset
 from .run_dir import RunLock, check_out_dir, is_secondary_rank
 from .run_record import check_and_record_run, run_identity
 
-__all__ = ["check_outputs_fit_data", "finetune_saved", "load_model", "run_prune"]
-
-
-def load_model(spec: Mapping[str, Any]) -> torch.nn.Module:
-    """A zoo model (name, weights, kwargs) or a saved pruned model (``path``)."""
-    if spec.get("path"):
-        return io.load(spec["path"])
-    return models.create(spec["name"], weights=spec.get("weights"), **(spec.get("kwargs") or {}))
+__all__ = ["run_prune"]
 
 
 class _Job:
@@ -65,19 +58,31 @@ class _Job:
         self.out = Path(config.out)
         self.timer = StageTimer()
 
+    def eval_splits(self, splits_known, defaults) -> list[str]:
+        """The splits to report accuracy on: the run's, checked against the data's."""
+        splits = self.config.eval_splits
+        splits = list(defaults) if splits is None else splits
+        unknown = [s for s in splits if s not in splits_known]
+        if unknown:
+            raise ConfigError(f"unknown evaluation split(s) {unknown} for this data; valid: "
+                              f"{', '.join(splits_known)}")
+        return splits
+
     def measure(self, model, run_data, example) -> dict:
         c = self.config
-        return measure_model(model, run_data, c.eval_splits, example=example,
+        splits = self.eval_splits(run_data.splits, run_data.default_eval_splits)
+        return measure_model(model, run_data, splits, example=example,
                              latency_batches=c.latency_batches, latency_runs=c.latency_runs,
                              progress=c.progress)
 
-    def identity(self, data_root) -> dict:
+    def identity(self, data_kind: str, data_root) -> dict:
         c = self.config
         return run_identity(model=c.model, method=self.described_method(),
                             criterion=c.criterion, plan=self.target.to_dict(),
                             calibration=c.calibration, finetune=self.finetune.to_dict(),
-                            seed=c.seed, limit=c.limit, input_shape=c.input_shape,
-                            data=data_root)
+                            seed=c.seed, limit=c.limit,
+                            preprocessing=c.preprocessing_overrides(), data=data_root,
+                            dataset=data_kind)
 
     def described_method(self) -> dict:
         described = self.method.describe()
@@ -87,21 +92,13 @@ class _Job:
         return described
 
 
-def check_outputs_fit_data(model: torch.nn.Module, example: torch.Tensor, classes: int,
-                           data_name: str) -> None:
-    """The model gives one score per class of the run's data (else accuracy and the loss
-    would be computed over the wrong classes, or fail mid-run on a label)."""
-    with torch.no_grad():
-        output = model(example)
-    output = first_output(output)
-    if not isinstance(output, torch.Tensor) or output.dim() != 2:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise ConfigError(f"the model's output has shape {shape} for an input of shape "
-                          f"{tuple(example.shape)}; prunekit expects (batch, classes) logits")
-    if output.shape[1] != classes:
-        raise ConfigError(f"the model has {output.shape[1]} outputs but {data_name} has "
-                          f"{classes} classes; build "
-                          f"the model with num_classes={classes}")
+def _model_summary(spec: Mapping[str, Any], model: torch.nn.Module) -> dict:
+    """Where the model came from, for the report."""
+    if spec.get("path"):
+        base = getattr(model, io.SAVED_SPEC_ATTR, {}).get("base", {})
+        return {"path": spec["path"], "source": base.get("source"), "name": base.get("name")}
+    return {"source": spec.get("source", "prunekit"), "name": spec["name"],
+            "weights": spec.get("weights"), "kwargs": spec.get("kwargs") or {}}
 
 
 def _load_pruned(path: Path, unpruned: torch.nn.Module) -> torch.nn.Module:
@@ -137,26 +134,32 @@ def run_prune(options: RunConfig | Mapping[str, Any]) -> dict:
     with command-line flags as a mapping)."""
     config = options if isinstance(options, RunConfig) else RunConfig.from_dict(options)
     job = _Job(config)
-    root = data.resolve_data_root(config.data)
+    kind, root = resolve_dataset(config.dataset, config.data)
+    job.eval_splits(data.FOLDER_SPLITS if kind == "imagefolder" else data.SPLITS, ())
     check_out_dir(job.out)
     with RunLock(job.out):
-        check_and_record_run(job.out, job.identity(root), job.finetune_epochs,
+        check_and_record_run(job.out, job.identity(kind, root), job.finetune_epochs,
                              record=not is_secondary_rank())
-        return _run(job, root)
+        return _run(job, kind, root)
 
 
-def _run(job: _Job, root: Path) -> dict:
+def _run(job: _Job, kind: str, root: Path) -> dict:
     config, out, timer = job.config, job.out, job.timer
     torch.manual_seed(config.seed)
-    run_data = CifarRunData(root, limit=config.limit, calibration=config.calibration,
-                            seed=config.seed)
-    example = torch.randn(*config.input_shape)
-    report: dict = {"options": config.to_dict(), "recipe": config.recipe}
-    report["options"]["method"] = job.method.describe()
-
     with timer("load"):
         model = load_model(config.model).eval()
-        check_outputs_fit_data(model, example, run_data.num_classes, run_data.name)
+    preprocessing = run_preprocessing(config.model, model, kind,
+                                      config.preprocessing_overrides())
+    run_data = open_run_data(kind, root, preprocessing, limit=config.limit,
+                             calibration=config.calibration, seed=config.seed)
+    example = torch.randn(*preprocessing.input_shape())
+    check_outputs_fit_data(model, example, run_data.num_classes, run_data.name)
+    report: dict = {"options": config.to_dict(), "recipe": config.recipe,
+                    "model": _model_summary(config.model, model),
+                    "data": {"dataset": kind, "root": str(root), "classes": run_data.num_classes,
+                             "preprocessing": preprocessing.to_dict(),
+                             "preprocessing_text": preprocessing.describe()}}
+    report["options"]["method"] = job.method.describe()
     with timer("measure_before"):
         report["before"] = job.measure(model, run_data, example)
 
@@ -199,36 +202,5 @@ def _run(job: _Job, root: Path) -> dict:
             metrics={s: a["top1"] for s, a in final["accuracy"].items()})
     report["stage_seconds"] = timer.seconds
     report["speedup"] = measure.speedup(report["before"], final)
-    atomic_write_json(out / "report.json", report, indent=1, default=str)
-    return report
-
-
-def finetune_saved(source, out, options: Mapping[str, Any]) -> dict:
-    """``prunekit finetune``: resume-able fine-tuning of a saved model; writes OUT/report.json."""
-    out = Path(out)
-    if "finetune" not in options:
-        raise ConfigError("finetune_saved needs options['finetune'] (TrainConfig keys)")
-    config = TrainConfig.from_dict(options["finetune"])
-    root = data.resolve_data_root(options.get("data"))
-    check_out_dir(out)
-    with RunLock(out):
-        return _finetune(source, out, options, config, root)
-
-
-def _finetune(source, out: Path, options: Mapping[str, Any], config: TrainConfig,
-              root: Path) -> dict:
-    run_data = CifarRunData(root, limit=options.get("limit"))
-    model = io.load(source)
-    spec = getattr(model, io.SAVED_SPEC_ATTR)
-    summary = fit(model, run_data.train_set(), run_data.val_set(), config, out)
-    measured = measure_model(model.eval(), run_data, options.get("eval_splits", ["test"]),
-                             example=torch.randn(*run_default("input_shape")),
-                             latency_batches=options.get("latency_batches",
-                                                         run_default("latency_batches")),
-                             latency_runs=options.get("latency_runs", run_default("latency_runs")))
-    io.save(model, out / "model.safetensors", method=spec.get("method"), plan=spec.get("plan"),
-            recipe=spec.get("recipe"),
-            metrics={s: a["top1"] for s, a in measured["accuracy"].items()})
-    report = {"source": str(source), "finetune": summary, "finetuned": measured, **summary}
     atomic_write_json(out / "report.json", report, indent=1, default=str)
     return report

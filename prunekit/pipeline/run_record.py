@@ -2,7 +2,7 @@
 
 ``OUT/run.json`` records everything that decides a run's result: the model, the resolved
 method and criterion, the target, the calibration, the fine-tuning settings, the seed, the
-evaluation subset, the input shape and the data location. A rerun into the same OUT is a
+evaluation subset, the preprocessing overrides and the data (kind and location). A rerun into the same OUT is a
 resume only when all of them match; the fine-tuning epochs may grow (never shrink: that would
 replace a finished, fine-tuned model by a less trained one). Anything else is refused, naming
 the settings that differ and how to start afresh, before any work starts.
@@ -26,12 +26,14 @@ _RESUMABLE_TRAIN_KEYS = ("epochs", "device", "num_workers", "progress")
 
 
 def run_identity(*, model, method, criterion, plan, calibration, finetune: Mapping[str, Any],
-                 seed, limit, input_shape, data) -> dict[str, Any]:
-    """The settings that make two runs the same run (as plain JSON)."""
+                 seed, limit, preprocessing, data, dataset) -> dict[str, Any]:
+    """The settings that make two runs the same run (as plain JSON); ``preprocessing`` is the
+    user's overrides (the rest follows from the model)."""
     train = {k: v for k, v in finetune.items() if k not in _RESUMABLE_TRAIN_KEYS}
     identity = {"model": model, "method": method, "criterion": criterion, "plan": plan,
                 "calibration": calibration, "finetune": train, "seed": seed, "limit": limit,
-                "input_shape": list(input_shape), "data": str(Path(data).resolve())}
+                "preprocessing": preprocessing, "dataset": dataset,
+                "data": str(Path(data).resolve())}
     return json.loads(json.dumps(identity, default=str))
 
 
