@@ -9,7 +9,7 @@ from ..pipeline import FINETUNE_DEFAULTS, finetune_saved, run_prune, summary_tab
 from ..plan import TARGET_KINDS, check_ratio
 from ..recipes import load_recipe
 from .method_flags import add_method_arguments, method_overrides
-from .options import (add_common_run_args, add_model_args, add_train_args, model_spec,
+from .options import (add_common_run_args, add_model_args, add_train_args, count, model_spec,
                       run_options, train_overrides)
 
 __all__ = ["add_finetune_parser", "add_prune_parser"]
@@ -28,6 +28,11 @@ def add_prune_parser(sub) -> None:
     target.add_argument("--chip-sparsity", default=None, help="e.g. '[0.]+[0.15]*2+[0.4]*27'")
     target.add_argument("--global-ratio", type=float, default=None,
                         help="fraction of all channels removed by one global ranking")
+    pr.add_argument("--calibration-batches", type=count(1), default=None,
+                    help="batches of training images data-driven criteria score on (CHIP, "
+                         "HRank, taylor, apoz; default 5)")
+    pr.add_argument("--calibration-batch-size", type=count(1), default=None,
+                    help="images per calibration batch (default 128)")
     pr.add_argument("--ignore", default="", help="comma-separated modules whose outputs stay")
     pr.add_argument("--round-to", type=int, default=None)
     pr.add_argument("--out", required=True, help="run directory (rerun to resume)")
@@ -84,6 +89,13 @@ def cmd_prune(args) -> int:
         raise ConfigError("give --model (and --weights) or --recipe")
     if args.criterion:
         options["criterion"] = {"name": args.criterion}
+    calibration = dict(options.get("calibration") or {})
+    for key, value in (("batches", args.calibration_batches),
+                       ("batch_size", args.calibration_batch_size)):
+        if value is not None:
+            calibration[key] = value
+    if calibration:
+        options["calibration"] = calibration
     options["method"] = _method_section(args, options)
     options["plan"] = _plan_section(args, options)
     options["finetune"] = {**FINETUNE_DEFAULTS, **(options.get("finetune") or {}),

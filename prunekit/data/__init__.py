@@ -24,7 +24,8 @@ Modules, each importing only those above it: ``errors``; ``validate`` (what a st
 must hold); ``cifar_files`` (layouts, readers, cache); ``locate`` (the data root); ``splits``
 (train/val/test, report labels, option checks); ``normalization``; ``cifar`` (the Dataset);
 ``loaders``; ``download``; ``folders``; ``preprocess`` (:class:`Preprocessing`, the images a
-model expects); ``folder_splits`` (ImageNet-style folders cut into train/val/test).
+model expects); ``folder_splits`` (ImageNet-style folders cut into train/val/test); ``folder_export``
+(arrays written as a lossless PNG image folder).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .cifar_files import clear_cache
 from .download import CIFAR10_MD5, CIFAR10_URL, download_cifar10
 from .errors import ChecksumError, DatasetNotFoundError, DownloadError
 from .folders import image_folder
+from .folder_export import export_image_folder
 from .folder_splits import (FOLDER_SPLITS, FolderDataset, clear_folder_cache, folder_classes,
                             folder_split, is_image_folder)
 from .preprocess import Preprocessing
@@ -62,7 +64,7 @@ from .splits import (
 
 __all__ = [
     "FOLDER_SPLITS", "FolderDataset", "Preprocessing", "clear_folder_cache", "folder_classes",
-    "folder_split", "is_image_folder",
+    "export_image_folder", "folder_split", "is_image_folder",
     "CIFAR10", "CIFAR10_CLASSES", "CIFAR10_MD5", "CIFAR10_URL", "CIFAR_MEAN", "CIFAR_STD",
     "DATA_ENV_VAR", "DEFAULT_VAL_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "LIMIT_SEED", "SPLITS",
     "VAL_SPLIT_SEED", "ChecksumError", "DatasetNotFoundError", "DownloadError", "build_loader",
