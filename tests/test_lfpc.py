@@ -263,3 +263,19 @@ def test_soft_pruning_accepts_keep_counts_and_macs_target():
         SoftPruning(model=model, example_inputs=x, ratio=0.3, keep=keep)
     with pytest.raises(ValueError, match="cannot keep"):
         SoftPruning(model=model, example_inputs=x, keep={"conv1": 0})
+
+
+def test_a_diverging_criterion_search_stops_with_a_divergence_error():
+    """The sampler's logits are not model parameters: fit's checks never see them, so the
+    search checks its own gradient (issue 14, item 3)."""
+    from prunekit.train import DivergenceError
+    model = tiny()
+    graph = build_graph(model, (X,))
+    poisoned = data(seed=1)
+    poisoned.tensors[0][:] = float("nan")
+    search = CriteriaSearch(model, graph, KEEP, poisoned, steps=10, batch_size=8)
+    search.refresh_masks()
+    before = search.sampler.alpha.detach().clone()
+    with pytest.raises(DivergenceError, match="criterion search diverged at sampler step 1"):
+        search.sampler_step()
+    assert torch.equal(search.sampler.alpha.detach(), before)

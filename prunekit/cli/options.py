@@ -128,6 +128,10 @@ def add_train_args(p, prefix: str) -> None:
         p.add_argument(f"--{prefix}{name.replace('_', '-')}", type=kind, default=None,
                        dest=f"train_{name}")
     p.add_argument(f"--{prefix}nesterov", action="store_true", default=None, dest="train_nesterov")
+    p.add_argument(f"--{prefix}amp", action="store_true", default=None, dest="train_amp",
+                   help="float16 autocast + GradScaler (CUDA)")
+    p.add_argument(f"--{prefix}channels-last", action="store_true", default=None,
+                   dest="train_channels_last", help="NHWC memory format (faster on GPUs)")
     p.add_argument(f"--{prefix}milestones", default=None, dest="train_milestones",
                    help="comma-separated epochs for the multistep schedule")
     p.add_argument(f"--{prefix}max-steps", type=count(1), default=None,
@@ -150,7 +154,8 @@ def add_common_run_args(p) -> None:
 
 def train_overrides(args) -> dict:
     out = {}
-    for name, _ in TRAIN_FIELDS + (("nesterov", bool), ("max_steps_per_epoch", int)):
+    for name, _ in TRAIN_FIELDS + (("nesterov", bool), ("amp", bool), ("channels_last", bool),
+                                   ("max_steps_per_epoch", int)):
         value = getattr(args, f"train_{name}", None)
         if value is not None:
             out[name] = value

@@ -45,7 +45,7 @@ from ..criteria import PerGroupCriterion, get_criterion
 from ..files import atomic_write
 from ..graph import ChannelGraph, build_graph
 from ..plan import make_plan
-from ..train import TrainConfig, fit
+from ..train import DivergenceError, TrainConfig, fit
 from ..utils import as_tuple, first_output
 from .soft import SoftPruning
 
@@ -252,6 +252,13 @@ class CriteriaSearch:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(grad)
             grad /= torch.distributed.get_world_size()
+        # After the all-reduce every rank holds the same gradient, so all stop together; the
+        # logits are not model parameters, so fit's own checks never see them.
+        if not bool(torch.isfinite(grad).all()):
+            raise DivergenceError(f"LFPC's criterion search diverged at sampler step "
+                                  f"{self.step + 1}: the validation loss is {float(loss):.4g} "
+                                  "and the logits' gradient is not finite; lower "
+                                  "--finetune-lr or check the data")
         self.sampler.alpha.grad = grad
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -73,7 +73,9 @@ class _Job:
         splits = self.eval_splits(run_data.splits, run_data.default_eval_splits)
         return measure_model(model, run_data, splits, example=example,
                              latency_batches=c.latency_batches, latency_runs=c.latency_runs,
-                             progress=c.progress)
+                             progress=c.progress, num_workers=self.finetune.num_workers,
+                             device=self.finetune.device if self.finetune.device != "auto"
+                             else None)
 
     def identity(self, data_kind: str, data_root) -> dict:
         c = self.config

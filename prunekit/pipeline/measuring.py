@@ -24,13 +24,16 @@ class StageTimer:
 
 
 def measure_model(model, run_data, splits, *, example, latency_batches=(1, 64),
-                  latency_runs=30, batch_size=500, device=None, progress=True) -> dict:
+                  latency_runs=30, batch_size=500, device=None, progress=True,
+                  num_workers: int = 0) -> dict:
     """Accuracy on each split of ``run_data`` (``eval_set(split)``, labelled), MACs, params
-    and measured latency on ``example``'s shape."""
+    and measured latency on ``example``'s shape. ``num_workers`` decode images in parallel
+    (image folders)."""
     result = {"accuracy": {}, **measure.profile(model, example)}
     for split in splits:
         ds = run_data.eval_set(split)
-        loader = data.build_loader(ds, batch_size=batch_size, shuffle=False)
+        loader = data.build_loader(ds, batch_size=batch_size, shuffle=False,
+                                   num_workers=num_workers)
         acc = measure.evaluate(model, loader, device=device, progress=progress, desc=split)
         result["accuracy"][split] = {**acc, "description": ds.description}
     if latency_batches:

@@ -39,6 +39,8 @@ class TrainConfig:
 
     ``batch_size`` is the *global* batch: with N processes each one loads ``batch_size // N``.
     ``amp`` uses float16 autocast + GradScaler on CUDA and is ignored (with a warning) on CPU.
+    ``channels_last`` trains in NHWC memory format (faster convolutions on recent GPUs; the
+    numbers are the same up to floating-point order).
     ``deterministic`` turns on ``torch.use_deterministic_algorithms`` and the cuDNN flags; on
     CUDA in warn-only mode, because e.g. AdaptiveAvgPool2d's backward has no deterministic
     kernel. ``max_steps_per_epoch`` truncates every epoch (smoke tests).
@@ -58,6 +60,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     batch_size: int = 128
     amp: bool = False
+    channels_last: bool = False
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
@@ -121,7 +124,8 @@ class TrainConfig:
         require(self.grad_clip is None or (is_number(self.grad_clip) and self.grad_clip > 0),
                 f"grad_clip must be None (no clipping) or a finite number > 0, got "
                 f"{self.grad_clip!r}")
-        for flag in ("nesterov", "no_decay_bn_bias", "amp", "deterministic", "progress"):
+        for flag in ("nesterov", "no_decay_bn_bias", "amp", "channels_last", "deterministic",
+                     "progress"):
             require(isinstance(getattr(self, flag), bool),
                     f"{flag} must be a bool, got {getattr(self, flag)!r}")
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..data import build_loader
+from ..errors import ConfigError, DataError
 from ..measure import evaluate
 from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT, LOG_FILE,
                          CheckpointError, _load_last_checkpoint, _save_log, _save_torch)
@@ -119,16 +120,18 @@ def _fit(model, train_set, val_set, config: TrainConfig, out_dir: Path, hooks: _
     if config.amp and not use_amp:
         warnings.warn("amp=True is ignored on CPU (autocast + GradScaler need CUDA)", stacklevel=3)
     if config.batch_size < ddp.world_size:
-        raise ValueError(f"batch_size {config.batch_size} is smaller than the world size "
+        raise ConfigError(f"batch_size {config.batch_size} is smaller than the world size "
                          f"{ddp.world_size}: every process needs at least one image per step")
 
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     # The schedule needs the epoch length; a loader is cheap to build (workers start on iter).
     probe = build_loader(train_set, config.batch_size // ddp.world_size, shuffle=True,
                          distributed=ddp.enabled, seed=config.seed)
     steps_per_epoch = min(len(probe), config.max_steps_per_epoch or len(probe))
     if steps_per_epoch == 0:
-        raise ValueError("train_set is empty")
+        raise DataError("the training set is empty: there is nothing to fine-tune on")
     optimizer = build_optimizer(model, config)
     trainer = _Trainer(
         model=model,

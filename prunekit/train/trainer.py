@@ -91,6 +91,8 @@ class _Trainer:
                 if index >= self.steps_per_epoch:
                     break
                 inputs = inputs.to(device, non_blocking=True)
+                if config.channels_last and inputs.dim() == 4:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
                 targets = targets.to(device, non_blocking=True)
                 lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
                 self.optimizer.zero_grad(set_to_none=True)
