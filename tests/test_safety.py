@@ -17,6 +17,10 @@ from prunekit.files import atomic_write, atomic_write_json, remove_stale_temp_fi
     (["--method", "sfp"], "method sfp trains while it prunes"),
     (["--method", "swp", "--finetune-epochs", "1"], "method swp decides what it removes; drop "
                                                     "the ratio target"),
+    (["--criterion", "l3"], "unknown criterion 'l3'; available: apoz"),
+    (["--finetune-lr", "inf"], "--finetune-lr on the command line) must be a finite number > 0"),
+    (["--finetune-lr", "0"], "must be a finite number > 0, got 0"),
+    (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
 ])
 def test_bad_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
     out = tmp_path / "run"
