@@ -61,6 +61,18 @@ def summary_table(report: dict) -> str:
     widths = [max(len(r[0]) for r in rows)] + [12] * len(columns)
     lines = ["  ".join([r[0].ljust(widths[0])] + [v.rjust(12) for v in r[1]]) for r in rows]
     lat = ", ".join(f"bs={k}: {v:.2f}x" for k, v in (sp.get("latency_x") or {}).items())
-    lines.append(f"MACs speed-up {sp['macs_x']:.2f}x; measured latency speed-up {lat}")
+    lines.append(f"MACs speed-up {sp['macs_x']:.2f}x; measured latency speed-up "
+                 f"{lat or 'not measured'}")
+    model, data_info = report.get("model") or {}, report.get("data") or {}
+    if model:
+        if model.get("path"):
+            lines.append(f"model: {model['path']} (saved {model.get('source')}:"
+                         f"{model.get('name')})")
+        else:
+            lines.append(f"model: {model.get('source')}:{model.get('name')} (weights: "
+                         f"{model.get('weights') or 'random init'})")
+    if data_info:
+        lines.append(f"data: {data_info['dataset']} at {data_info['root']}; preprocessing "
+                     f"{data_info.get('preprocessing_text', '')}")
     lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items()))
     return "\n".join(lines)
