@@ -1,6 +1,8 @@
 """Loading checkpoints into prunekit models, with errors that say what to do next.
 
-Pretrained files are looked up, never downloaded.  The weights directory is
+Weights are files (state dicts, training checkpoints, ``.safetensors``) read without
+unpickling code, or downloads that torchvision/timm make; one that cannot happen says where
+to put the file by hand.  The zoo's pretrained files are looked up, never downloaded, in
 
 1. ``$PRUNEKIT_WEIGHTS`` (the files directly in it, or in a per-source sub-folder), else
 2. ``<data root>/weights/<source folder>/`` where the data root is ``$PRUNEKIT_DATA``, else
@@ -10,6 +12,7 @@ Pretrained files are looked up, never downloaded.  The weights directory is
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -21,26 +24,47 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PrunekitError
+from ..errors import ConfigError, PrunekitError
 
 __all__ = [
     "PretrainedWeights",
+    "WeightsDownloadError",
     "WeightsLoadError",
     "WeightsMismatchError",
+    "WeightsNotFoundError",
+    "download_guard",
     "find_data_root",
     "find_pretrained_file",
+    "hf_hub_cache",
     "load_weights",
     "pretrained_checkpoint_info",
+    "torch_hub_file",
+    "weights_kind",
 ]
 
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+# The trained weights first; EMA copies (timm's train script) only when nothing else is there.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema", "model_ema")
+# Training scripts (torchvision's references, timm's train.py) store their argparse options
+# beside the weights; a Namespace only holds attributes, and anything inside it still has to
+# pass the weights-only unpickler.
+_SAFE_GLOBALS = (argparse.Namespace,)
 # DataParallel / DistributedDataParallel and torch.compile wrap the module and prefix every key.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 10
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".th", ".ckpt", ".tar")
 
 
 class WeightsLoadError(PrunekitError, RuntimeError):
     """A checkpoint could not be read or applied."""
+
+
+class WeightsNotFoundError(WeightsLoadError, FileNotFoundError):
+    """A weights file that does not exist (or is a directory)."""
+
+
+class WeightsDownloadError(WeightsLoadError, ConnectionError):
+    """Pretrained weights that had to be downloaded and could not be; the message names the
+    URL or hub id and where to put the file by hand."""
 
 
 class WeightsMismatchError(WeightsLoadError):
@@ -80,14 +104,16 @@ def load_weights(
 ) -> nn.Module:
     """Load a checkpoint file or state dict into ``model`` (in place) and return ``model``.
 
-    Accepts plain state dicts and ``{"state_dict": ...}``-style wrappers, and strips the
-    ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) key prefixes.  Files are
-    read with ``weights_only=True`` onto the CPU.  With ``strict=False`` missing and
-    unexpected keys are tolerated; shape mismatches never are.
+    Accepts plain state dicts, ``.safetensors`` files and ``{"state_dict": ...}``-style
+    wrappers (``model``, ``state_dict_ema``, ... as torchvision's and timm's training scripts
+    write them), and strips the ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile)
+    key prefixes.  Pickled files are read with ``weights_only=True`` onto the CPU, so a file
+    that pickles other Python objects is refused as unsafe.  With ``strict=False`` missing
+    and unexpected keys are tolerated; shape mismatches never are.
 
     Raises:
-        FileNotFoundError: ``source`` is a path that does not exist.
-        WeightsLoadError: the file is not a readable PyTorch checkpoint.
+        WeightsNotFoundError: ``source`` is a path that does not exist (a FileNotFoundError).
+        WeightsLoadError: the file is not a readable checkpoint, or pickles Python objects.
         WeightsMismatchError: keys or shapes do not fit the model.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -125,6 +151,49 @@ def pretrained_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def weights_kind(weights: Any) -> str | None:
+    """``None``, ``"file"`` (a path or state dict) or ``"name"`` (``"pretrained"``,
+    ``"IMAGENET1K_V2"``, ...: a string that does not look like a path)."""
+    if weights is None:
+        return None
+    if isinstance(weights, (os.PathLike, Mapping)):
+        return "file"
+    if not isinstance(weights, str) or not weights.strip():
+        raise ConfigError(f"weights must be a file path or a name such as 'pretrained', got "
+                          f"{weights!r}")
+    path = Path(weights)
+    is_path = path.suffix.lower() in WEIGHT_SUFFIXES or "/" in weights or os.sep in weights
+    return "file" if is_path or path.exists() else "name"
+
+
+def download_guard(build, what: str, place: str):
+    """``build()``, with a failed download (no network: URLError, huggingface_hub's errors,
+    all OSErrors) as a WeightsDownloadError naming ``what`` and where to ``place`` the file."""
+    try:
+        return build()
+    except (OSError, TimeoutError) as err:
+        text = str(err).strip()
+        reason = text.splitlines()[0][:300].rstrip(".") if text else type(err).__name__
+        raise WeightsDownloadError(
+            f"could not download the pretrained weights {what}: {reason}. Without network, "
+            f"download the file on another machine and {place}, or pass --weights PATH to the "
+            f"downloaded file") from err
+
+
+def hf_hub_cache() -> str:
+    """The Hugging Face hub cache folder, where timm's downloads go."""
+    try:
+        from huggingface_hub import constants
+        return str(constants.HF_HUB_CACHE)
+    except (ImportError, AttributeError):  # no huggingface_hub, or one without that name
+        return "~/.cache/huggingface/hub"
+
+
+def torch_hub_file(url: str) -> Path:
+    """Where ``torch.hub`` looks for (and downloads) the file at ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def find_data_root() -> Path | None:
     """The shared data folder (see the module docstring), or ``None`` if none exists."""
     env = os.environ.get("PRUNEKIT_DATA")
@@ -144,7 +213,7 @@ def find_pretrained_file(info: PretrainedWeights) -> Path:
         if matches:
             return matches[0]
     places = "\n  ".join(str(d) for d in searched)
-    raise FileNotFoundError(
+    raise WeightsNotFoundError(
         f"pretrained weights {info.filename!r} not found. Looked in:\n  {places}\n"
         "Set PRUNEKIT_WEIGHTS to the folder holding the .th files, or PRUNEKIT_DATA to the "
         "shared data folder (the one containing weights/" + info.folder + "/)."
@@ -173,11 +242,15 @@ def _weights_dirs(folder: str) -> list[Path]:
 
 def _read_checkpoint(path: Path) -> Any:
     if not path.exists():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise WeightsNotFoundError(f"weights file not found: {path}")
     if path.is_dir():
-        raise IsADirectoryError(f"weights path is a directory, expected a checkpoint file: {path}")
+        raise WeightsNotFoundError(f"weights path is a directory, expected a checkpoint file: "
+                                   f"{path}")
+    if _is_safetensors(path):
+        return _read_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise
     except pickle.UnpicklingError as err:
@@ -185,13 +258,33 @@ def _read_checkpoint(path: Path) -> Any:
         if global_ is None:  # e.g. "Unsupported operand": the bytes are not a torch pickle
             raise _corrupt(path, err) from err
         raise WeightsLoadError(
-            f"{path} pickles a Python object ({global_.group(1)}) that "
-            "torch.load(weights_only=True) refuses to unpickle. If you trust the file, load it "
-            "yourself with torch.load(path, weights_only=False) and pass the state dict to "
-            "load_weights; otherwise it is corrupt or not a checkpoint - re-download it."
+            f"{path} pickles a Python object ({global_.group(1)}), so it is refused as unsafe: "
+            "unpickling it could run any code, and torch.load(weights_only=True) reads only "
+            "tensors and plain containers. If you trust the file, load it yourself with "
+            "torch.load(path, weights_only=False) and save its state_dict() (or pass that to "
+            "load_weights); otherwise it is corrupt or not a checkpoint - re-download it."
         ) from err
     except Exception as err:  # truncated legacy files raise EOFError, KeyError, RuntimeError...
         raise _corrupt(path, err) from err
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix.lower() == ".safetensors":
+        return True
+    # Otherwise by content: an 8-byte little-endian header length, then a JSON object.
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, ValueError, OSError) as err:
+        raise WeightsLoadError(f"{path} is truncated or not a safetensors file ({err}); "
+                               "re-download or re-save it.") from err
 
 
 def _corrupt(path: Path, err: Exception) -> WeightsLoadError:
