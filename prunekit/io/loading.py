@@ -1,9 +1,17 @@
 """Loading a file written by :func:`prunekit.io.save`: read and check its spec, rebuild the
-base model, put back the replaced modules, tensor shapes and structural attributes the spec
-records, then load the weights with a readable report of anything that does not fit."""
+base model, put back the replaced modules, tensors (shapes and dtypes) and structural
+attributes the spec records, check that attributes and tensors agree, then load the weights
+with a readable report of anything that does not fit.
+
+The spec is untrusted input: loading sets only the structural attributes each module kind
+declares, after their checks (:mod:`prunekit.io.structure`), builds the base model without
+pretrained weights (never reading a weights file nor touching the network) and lets no
+tensor change kind (a float tensor may change precision, an index tensor may not).
+"""
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,20 +20,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..errors import PrunekitError
 from ..models.registry import SPEC_ATTR
 from ..models.weights import (WeightsLoadError, WeightsMismatchError, compare_state, listing,
                               mismatch_lines)
-from ..nn.registry import replacement_class, structural_entries
-from ..utils import set_submodule
+from ..nn.registry import replacement_entry
+from .consistency import consistency_problems
 from .saving import _unwrap
-from .sources import create_base
-from .spec import SAVED_SPEC_ATTR, SPEC_KEY, _parse_spec
+from .sources import PRETRAINED_KEYS, build_saved_base
+from .spec import SAVED_SPEC_ATTR, SPEC_KEY, _check_shapes, _parse_spec
+from .structure import (SpecProblem, build_replacement, checked_attributes, checked_init,
+                        declared_shapes, own_tensors, restore_attributes)
 
-# Imported for their side effect: they register the classes the registries above must know
-# before any load, StripeConv2d and ShortcutBlock as replacements and ZeroPadShortcut's
-# structural attributes.
-from ..models import cifar_resnet  # noqa: F401  isort: skip
-from ..nn import shortcut, stripe  # noqa: F401  isort: skip
+# Imported for its side effect: it registers the classes the registries must know before
+# any load (StripeConv2d and ShortcutBlock as replacements, with the checks of their init
+# payloads, and ZeroPadShortcut's structural attributes).
+from . import replacements  # noqa: F401  isort: skip
+
+_EDITED = "the file was edited or comes from another program; re-save it with prunekit.io.save"
 
 __all__ = ["load", "load_state_into", "read_spec"]
 
@@ -49,15 +61,19 @@ def load(
     """Rebuild and return the model saved in ``path`` by :func:`save`.
 
     The model is returned in training mode (call ``.eval()``), with ``model.prunekit_spec``
-    (its base) and ``model.prunekit_saved_spec`` (the whole spec) set. ``expect`` names the
-    architecture the caller wants; a file of another one raises WeightsMismatchError.
-    ``strict=False`` tolerates missing/unexpected tensors, never wrong shapes.
+    (its base) and ``model.prunekit_saved_spec`` (the whole spec) set; every tensor has the
+    dtype it was saved with. ``expect`` names the architecture the caller wants; a file of
+    another one raises WeightsMismatchError. ``strict=False`` tolerates missing/unexpected
+    tensors, never wrong shapes.
 
     Raises:
         FileNotFoundError: no such file.
-        WeightsLoadError: not a (complete) safetensors file, or one without a prunekit spec.
+        WeightsLoadError: not a (complete) safetensors file, one without a prunekit spec, or
+            one whose spec sets an attribute its module kind does not declare, a value that
+            fails the attribute's check, or asks for pretrained weights.
         UnknownModelError: the base model is not known to this installation.
-        WeightsMismatchError: wrong architecture for ``expect``, or tensors that do not fit.
+        WeightsMismatchError: wrong architecture for ``expect``, tensors that do not fit, or
+            structural attributes that disagree with the stored tensors' shapes.
     """
     path = Path(path)
     spec, tensors = _read(path, tensors=True)
@@ -70,10 +86,11 @@ def load(
             f"matching file or expect={base['name']!r}",
             missing=[], unexpected=[], shape_mismatches=[],
         )
-    model = create_base(base["source"], base["name"], **base["kwargs"])
-    _rebuild_replaced(model, spec.get("replaced", {}), path)
-    unresizable = _resize_tensors(model, tensors)
+    model = _build_base(base, path)
+    _rebuild_replaced(model, spec["replaced"], path, tensors)
+    unresizable = _resize_tensors(model, tensors, path)
     _restore_structure(model, spec["modules"], path)
+    _check_consistency(model, path)
     _load_checked(model, tensors, strict, path, base["name"], unresizable,
                   hint="The file may come from an incompatible prunekit/torchvision version "
                        "or have an edited spec; re-save it from the original model.")
@@ -103,7 +120,8 @@ def _read(path: Path, *, tensors: bool) -> tuple[dict[str, Any] | None, dict[str
     """(spec or None, name -> tensor) or, with ``tensors=False``, (spec or None, name -> shape).
 
     The shapes come from the safetensors header itself, which is authoritative; the spec's
-    ``shapes`` are a copy for readers of ``read_spec``/``spec.json``.
+    ``shapes`` are a copy for readers of ``read_spec``/``spec.json``, and a file whose copy
+    disagrees with the header is refused (WeightsMismatchError naming the tensor).
     """
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
@@ -119,7 +137,11 @@ def _read(path: Path, *, tensors: bool) -> tuple[dict[str, Any] | None, dict[str
     except SafetensorError as err:
         raise _unreadable(path, err) from err
     text = metadata.get(SPEC_KEY)
-    return (None if text is None else _parse_spec(path, text)), content
+    if text is None:
+        return None, content
+    spec = _parse_spec(path, text)
+    _check_shapes(path, spec, {k: list(v.shape) if tensors else v for k, v in content.items()})
+    return spec, content
 
 
 def _unreadable(path: Path, err: Exception) -> WeightsLoadError:
@@ -142,43 +164,115 @@ def _plain_weights_error(path: Path) -> WeightsLoadError:
     )
 
 
-def _rebuild_replaced(model: nn.Module, replaced: Mapping[str, Any], path: Path) -> None:
+def _build_base(base: Mapping[str, Any], path: Path) -> nn.Module:
+    asked = [key for key in PRETRAINED_KEYS if key in base["kwargs"]]
+    if asked:
+        raise WeightsLoadError(f"the spec in {path} asks for pretrained weights "
+                               f"({', '.join(asked)}) for its {base['name']} base; a file "
+                               f"written by prunekit.io.save never does (it holds its own "
+                               f"weights), so nothing is downloaded: {_EDITED}")
+    try:
+        return build_saved_base(base["source"], base["name"], base["kwargs"])
+    except PrunekitError:
+        raise  # UnknownModelError: the base model is not known to this installation
+    except (TypeError, ValueError) as err:
+        raise WeightsLoadError(f"the spec in {path} names a base model that cannot be built: "
+                               f"{base['name']}({err}); a file written by prunekit.io.save "
+                               f"never does: {_EDITED}") from None
+
+
+def _spec_error(path: Path, problem: SpecProblem) -> WeightsLoadError:
+    if not problem.declared:
+        return WeightsLoadError(f"the spec in {path} sets {problem.where}, which prunekit never "
+                                f"restores ({problem.reason}); {_EDITED}")
+    return WeightsLoadError(f"the spec in {path} sets {problem.where} to {problem.value!r}, "
+                            f"which is not allowed: {problem.reason}; {_EDITED}")
+
+
+def _mismatch(path: Path, lines: list[str], shapes: list[tuple[str, Any, Any]]
+              ) -> WeightsMismatchError:
+    return WeightsMismatchError(
+        f"the spec in {path} does not agree with the tensors it stores:\n  "
+        + "\n  ".join(lines) + f"\n{_EDITED[0].upper()}{_EDITED[1:]}.",
+        missing=[], unexpected=[], shape_mismatches=shapes)
+
+
+def _rebuild_replaced(model: nn.Module, replaced: Mapping[str, Any], path: Path,
+                      tensors: Mapping[str, torch.Tensor]) -> None:
     for name, entry in replaced.items():
-        cls = replacement_class(entry.get("class"))
-        if cls is None:
+        registered = replacement_entry(entry.get("class"))
+        if registered is None:
             raise WeightsLoadError(f"{path}: module '{name}' is a {entry.get('class')!r}, which "
                                    "this prunekit does not know; upgrade prunekit")
         try:
-            original = model.get_submodule(name)
-        except AttributeError as exc:
+            init = checked_init(name, registered, entry["init"])
+            # Compared with the stored tensors before the class allocates anything.
+            declared = declared_shapes(name, registered, init)
+            _same_shapes(path, declared or {}, tensors)
+            built = build_replacement(model, name, registered, init)
+        except SpecProblem as problem:
+            raise _spec_error(path, problem) from None
+        except (AttributeError, ValueError) as exc:  # no such module, or the root
             raise WeightsMismatchError(f"{path}: the base model has no module '{name}' to "
                                        "replace; the file may come from another version",
                                        missing=[], unexpected=[], shape_mismatches=[]) from exc
-        set_submodule(model, name, cls.prunekit_build(original, entry["init"]))
+        # The class builds its own tensors in their final shapes; nothing resizes them.
+        _same_shapes(path, {k: tuple(t.shape) for k, t in own_tensors(name, built).items()},
+                     tensors)
 
 
-def _resize_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Give every parameter/buffer the saved shape; returns the names that cannot be resized."""
+def _same_shapes(path: Path, shapes: Mapping[str, tuple[int, ...]],
+                 tensors: Mapping[str, torch.Tensor]) -> None:
+    wrong = [(k, tuple(tensors[k].shape), tuple(s)) for k, s in shapes.items()
+             if k in tensors and tuple(tensors[k].shape) != tuple(s)]
+    if wrong:
+        raise _mismatch(path, [f"{k} has shape {list(a)} but the module's init payload "
+                               f"needs {list(b)}" for k, a, b in wrong], wrong)
+
+
+def _resize_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+                    path: Path | str = "the file") -> list[str]:
+    """Give every parameter/buffer the saved shape and dtype (load_state_dict would convert
+    to the base model's float32); returns the names that cannot be resized. Tied tensors
+    stay tied."""
     current = model.state_dict(keep_vars=True)
-    failed = []
+    adopted: dict[int, torch.Tensor] = {}
+    failed, wrong_kind = [], []
     for key, saved in tensors.items():
         old = current.get(key)
-        if old is None or old.shape == saved.shape:
+        if not isinstance(old, torch.Tensor):
             continue  # unknown keys are reported by _load_checked
+        if _kind(old) != _kind(saved):
+            wrong_kind.append(f"{key} is {saved.dtype} in the file but {old.dtype} in the model")
+            continue
         owner_name, _, attr = key.rpartition(".")
         owner = model.get_submodule(owner_name)
-        if attr in owner._parameters:
-            owner._parameters[attr] = nn.Parameter(
-                torch.empty(saved.shape, dtype=old.dtype, device=old.device),
-                requires_grad=old.requires_grad)
+        # Fresh, aligned storage (not the file's buffer), filled by load_state_dict.
+        fresh = torch.empty(saved.shape, dtype=saved.dtype, device=old.device)
+        if id(old) in adopted:
+            new = adopted[id(old)]
+        elif attr in owner._parameters:
+            new = nn.Parameter(fresh, requires_grad=old.requires_grad)
         elif attr in owner._buffers:
-            owner._buffers[attr] = torch.empty(saved.shape, dtype=old.dtype, device=old.device)
+            new = fresh
         else:  # an entry a custom _save_to_state_dict produced; only the module can resize it
             failed.append(key)
+            continue
+        adopted[id(old)] = new
+        (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = new
+    if wrong_kind:
+        raise WeightsMismatchError(
+            f"tensors in {path} are of another kind than the model's: {listing(wrong_kind)}. "
+            f"{_EDITED[0].upper()}{_EDITED[1:]}.", missing=[], unexpected=[], shape_mismatches=[])
     return failed
 
 
-def _restore_structure(model: nn.Module, modules: Mapping[str, Any], path: Path) -> None:
+def _kind(tensor: torch.Tensor) -> Any:
+    # Floating point tensors may be stored in any precision; others keep their exact dtype.
+    return "float" if tensor.is_floating_point() else tensor.dtype
+
+
+def _restore_structure(model: nn.Module, modules: Mapping[str, Any], path: Path | str) -> None:
     absent = []
     for name, attrs in modules.items():
         try:
@@ -186,23 +280,22 @@ def _restore_structure(model: nn.Module, modules: Mapping[str, Any], path: Path)
         except AttributeError:
             absent.append(name)
             continue
-        handled: set[str] = set()
-        for names, restore in structural_entries(module):
-            if restore is not None:
-                restore(module, dict(attrs))
-                handled.update(names)
-        for attr, value in attrs.items():
-            if attr in handled:
-                continue
-            # JSON turned tuples (LayerNorm.normalized_shape) into lists; restore the type.
-            if isinstance(value, list) and isinstance(getattr(module, attr, None), tuple):
-                value = tuple(value)
-            setattr(module, attr, value)
+        try:
+            restore_attributes(name, module, checked_attributes(name, module, attrs))
+        except SpecProblem as problem:
+            raise _spec_error(Path(path), problem) from None
     if absent:
         raise WeightsMismatchError(
             f"the spec in {path} describes modules the rebuilt base model lacks: "
             f"{listing(absent)}. The file may come from an incompatible version; re-save it.",
             missing=[], unexpected=[], shape_mismatches=[])
+
+
+def _check_consistency(model: nn.Module, path: Path) -> None:
+    problems = consistency_problems(model)
+    if problems:
+        raise _mismatch(path, [f"{key} {what}" for key, what, _, _ in problems],
+                        [(k, a, b) for k, _, a, b in problems if a is not None])
 
 
 def _load_checked(model: nn.Module, tensors: dict[str, torch.Tensor], strict: bool, path: Path,
@@ -218,4 +311,9 @@ def _load_checked(model: nn.Module, tensors: dict[str, torch.Tensor], strict: bo
         raise WeightsMismatchError("\n".join(lines), missing=missing if strict else [],
                                    unexpected=unexpected if strict else [],
                                    shape_mismatches=shapes)
-    model.load_state_dict(tensors, strict=strict)
+    # safetensors keeps no state dict metadata; modules that read their layout version from
+    # it (torchvision's MNASNet refuses None) get the versions of the model's own classes,
+    # the layout the saving code wrote.
+    state = OrderedDict(tensors)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=strict)

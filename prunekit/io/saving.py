@@ -1,6 +1,8 @@
 """Saving a (pruned) model: its tensors plus a spec that says how far it differs from a
-freshly built base model (tensor shapes, structural attributes, replaced modules), written
-atomically as one ``.safetensors`` file."""
+freshly built base model (tensor shapes and dtypes, structural attributes, replaced
+modules), written atomically as one ``.safetensors`` file. A model the spec cannot describe
+exactly is refused (:class:`~prunekit.io.errors.SaveError`, see :mod:`prunekit.io.describe`)
+instead of written to a file that would not load back."""
 from __future__ import annotations
 
 import json
@@ -15,17 +17,17 @@ from torch import nn
 
 from ..files import atomic_write, atomic_write_text
 from ..models.registry import SPEC_ATTR
-from ..nn.registry import replacement_class, structural_attribute_names
 from ..version import __version__
+from .describe import _changed_modules, describe, structural_attributes  # noqa: F401
+from .errors import SaveError
 from .jsonable import _jsonable
-from .sources import SOURCES, create_base
+from .sources import PRETRAINED_KEYS, SOURCES, build_saved_base
 from .spec import FORMAT, SPEC_KEY
 
-# Imported for their side effect: they register the classes the registries above must know
-# before any save, StripeConv2d and ShortcutBlock as replacements and ZeroPadShortcut's
-# structural attributes.
-from ..models import cifar_resnet  # noqa: F401  isort: skip
-from ..nn import shortcut, stripe  # noqa: F401  isort: skip
+# Imported for its side effect: it registers the classes the registries must know before
+# any save (StripeConv2d and ShortcutBlock as replacements, with the checks of their init
+# payloads, and ZeroPadShortcut's structural attributes).
+from . import replacements  # noqa: F401  isort: skip
 
 __all__ = ["save", "structural_attributes"]
 
@@ -48,11 +50,19 @@ def save(
     ``method``, ``recipe``, ``plan`` and ``metrics`` are free-form JSON stored in the spec.
     ``spec_json=True`` also writes a readable copy as ``spec.json`` in the same folder (or at
     the given path); :func:`load` never reads it. Returns the path written.
+
+    Every tensor keeps its dtype (float16, bfloat16, mixed). Raises SaveError, naming the
+    module, tensor or attribute, for what a file cannot describe so that :func:`load`
+    rebuilds the same network: a module the base model lacks or lacks of it, a changed class
+    that is not a registered replacement, modules or tensors shared (aliased, tied)
+    differently from the base model, and attributes that differ from the base model's but
+    are not recorded structural attributes (or fail their checks).
     """
     model = _unwrap(model)
     path = Path(path)
     base_spec = _resolve_base(model, base)
     reference = _reference_model(base_spec)
+    modules, replaced = describe(model, reference, base_spec["name"])
     tensors = {}
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor):
@@ -65,8 +75,8 @@ def save(
         "format": FORMAT,
         "base": base_spec,
         "shapes": {key: list(t.shape) for key, t in tensors.items()},
-        "modules": _changed_modules(model, reference),
-        "replaced": _replaced_modules(model, reference),
+        "modules": modules,
+        "replaced": replaced,
         "method": _jsonable(method, "method"),
         "recipe": _jsonable(recipe, "recipe"),
         "plan": _jsonable(plan, "plan"),
@@ -85,15 +95,6 @@ def save(
     return path
 
 
-def structural_attributes(module: nn.Module) -> dict[str, Any]:
-    """The structural attributes of ``module`` as JSON values (tuples become lists)."""
-    return {
-        name: _jsonable(getattr(module, name), f"{type(module).__name__}.{name}")
-        for name in structural_attribute_names(module)
-        if hasattr(module, name)
-    }
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     # DataParallel/DDP and torch.compile wrap the network and prefix every state dict key.
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -105,7 +106,7 @@ def _resolve_base(model: nn.Module, base: Any) -> dict[str, Any]:
     if base is None:
         spec = getattr(model, SPEC_ATTR, None)
         if spec is None:
-            raise ValueError(
+            raise SaveError(
                 f"cannot tell which architecture this {type(model).__name__} was built from: "
                 "pass base=('torchvision', 'resnet50', {...kwargs}) to save(), or build the model "
                 "with prunekit.models.create(...) or prunekit.io.create_base(...)"
@@ -118,10 +119,13 @@ def _resolve_base(model: nn.Module, base: Any) -> dict[str, Any]:
     else:
         raise TypeError(f"base must be (source, name, kwargs) or a dict, got {base!r}")
     if source not in SOURCES:
-        raise ValueError(f"unknown model source {source!r}; expected one of {SOURCES}")
+        raise SaveError(f"unknown model source {source!r}; expected one of {SOURCES}")
     if not isinstance(name, str) or not isinstance(kwargs, Mapping):
         raise TypeError(f"base name must be a str and kwargs a dict, got {name!r}, {kwargs!r}")
-    return {"source": source, "name": name, "kwargs": _jsonable(dict(kwargs), f"{name} kwargs")}
+    # The file carries the weights; a base that asks for pretrained ones would make load
+    # read or download them (load refuses such a spec).
+    kwargs = {k: v for k, v in kwargs.items() if k not in PRETRAINED_KEYS}
+    return {"source": source, "name": name, "kwargs": _jsonable(kwargs, f"{name} kwargs")}
 
 
 def _reference_model(base: Mapping[str, Any]) -> nn.Module:
@@ -129,36 +133,6 @@ def _reference_model(base: Mapping[str, Any]) -> nn.Module:
     attributes are read and initialising large torchvision weights would waste seconds."""
     try:
         with torch.device("meta"):
-            return create_base(base["source"], base["name"], **base["kwargs"])
+            return build_saved_base(base["source"], base["name"], base["kwargs"])
     except Exception:  # some builders compute on tensors at init; retry for real
-        return create_base(base["source"], base["name"], **base["kwargs"])
-
-
-def _changed_modules(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, Any]]:
-    reference_modules = dict(reference.named_modules())
-    changed = {}
-    for name, module in model.named_modules():
-        attrs = structural_attributes(module)
-        if not attrs:
-            continue
-        ref = reference_modules.get(name)
-        if ref is None or structural_attributes(ref) != attrs:
-            changed[name] = attrs
-    return changed
-
-
-def _replaced_modules(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, Any]]:
-    reference_modules = dict(reference.named_modules())
-    replaced: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        if not hasattr(module, "prunekit_init") or any(name.startswith(r + ".") for r in replaced):
-            continue
-        if type(reference_modules.get(name)) is type(module):
-            continue
-        if replacement_class(type(module).__name__) is None:
-            raise TypeError(f"module '{name}' ({type(module).__name__}) replaced a module of the "
-                            "base model but its class is not registered with "
-                            "prunekit.io.register_replacement")
-        replaced[name] = {"class": type(module).__name__,
-                          "init": _jsonable(module.prunekit_init(), f"{name} init")}
-    return replaced
+        return build_saved_base(base["source"], base["name"], base["kwargs"])

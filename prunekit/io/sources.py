@@ -15,9 +15,14 @@ from torch import nn
 from ..models.registry import SPEC_ATTR, UnknownModelError, create
 from .jsonable import _jsonable
 
-__all__ = ["SOURCES", "create_base"]
+__all__ = ["PRETRAINED_KEYS", "SOURCES", "build_saved_base", "create_base"]
 
 SOURCES = ("prunekit", "torchvision")
+
+# Builder arguments that fetch or load pretrained weights. A saved file carries its own
+# weights, so its base never names them: create_base and save leave them out, and load
+# refuses a spec that has them (it was edited) rather than let a builder download.
+PRETRAINED_KEYS = ("weights", "pretrained", "weights_backbone", "pretrained_backbone")
 
 # torchvision builders silently change some constructor defaults when pretrained weights are
 # requested; load always rebuilds with weights=None, so the spec must spell these out or the
@@ -33,20 +38,40 @@ def create_base(source: str, name: str, **kwargs: Any) -> nn.Module:
 
     ``source="prunekit"`` is :func:`prunekit.models.create`; ``source="torchvision"`` is
     ``torchvision.models.get_model(name, **kwargs)``. ``weights`` may be passed in ``kwargs``
-    (e.g. ``weights="DEFAULT"``); it is not recorded, since a saved file carries its own weights.
+    (e.g. ``weights="DEFAULT"``); it and the other :data:`PRETRAINED_KEYS` are not recorded,
+    since a saved file carries its own weights.
     """
     weights = kwargs.pop("weights", None)
     if source == "prunekit":
         return create(name, weights=weights, **kwargs)  # the registry stamps the spec itself
     if source != "torchvision":
         raise ValueError(f"unknown model source {source!r}; expected one of {SOURCES}")
-    recorded = dict(kwargs)
+    recorded = {k: v for k, v in kwargs.items() if k not in PRETRAINED_KEYS}
     if weights is not None:
         for key, value in _TORCHVISION_PRETRAINED_DEFAULTS.get(name, {}).items():
             recorded.setdefault(key, value)
     recorded = _jsonable(recorded, f"torchvision {name}() kwargs")
     model = _torchvision_model(name, weights, kwargs)
     setattr(model, SPEC_ATTR, {"source": "torchvision", "name": name, "kwargs": recorded})
+    return model
+
+
+def build_saved_base(source: str, name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """The base model a saved spec names, randomly initialised: never with pretrained
+    weights, so building it never reads a weights file nor touches the network.
+
+    Raises ValueError if ``kwargs`` hold one of :data:`PRETRAINED_KEYS`.
+    """
+    asked = [key for key in PRETRAINED_KEYS if key in kwargs]
+    if asked:
+        raise ValueError(f"the base kwargs ask for pretrained weights ({', '.join(asked)})")
+    if source == "prunekit":
+        return create(name, weights=None, **kwargs)
+    if source != "torchvision":
+        raise ValueError(f"unknown model source {source!r}; expected one of {SOURCES}")
+    model = _torchvision_model(name, None, kwargs)
+    setattr(model, SPEC_ATTR, {"source": "torchvision", "name": name,
+                               "kwargs": _jsonable(dict(kwargs), f"torchvision {name}() kwargs")})
     return model
 
 
