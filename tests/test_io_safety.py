@@ -363,13 +363,14 @@ def test_load_never_builds_pretrained_weights(key, value, no_network, tmp_path):
 
 def test_prunekit_base_is_built_without_weights(saved20, tmp_path, monkeypatch):
     built = []
-    real = pio.sources.create
+    import prunekit.models.sources as model_sources
+    real = model_sources.create
 
     def spy(name, weights=None, **kwargs):
         built.append(weights)
         return real(name, weights=weights, **kwargs)
 
-    monkeypatch.setattr(pio.sources, "create", spy)
+    monkeypatch.setattr(model_sources, "create", spy)
     pio.load(saved20)
     assert built == [None]
 

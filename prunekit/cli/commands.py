@@ -14,8 +14,8 @@ from ..models.sources import model_preprocessing
 from ..pipeline import (check_outputs_fit_data, load_model, open_run_data, resolve_dataset,
                         run_preprocessing)
 from ..report import write_report
-from .options import (RUN_DEFAULTS, add_data_args, add_model_args, count, int_list, model_spec,
-                      preprocessing_overrides)
+from .options import (RUN_DEFAULTS, add_data_args, add_model_args, add_trust_arg, count, int_list,
+                      model_spec, preprocessing_overrides)
 from .prune import saved_model_path
 
 __all__ = ["add_inspect_parsers"]
@@ -48,6 +48,7 @@ def add_inspect_parsers(sub) -> None:
     exp.add_argument("--out", default=None, help="output path stem (default: next to the model)")
     exp.add_argument("--input-size", type=count(1), default=None,
                      help="example input size (default: the model's)")
+    add_trust_arg(exp)
     exp.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="Markdown table + PNG plot of accuracy vs MACs")
@@ -69,7 +70,7 @@ def add_inspect_parsers(sub) -> None:
 
 def cmd_export(args) -> int:
     source = Path(saved_model_path(args.model))
-    model = io.load(source).eval()
+    model = io.load(source, trusted_modules=args.trust_module or ()).eval()
     size = args.input_size or model_preprocessing({"path": str(source)}, model).input_size
     example = torch.randn(1, 3, size, size)
     stem = Path(args.out) if args.out else source.with_suffix("")

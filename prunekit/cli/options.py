@@ -9,7 +9,8 @@ from ..errors import ConfigError
 from ..models.sources import parse_model_ref
 from ..pipeline import DATASET_KINDS, run_default
 
-__all__ = ["add_common_run_args", "add_data_args", "add_model_args", "add_train_args", "count",
+__all__ = ["add_common_run_args", "add_data_args", "add_model_args", "add_train_args",
+           "add_trust_arg", "count",
            "data_options", "int_list", "model_spec", "preprocessing_overrides", "run_options",
            "train_overrides"]
 
@@ -50,6 +51,13 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
     p.add_argument("--model-kwargs", default=None,
                    help='constructor arguments as JSON, e.g. \'{"num_classes": 100}\'')
     p.add_argument("--shortcut", default=None, help="CIFAR ResNet shortcut: A, A_append or B")
+    add_trust_arg(p)
+
+
+def add_trust_arg(p) -> None:
+    p.add_argument("--trust-module", action="append", default=None, metavar="PACKAGE",
+                   help="allow a saved model of your own code (package.module:function) to "
+                        "import PACKAGE when it is loaded (repeatable)")
 
 
 def _model_kwargs(text: str | None) -> dict:
@@ -77,6 +85,8 @@ def model_spec(args) -> dict:
             raise ConfigError(f"{' and '.join(ignored)} cannot apply to a saved model "
                               f"({args.model} carries its own architecture and weights); "
                               "drop them")
+        if getattr(args, "trust_module", None):
+            spec["trusted_modules"] = list(args.trust_module)
         return spec
     if args.shortcut:
         if spec["source"] != "prunekit":

@@ -9,8 +9,8 @@ from ..pipeline import FINETUNE_DEFAULTS, finetune_saved, run_prune, summary_tab
 from ..plan import TARGET_KINDS, check_ratio
 from ..recipes import load_recipe
 from .method_flags import add_method_arguments, method_overrides
-from .options import (add_common_run_args, add_model_args, add_train_args, count, model_spec,
-                      run_options, train_overrides)
+from .options import (add_common_run_args, add_model_args, add_train_args, add_trust_arg, count,
+                      model_spec, run_options, train_overrides)
 
 __all__ = ["add_finetune_parser", "add_prune_parser"]
 
@@ -45,6 +45,7 @@ def add_finetune_parser(sub) -> None:
     ft = sub.add_parser("finetune", help="fine-tune a saved model (resumable)")
     ft.add_argument("model", help="a .safetensors file written by prunekit, or a run directory")
     ft.add_argument("--out", default=None, help="default: <run dir>/finetune-more")
+    add_trust_arg(ft)
     add_train_args(ft, prefix="")
     add_common_run_args(ft)
     ft.set_defaults(func=cmd_finetune)
@@ -115,7 +116,7 @@ def saved_model_path(path: str) -> str:
 def cmd_finetune(args) -> int:
     source = saved_model_path(args.model)
     out = args.out or str(Path(source).parent / "finetune-more")
-    options = {**run_options(args),
+    options = {**run_options(args), "trusted_modules": args.trust_module or [],
                "finetune": {**FINETUNE_DEFAULTS, "epochs": 1, **train_overrides(args)}}
     report = finetune_saved(source, out, options)
     print(json.dumps({k: report[k] for k in ("best_val_top1", "best_epoch", "status")}))

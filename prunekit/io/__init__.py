@@ -49,7 +49,7 @@ from .describe import structural_attributes
 from .errors import SaveError
 from .loading import load, load_state_into, read_spec
 from .saving import save
-from .sources import SOURCES, create_base  # noqa: F401  (SOURCES: re-export)
+from .sources import SOURCES, create_base, module_package  # noqa: F401  (SOURCES: re-export)
 from .spec import FORMAT, SAVED_SPEC_ATTR, SPEC_KEY  # noqa: F401  (re-export)
 
 # Exporting lives in prunekit.export; these names stay importable from prunekit.io.
@@ -62,6 +62,7 @@ __all__ = [
     "FORMAT",
     "SaveError",
     "create_base",
+    "module_package",
     "load",
     "load_state_into",
     "read_spec",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ def load(
     map_location: str | torch.device = "cpu",
     strict: bool = True,
     expect: str | None = None,
+    trusted_modules: Sequence[str] | str = (),
 ) -> nn.Module:
     """Rebuild and return the model saved in ``path`` by :func:`save`.
 
@@ -64,7 +65,10 @@ def load(
     (its base) and ``model.prunekit_saved_spec`` (the whole spec) set; every tensor has the
     dtype it was saved with. ``expect`` names the architecture the caller wants; a file of
     another one raises WeightsMismatchError. ``strict=False`` tolerates missing/unexpected
-    tensors, never wrong shapes.
+    tensors, never wrong shapes. A model of the user's own code (``package.module:function``)
+    is rebuilt only when its package is in ``trusted_modules`` (or in
+    ``$PRUNEKIT_TRUSTED_MODULES``): importing it runs it. The preprocessing the model was saved
+    with (if any) is set as ``model.prunekit_preprocessing``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -86,7 +90,7 @@ def load(
             f"matching file or expect={base['name']!r}",
             missing=[], unexpected=[], shape_mismatches=[],
         )
-    model = _build_base(base, path)
+    model = _build_base(base, path, trusted_modules)
     _rebuild_replaced(model, spec["replaced"], path, tensors)
     unresizable = _resize_tensors(model, tensors, path)
     _restore_structure(model, spec["modules"], path)
@@ -98,6 +102,8 @@ def load(
     setattr(model, SPEC_ATTR, dict(base) if base["source"] != "prunekit"
             else {"name": base["name"], "kwargs": base["kwargs"]})
     setattr(model, SAVED_SPEC_ATTR, spec)
+    if isinstance(spec.get("preprocessing"), Mapping):
+        model.prunekit_preprocessing = dict(spec["preprocessing"])
     return model
 
 
@@ -164,7 +170,7 @@ def _plain_weights_error(path: Path) -> WeightsLoadError:
     )
 
 
-def _build_base(base: Mapping[str, Any], path: Path) -> nn.Module:
+def _build_base(base: Mapping[str, Any], path: Path, trusted_modules) -> nn.Module:
     asked = [key for key in PRETRAINED_KEYS if key in base["kwargs"]]
     if asked:
         raise WeightsLoadError(f"the spec in {path} asks for pretrained weights "
@@ -172,7 +178,8 @@ def _build_base(base: Mapping[str, Any], path: Path) -> nn.Module:
                                f"written by prunekit.io.save never does (it holds its own "
                                f"weights), so nothing is downloaded: {_EDITED}")
     try:
-        return build_saved_base(base["source"], base["name"], base["kwargs"])
+        return build_saved_base(base["source"], base["name"], base["kwargs"],
+                                trusted_modules=trusted_modules)
     except PrunekitError:
         raise  # UnknownModelError: the base model is not known to this installation
     except (TypeError, ValueError) as err:

@@ -21,7 +21,7 @@ from ..version import __version__
 from .describe import _changed_modules, describe, structural_attributes  # noqa: F401
 from .errors import SaveError
 from .jsonable import _jsonable
-from .sources import PRETRAINED_KEYS, SOURCES, build_saved_base
+from .sources import PRETRAINED_KEYS, SOURCES, build_saved_base, module_package
 from .spec import FORMAT, SPEC_KEY
 
 # Imported for its side effect: it registers the classes the registries must know before
@@ -41,6 +41,7 @@ def save(
     recipe: Any = None,
     plan: Any = None,
     metrics: Any = None,
+    preprocessing: Any = None,
     spec_json: bool | str | os.PathLike = False,
 ) -> Path:
     """Save ``model`` (pruned or not) with its spec as one ``.safetensors`` file.
@@ -48,6 +49,9 @@ def save(
     ``base`` is ``(source, name, kwargs)`` or ``{"source", "name", "kwargs"}``; it defaults to
     the ``prunekit_spec`` that :func:`prunekit.models.create` and :func:`create_base` attach.
     ``method``, ``recipe``, ``plan`` and ``metrics`` are free-form JSON stored in the spec.
+    ``preprocessing`` (a :class:`prunekit.data.Preprocessing` or its dict; default: the
+    model's ``prunekit_preprocessing``) says which images the model expects, so a loaded model
+    is evaluated and fine-tuned as it was trained.
     ``spec_json=True`` also writes a readable copy as ``spec.json`` in the same folder (or at
     the given path); :func:`load` never reads it. Returns the path written.
 
@@ -81,6 +85,7 @@ def save(
         "recipe": _jsonable(recipe, "recipe"),
         "plan": _jsonable(plan, "plan"),
         "metrics": _jsonable(metrics, "metrics"),
+        "preprocessing": _preprocessing(model, preprocessing),
         "prunekit_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -93,6 +98,14 @@ def save(
         readable = path.parent / "spec.json" if spec_json is True else Path(spec_json)
         atomic_write_text(readable, json.dumps(spec, indent=2) + "\n")
     return path
+
+
+def _preprocessing(model: nn.Module, given: Any) -> dict[str, Any] | None:
+    given = getattr(model, "prunekit_preprocessing", None) if given is None else given
+    if given is None:
+        return None
+    values = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+    return _jsonable(values, "preprocessing")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -131,8 +144,12 @@ def _resolve_base(model: nn.Module, base: Any) -> dict[str, Any]:
 def _reference_model(base: Mapping[str, Any]) -> nn.Module:
     """A freshly built base to diff against; on the meta device when possible, as only its
     attributes are read and initialising large torchvision weights would waste seconds."""
+    # The model being saved was built from this very code, so the user's module is trusted.
+    trusted = [module_package(base["name"])] if base["source"] == "module" else []
     try:
         with torch.device("meta"):
-            return build_saved_base(base["source"], base["name"], base["kwargs"])
+            return build_saved_base(base["source"], base["name"], base["kwargs"],
+                                    trusted_modules=trusted)
     except Exception:  # some builders compute on tensors at init; retry for real
-        return build_saved_base(base["source"], base["name"], base["kwargs"])
+        return build_saved_base(base["source"], base["name"], base["kwargs"],
+                                trusted_modules=trusted)

@@ -24,7 +24,8 @@ __all__ = ["finetune_saved"]
 def finetune_saved(source, out, options: Mapping[str, Any]) -> dict:
     """Fine-tune the model saved at ``source`` into ``out``. ``options``: ``finetune``
     (TrainConfig keys, required), ``data``, ``dataset``, ``limit``, ``eval_splits``,
-    ``latency_batches``, ``latency_runs``, ``input_size``/``mean``/``std``."""
+    ``latency_batches``, ``latency_runs``, ``input_size``/``mean``/``std``, ``trusted_modules``
+    (packages a saved model of the user's own code may import)."""
     out = Path(out)
     if "finetune" not in options:
         raise ConfigError("finetune_saved needs options['finetune'] (TrainConfig keys)")
@@ -37,7 +38,7 @@ def finetune_saved(source, out, options: Mapping[str, Any]) -> dict:
 
 def _finetune(source, out: Path, options: Mapping[str, Any], config: TrainConfig, kind: str,
               root: Path) -> dict:
-    model = io.load(source)
+    model = io.load(source, trusted_modules=options.get("trusted_modules") or ())
     spec = getattr(model, io.SAVED_SPEC_ATTR)
     overrides = {k: options[k] for k in ("input_size", "mean", "std")
                  if options.get(k) is not None}
@@ -56,7 +57,7 @@ def _finetune(source, out: Path, options: Mapping[str, Any], config: TrainConfig
                                                          run_default("latency_batches")),
                              latency_runs=options.get("latency_runs", run_default("latency_runs")))
     io.save(model, out / "model.safetensors", method=spec.get("method"), plan=spec.get("plan"),
-            recipe=spec.get("recipe"),
+            recipe=spec.get("recipe"), preprocessing=preprocessing,
             metrics={s: a["top1"] for s, a in measured["accuracy"].items()})
     report = {"source": str(source), "finetune": summary, "finetuned": measured,
               "data": {"dataset": kind, "root": str(root),

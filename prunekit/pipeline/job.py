@@ -105,9 +105,12 @@ def _model_summary(spec: Mapping[str, Any], model: torch.nn.Module) -> dict:
 
 def _load_pruned(path: Path, unpruned: torch.nn.Module) -> torch.nn.Module:
     """The pruned model a previous attempt of this run saved, or a CLI-level refusal."""
-    expected = (getattr(unpruned, SPEC_ATTR, None) or {}).get("name")
+    base = getattr(unpruned, SPEC_ATTR, None) or {}
+    expected = base.get("name")
+    # This run built the unpruned model from that code already: its package is trusted.
+    trusted = [io.module_package(expected)] if base.get("source") == "module" else []
     try:
-        return io.load(path, expect=expected)
+        return io.load(path, expect=expected, trusted_modules=trusted)
     except WeightsLoadError as exc:
         # Its first sentence says what is wrong; the rest is advice for Python callers.
         reason = str(exc).splitlines()[0].split(". ")[0].rstrip(".")
@@ -177,7 +180,7 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
         result = job.method.run(model, context)
         if not result.trained:
             io.save(model, pruned_path, method=job.described_method(), plan=result.plan,
-                    recipe=config.recipe)
+                    recipe=config.recipe, preprocessing=preprocessing)
     report["plan"] = result.plan
     if result.group_sizes is not None:
         report["group_sizes"] = result.group_sizes
@@ -200,7 +203,7 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
 
     final = report.get("finetuned", report["pruned"])
     io.save(model, out / "model.safetensors", method=job.described_method(), plan=result.plan,
-            recipe=config.recipe,
+            recipe=config.recipe, preprocessing=preprocessing,
             metrics={s: a["top1"] for s, a in final["accuracy"].items()})
     report["stage_seconds"] = timer.seconds
     report["speedup"] = measure.speedup(report["before"], final)

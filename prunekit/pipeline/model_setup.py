@@ -18,11 +18,11 @@ __all__ = ["check_outputs_fit_data", "load_model", "run_preprocessing"]
 
 
 def load_model(spec: Mapping[str, Any]) -> torch.nn.Module:
-    """A model from its spec: ``{"path"}`` (a saved model) or ``{"source", "name", "weights",
-    "kwargs"}``."""
+    """A model from its spec: ``{"path", "trusted_modules"?}`` (a saved model; packages whose
+    code it may import) or ``{"source", "name", "weights", "kwargs"}``."""
     if spec.get("path"):
-        return io.load(spec["path"])
-    return build_model(spec)
+        return io.load(spec["path"], trusted_modules=spec.get("trusted_modules") or ())
+    return build_model({k: v for k, v in spec.items() if k != "trusted_modules"})
 
 
 def run_preprocessing(spec: Mapping[str, Any], model: torch.nn.Module, dataset_kind: str,

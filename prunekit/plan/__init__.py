@@ -15,11 +15,11 @@ from .checks import PlanError, check_ratio
 from .select import keep_count, make_plan, select
 from .validate import validate_plan
 from .allocate import global_counts, ratio_counts, ratios_for_groups
-from .macs import MacsEstimator, counts_for_macs
+from .macs import MacsEstimator, MacsTargetWarning, counts_for_macs
 from .paper_ratios import chip_resnet_counts, conv_rate_counts, parse_ratio_list
 from .target import TARGET_KINDS, PlanTarget, group_ratios, resolve_counts, resolve_plan
 
 __all__ = ["MacsEstimator", "PlanError", "PlanTarget", "TARGET_KINDS", "check_ratio",
-           "chip_resnet_counts", "conv_rate_counts", "counts_for_macs", "global_counts",
+           "MacsTargetWarning", "chip_resnet_counts", "conv_rate_counts", "counts_for_macs", "global_counts",
            "group_ratios", "keep_count", "make_plan", "parse_ratio_list", "ratio_counts",
            "ratios_for_groups", "resolve_counts", "resolve_plan", "select", "validate_plan"]

@@ -2,6 +2,8 @@
 counts that remove a given fraction of the MACs."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ..graph import ChannelGraph, kept_positions
@@ -10,7 +12,7 @@ from ..utils import as_tuple
 from .checks import PlanError, check_ratio
 from .select import keep_count, make_plan
 
-__all__ = ["MacsEstimator", "counts_for_macs"]
+__all__ = ["MacsEstimator", "MacsTargetWarning", "counts_for_macs"]
 
 
 class MacsEstimator:
@@ -41,6 +43,10 @@ class MacsEstimator:
                 fraction *= len(kept_positions(roots, removed)) / len(roots)
             total += macs * fraction
         return total
+
+
+class MacsTargetWarning(UserWarning):
+    """A MACs target was not met within its tolerance (the reduction reached is named)."""
 
 
 def counts_for_macs(model, graph: ChannelGraph, scores: dict[str, np.ndarray], example_inputs,
@@ -91,4 +97,10 @@ def counts_for_macs(model, graph: ChannelGraph, scores: dict[str, np.ndarray], e
                 continue  # this group's channels are too costly for the remaining gap
             if value > current:
                 counts, current, progressed = trial, value, True
-    return uniform(hi)  # no combination lands within the tolerance: the nearest above it
+    # No combination lands within the tolerance (channels too coarse): the nearest above it,
+    # said out loud, since the caller asked for a reduction "within 1%".
+    counts = uniform(hi)
+    warnings.warn(f"macs_reduction {target:.3f} cannot be reached within {tolerance:.3f} at "
+                  f"this model's channel granularity; removing {reduction(counts):.3f} of the "
+                  "MACs instead", MacsTargetWarning, stacklevel=2)
+    return counts
