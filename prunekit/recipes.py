@@ -5,6 +5,8 @@ A recipe is a mapping with these sections (all but ``model`` optional)::
     name: chip_resnet56_47
     paper: CHIP (Sui et al., NeurIPS 2021), CIFAR-10 ResNet-56, 47% FLOPs
     model: {name: cifar_resnet56, weights: pretrained, kwargs: {shortcut: A}}
+    # or {source: torchvision, name: resnet50, weights: IMAGENET1K_V1, kwargs: {}}
+    dataset: auto                                       # or cifar10, imagefolder
     criterion: {name: chip, options: {}}
     calibration: {split: train, batches: 5, batch_size: 128, augment: true}
     plan: {chip_sparsity: "[0.]+[0.15]*2+[0.4]*27"}   # any prunekit.plan.PlanTarget key
@@ -22,11 +24,15 @@ import yaml
 
 from .errors import PrunekitError
 from .methods import get_method
+from .models.sources import MODEL_SOURCES
 from .plan import PlanTarget
 from .train import TrainConfig
 
-SECTIONS = ("name", "paper", "model", "criterion", "calibration", "plan", "finetune",
+SECTIONS = ("name", "paper", "model", "dataset", "criterion", "calibration", "plan", "finetune",
             "expected", "notes", "method")
+# The kinds of data a recipe may name; prunekit.pipeline.config.DATASET_KINDS (a layer above,
+# so not importable here) must list the same (tests/test_recipes.py checks it).
+DATASETS = ("auto", "cifar10", "imagefolder")
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -69,6 +75,12 @@ def validate_recipe(recipe, where: str = "recipe") -> None:
     model = recipe.get("model")
     if not isinstance(model, dict) or "name" not in model:
         raise RecipeError(f"{where}: 'model' must be a mapping with a 'name'")
+    if model.get("source", "prunekit") not in MODEL_SOURCES:
+        raise RecipeError(f"{where}: model.source {model['source']!r} is unknown; valid: "
+                          f"{', '.join(MODEL_SOURCES)} (default prunekit)")
+    if recipe.get("dataset", "auto") not in DATASETS:
+        raise RecipeError(f"{where}: dataset {recipe['dataset']!r} is unknown; valid: "
+                          f"{', '.join(DATASETS)} (auto tells CIFAR-10 from an image folder)")
     plan = recipe.get("plan") or {}
     try:
         PlanTarget.from_dict(plan)
