@@ -11,8 +11,8 @@ from ..pipeline import DATASET_KINDS, run_default
 
 __all__ = ["add_common_run_args", "add_data_args", "add_model_args", "add_train_args",
            "add_trust_arg", "count",
-           "data_options", "int_list", "model_spec", "preprocessing_overrides", "run_options",
-           "train_overrides"]
+           "data_options", "int_list", "model_kwargs", "model_spec", "preprocessing_overrides",
+           "run_options", "train_overrides"]
 
 TRAIN_FIELDS = (("epochs", int), ("lr", float), ("momentum", float), ("weight_decay", float),
                 ("schedule", str), ("warmup_epochs", int), ("label_smoothing", float),
@@ -60,7 +60,8 @@ def add_trust_arg(p) -> None:
                         "import PACKAGE when it is loaded (repeatable)")
 
 
-def _model_kwargs(text: str | None) -> dict:
+def model_kwargs(text: str | None) -> dict:
+    """--model-kwargs as a dict (ConfigError unless it is a JSON object)."""
     if not text:
         return {}
     try:
@@ -76,7 +77,7 @@ def _model_kwargs(text: str | None) -> dict:
 def model_spec(args) -> dict:
     """The model spec of ``--model`` / ``--weights`` / ``--model-kwargs`` / ``--shortcut``."""
     spec = parse_model_ref(args.model)
-    kwargs = _model_kwargs(getattr(args, "model_kwargs", None))
+    kwargs = model_kwargs(getattr(args, "model_kwargs", None))
     if spec.get("path"):
         ignored = [flag for flag, value in (("--weights", args.weights),
                                             ("--shortcut", args.shortcut),

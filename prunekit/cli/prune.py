@@ -10,7 +10,7 @@ from ..plan import TARGET_KINDS, check_ratio
 from ..recipes import load_recipe
 from .method_flags import add_method_arguments, method_overrides
 from .options import (add_common_run_args, add_model_args, add_train_args, add_trust_arg, count,
-                      model_spec, run_options, train_overrides)
+                      model_kwargs, model_spec, run_options, train_overrides)
 
 __all__ = ["add_finetune_parser", "add_prune_parser"]
 
@@ -86,6 +86,8 @@ def cmd_prune(args) -> int:
     recipe_name = options.get("name")
     if args.model:
         options["model"] = model_spec(args)
+    elif "model" in options:
+        options["model"] = _recipe_model_with_flags(args, dict(options["model"]))
     if "model" not in options:
         raise ConfigError("give --model (and --weights) or --recipe")
     if args.criterion:
@@ -106,6 +108,20 @@ def cmd_prune(args) -> int:
     print(summary_table(report))
     print(f"wrote {args.out}/report.json and {args.out}/model.safetensors")
     return 0
+
+
+def _recipe_model_with_flags(args, model: dict) -> dict:
+    """The recipe's model with --weights / --model-kwargs / --shortcut applied over it (a flag
+    the user gives always wins over the recipe)."""
+    if args.weights is not None:
+        model["weights"] = args.weights or None  # --weights '' : random initialisation
+    kwargs = dict(model.get("kwargs") or {})
+    kwargs.update(model_kwargs(args.model_kwargs))
+    if args.shortcut:
+        kwargs["shortcut"] = args.shortcut
+    if kwargs:
+        model["kwargs"] = kwargs
+    return model
 
 
 def saved_model_path(path: str) -> str:

@@ -8,6 +8,7 @@ methods resume from their own checkpoints under OUT.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -51,7 +52,11 @@ class _Job:
         # A run without fine-tuning still validates the other settings (TrainConfig needs
         # epochs >= 1); ``finetune_epochs`` is what the run does.
         self.finetune_epochs = epochs
-        self.finetune = TrainConfig.from_dict({**config.finetune, "epochs": max(epochs, 1)})
+        # A run without fine-tuning has no warm-up to fit into its epochs either.
+        warmup = config.finetune.get("warmup_epochs") or 0
+        floor = math.ceil(warmup) if isinstance(warmup, (int, float)) and epochs == 0 else 1
+        self.finetune = TrainConfig.from_dict({**config.finetune,
+                                               "epochs": max(epochs, 1, floor)})
         if self.method.trains and epochs < 1:
             raise ConfigError(f"method {self.method.name} trains while it prunes: give "
                               "--finetune-epochs >= 1")
