@@ -227,9 +227,9 @@ REFUSED = {  # what was done to a cifar_resnet20 -> what save says
                                                                 persistent=False),
                               r"module 'conv1' has buffer or parameter 'scale', which the "
                               r"base model's Conv2d lacks"),
-    "undeclared_attribute": (lambda m: setattr(m.layer2[0].shortcut, "stride", 1),
-                             r"layer2.0.shortcut.stride is 1 but 2 in the base model "
-                             r"\(ZeroPadShortcut does not record it\).*"
+    "undeclared_attribute": (lambda m: setattr(m, "depth", 21),
+                             r"<model>.depth is 21 but 20 in the base model "
+                             r"\(CifarResNet does not record it\).*"
                              r"register_structural_attributes"),
     "forward_overridden": (lambda m: setattr(m.layer1[0], "forward", lambda x: x),
                            r"layer1.0.forward is set on the module itself, overriding "
@@ -485,3 +485,43 @@ def test_load_refuses_an_edited_replacement(saved_replacements, tmp_path, change
     path = _edit(saved_replacements[1], tmp_path / "x.safetensors", change)
     with pytest.raises(error, match=message):
         pio.load(path)
+
+
+def test_edited_stripe_routing_is_refused_not_silently_computed(tmp_path):
+    """StripeConv2d's out_index/stripe_mask buffers are derived from its init mask; a file
+    whose buffers disagree would scatter stripes into the wrong filters."""
+    from prunekit.nn.stripe import StripeConv2d
+    from prunekit.utils import set_submodule
+    torch.manual_seed(0)
+    model = prunekit.models.create("cifar_resnet20").eval()
+    conv = model.layer1[0].conv1
+    set_submodule(model, "layer1.0.conv1",
+                  StripeConv2d.from_dense(conv, torch.rand(conv.out_channels, 3, 3) > 0.5))
+    path = tmp_path / "stripe.safetensors"
+    pio.save(model, path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(pio.load(path).eval()(x), model(x))
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = "layer1.0.conv1.out_index"
+    tensors[key] = tensors[key].flip(0).contiguous()
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(WeightsMismatchError, match="out_index disagrees with the stripe mask"):
+        pio.load(path)
+
+
+def test_zero_pad_shortcut_geometry_round_trips_and_is_checked(tmp_path):
+    model = prunekit.models.create("cifar_resnet20").eval()
+    model.layer2[0].shortcut.stride = 1  # recorded now (it was refused at save before)
+    model.layer2[0].conv1.stride = (1, 1)
+    model.layer3[0].shortcut.stride, model.layer3[0].conv1.stride = 1, (1, 1)
+    path = tmp_path / "s1.safetensors"
+    pio.save(model, path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(pio.load(path).eval()(x), model(x))
+
+    def huge(spec, tensors):
+        spec["modules"]["layer2.0.shortcut"]["out_channels"] = 10 ** 12
+    _edit(path, tmp_path / "huge.safetensors", huge)
+    with pytest.raises(WeightsLoadError, match="layer2.0.shortcut.*out_channels"):
+        pio.load(tmp_path / "huge.safetensors")

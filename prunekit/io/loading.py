@@ -323,4 +323,8 @@ def _load_checked(model: nn.Module, tensors: dict[str, torch.Tensor], strict: bo
     # the layout the saving code wrote.
     state = OrderedDict(tensors)
     state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
-    model.load_state_dict(state, strict=strict)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:  # a module's own check of what it was given
+        raise WeightsMismatchError(f"weights in {path} were refused by the model: {err}\n{hint}",
+                                   missing=[], unexpected=[], shape_mismatches=[]) from None

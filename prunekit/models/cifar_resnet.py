@@ -33,7 +33,8 @@ from torch import nn
 
 from ..graph import register_module_rule
 from ..graph.channels import channel_ids
-from ..nn.registry import register_structural_attributes
+from ..nn.registry import (MAX_EXTENT, MAX_SIZE, flag, integer, optional,
+                           register_structural_attributes)
 from .registry import check_positive_int, register_model
 from .weights import PretrainedWeights
 
@@ -153,6 +154,9 @@ def zero_pad_shortcut_channels(ctx, node, module: ZeroPadShortcut):
 def _restore_zero_pad_shortcut(module: nn.Module, attrs: dict[str, Any]) -> None:
     # set_positions also rebuilds front/back and the non-persistent scatter index buffer,
     # which no state dict carries.
+    for attr in ("stride", "lossy"):  # before set_positions, which reads lossy
+        if attr in attrs:
+            setattr(module, attr, attrs[attr])
     if "positions" in attrs and hasattr(module, "set_positions"):
         module.set_positions([int(p) for p in attrs["positions"]], int(attrs["out_channels"]))
     else:
@@ -161,8 +165,22 @@ def _restore_zero_pad_shortcut(module: nn.Module, attrs: dict[str, Any]) -> None
 
 
 # Pruning rewrites these, so saved specs record them and prunekit.io.load restores them.
+def _positions(value: Any) -> list[int]:
+    if not (isinstance(value, list) and len(value) <= MAX_SIZE and all(
+            isinstance(p, int) and not isinstance(p, bool) and -1 <= p < MAX_SIZE
+            for p in value)):
+        raise ValueError(f"must be a list of channel positions (integers >= -1), got "
+                         f"{str(value)[:80]}")
+    return value
+
+
+# Each value is checked before it is set (a file is untrusted input; a huge width would be
+# allocated at the first forward); set_positions then checks the positions against the width.
 register_structural_attributes(
-    ZeroPadShortcut, ("positions", "front", "back", "in_channels", "out_channels"),
+    ZeroPadShortcut, {"positions": _positions, "front": optional(integer(0)),
+                      "back": optional(integer(0)), "in_channels": integer(1),
+                      "out_channels": integer(1), "stride": integer(1, MAX_EXTENT),
+                      "lossy": flag},
     restore=_restore_zero_pad_shortcut)
 
 

@@ -159,6 +159,9 @@ class StripeConv2d(nn.Module):
         out_index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
         self.register_buffer("stripe_mask", mask.to(device))
         self.register_buffer("out_index", out_index.to(device=device, dtype=torch.long))
+        # What the buffers must hold, kept apart from them (a loader may replace the buffers
+        # before filling them): the segments above were derived from exactly these.
+        self._derived = {"stripe_mask": mask.clone(), "out_index": out_index.clone()}
         self.weight = nn.Parameter(torch.zeros(lo, self.in_channels, device=device, dtype=dtype))
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_channels, device=device, dtype=dtype))
@@ -202,6 +205,20 @@ class StripeConv2d(nn.Module):
         return cls(init["in_channels"], init["out_channels"], init["kernel_size"],
                    torch.tensor(init["stripe_mask"], dtype=torch.bool), stride=init["stride"],
                    padding=init["padding"], dilation=init["dilation"], bias=init["bias"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # stripe_mask and out_index are derived from the constructor's mask (which also fixes
+        # the segments the forward uses): stored copies that disagree would route stripes to
+        # the wrong filters and silently compute something else, so they are refused.
+        for name, derived in self._derived.items():
+            stored = state_dict.get(prefix + name)
+            if stored is not None and (stored.shape != derived.shape or not torch.equal(
+                    stored.detach().to("cpu", derived.dtype), derived)):
+                error_msgs.append(f"{prefix}{name} disagrees with the stripe mask this "
+                                  "StripeConv2d was built with (an edited or corrupt file)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------- properties
     @property
