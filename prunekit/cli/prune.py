@@ -35,6 +35,9 @@ def add_prune_parser(sub) -> None:
                     help="images per calibration batch (default 128)")
     pr.add_argument("--ignore", default="", help="comma-separated modules whose outputs stay")
     pr.add_argument("--round-to", type=int, default=None)
+    pr.add_argument("--stream-scale", type=float, default=None,
+                    help="residual streams lose this fraction of the ratio the other groups "
+                         "lose (0: kept whole, 1: pruned alike; ratio and MACs targets)")
     pr.add_argument("--out", required=True, help="run directory (rerun to resume)")
     add_train_args(pr, prefix="finetune-")
     add_common_run_args(pr)
@@ -78,6 +81,8 @@ def _plan_section(args, options: dict) -> dict:
         plan["ignore"] = [n for n in args.ignore.split(",") if n]
     if args.round_to is not None:
         plan["round_to"] = args.round_to  # 0 is refused by PlanTarget, never read as 1
+    if args.stream_scale is not None:
+        plan["stream_scale"] = args.stream_scale
     return plan
 
 

@@ -8,7 +8,8 @@ or build the class directly.
 Registered names:
 
 * weights only: ``l1``, ``l2`` (SFP), ``fpgm`` (FPGM, incl. FPGM-mix), ``bn_scale`` (Network
-  Slimming), ``random``;
+  Slimming), ``random``; group-aware ``group_l1`` / ``group_l2`` (every parameter coupled to
+  a channel: producers, norms, consumers' input slices; :mod:`.group_norm`);
 * feature maps on calibration data (``needs_data``; ``score(graph, model, calibration)``):
   ``hrank``, ``chip``, ``apoz``, sharing one streaming pass
   (:func:`prunekit.criteria.calibration.run_calibration`);
@@ -22,6 +23,7 @@ model's group tensors, the calibration batches or the scores raise :class:`Score
 from .base import (CRITERIA, Criterion, ScoreError, combine_scores, get_criterion,
                    list_criteria, register_criterion)
 from .weight import FPGM, BNScale, L1Norm, L2Norm, RandomCriterion
+from .group_norm import GroupL1, GroupL2, GroupMagnitude
 from .activation import APoZ, CHIP, ActivationCriterion, HRank
 from .gradient import Taylor
 from .calibration import CalibrationDataError, run_calibration
@@ -29,5 +31,5 @@ from .per_group import PerGroupCriterion
 
 __all__ = ["Criterion", "CRITERIA", "get_criterion", "list_criteria", "register_criterion",
            "combine_scores", "ScoreError", "CalibrationDataError",
-           "L1Norm", "L2Norm", "FPGM", "BNScale", "RandomCriterion", "ActivationCriterion",
+           "L1Norm", "L2Norm", "GroupL1", "GroupL2", "GroupMagnitude", "FPGM", "BNScale", "RandomCriterion", "ActivationCriterion",
            "HRank", "CHIP", "APoZ", "Taylor", "PerGroupCriterion", "run_calibration"]

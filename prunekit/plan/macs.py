@@ -51,13 +51,15 @@ class MacsTargetWarning(UserWarning):
 
 def counts_for_macs(model, graph: ChannelGraph, scores: dict[str, np.ndarray], example_inputs,
                     target: float, macs_before: int | None = None, round_to: int = 1, *,
-                    steps: int = 16, tolerance: float = 0.01) -> dict[str, int]:
+                    steps: int = 16, tolerance: float = 0.01,
+                    group_scale: dict[str, float] | None = None) -> dict[str, int]:
     """Kept channels per group that remove ``target`` of the MACs (to within one channel).
 
     Bisection on the uniform ratio finds the largest ratio that stays below the target; then
     groups lose one more channel each, in turn (largest group first), until the reduction lands
     in [target, target + tolerance] — a uniform ratio alone moves in steps of whole channels of
     every group at once, which on small networks overshoots by several points.
+    ``group_scale`` multiplies the uniform ratio per group (the residual streams' stream_scale).
     """
     example_inputs = as_tuple(example_inputs)
     if macs_before is None:
@@ -69,8 +71,11 @@ def counts_for_macs(model, graph: ChannelGraph, scores: dict[str, np.ndarray], e
         plan = make_plan(graph, scores, {}, round_to, counts=counts)
         return 1 - estimate(plan) / macs_before
 
+    scale = group_scale or {}
+
     def uniform(r: float) -> dict[str, int]:
-        return {g.name: keep_count(g, r, round_to) for g in graph.prunable_groups()}
+        return {g.name: keep_count(g, r * scale.get(g.name, 1.0), round_to)
+                for g in graph.prunable_groups()}
 
     lo, hi = 0.0, 0.999
     if reduction(uniform(hi)) < target:
@@ -87,7 +92,8 @@ def counts_for_macs(model, graph: ChannelGraph, scores: dict[str, np.ndarray], e
     while progressed:
         progressed = False
         for g in order:
-            if g.blocks or counts[g.name] - step < max(1, int(g.fixed.sum())):
+            if g.blocks or counts[g.name] - step < max(1, int(g.fixed.sum())) \
+                    or scale.get(g.name, 1.0) == 0:  # a stream kept whole stays whole
                 continue
             trial = {**counts, g.name: counts[g.name] - step}
             value = reduction(trial)

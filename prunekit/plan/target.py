@@ -10,7 +10,9 @@ A :class:`PlanTarget` holds exactly one target kind:
 * ``chip_sparsity`` / ``conv_rates`` (CHIP's and HRank's per-layer strings),
 * ``counts`` (channels kept per group name) or ``plan`` (kept indices per group, explicit).
 
-plus how counts are rounded (``round_to``) and which modules keep their outputs (``ignore``).
+plus how counts are rounded (``round_to``), which modules keep their outputs (``ignore``), and
+how much less the residual streams lose (``stream_scale``, for ratio and MACs targets; see
+:mod:`prunekit.plan.streams`).
 :func:`resolve_counts` gives the counts on a :class:`~prunekit.graph.ChannelGraph`;
 :func:`resolve_plan` the kept indices, choosing channels by the criterion's scores.
 """
@@ -28,6 +30,7 @@ from .checks import PlanError, check_ratio
 from .macs import counts_for_macs
 from .paper_ratios import chip_resnet_counts, conv_rate_counts
 from .select import make_plan
+from .streams import scaled_ratios, stream_groups
 from .validate import validate_plan
 
 __all__ = ["TARGET_KINDS", "PlanTarget", "group_ratios", "resolve_counts", "resolve_plan"]
@@ -54,6 +57,7 @@ class PlanTarget:
     ignore: tuple[str, ...] = ()
     normalize: str | None = "mean"   # global_ratio: per-group score normalisation
     max_ratio: float = 0.9           # global_ratio: the most any group may lose
+    stream_scale: float = 1.0        # ratio/macs_reduction: residual streams' ratio factor
 
     def __post_init__(self) -> None:
         given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
@@ -67,6 +71,14 @@ class PlanTarget:
                 or self.round_to < 1:
             raise PlanError(f"round_to must be a positive int, got {self.round_to!r}")
         object.__setattr__(self, "ignore", tuple(self.ignore or ()))
+        scale = self.stream_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not 0 <= scale <= 1:
+            raise PlanError(f"stream_scale must be a number in [0, 1] (0 keeps the residual "
+                            f"streams, 1 prunes them like the other groups), got {scale!r}")
+        if scale != 1 and given and set(given) - {"ratio", "ratios", "macs_reduction"}:
+            raise PlanError(f"stream_scale applies to ratio and macs_reduction targets, not "
+                            f"{given[0]}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "PlanTarget":
@@ -128,15 +140,16 @@ def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
     if target.needs_scores and scores is None:
         raise PlanError(f"a {kind} target ranks channels: pass the criterion's scores")
     if kind in ("ratio", "ratios"):
-        return ratio_counts(graph, target.ratio, target.ratios, target.round_to)
+        return ratio_counts(graph, None, group_ratios(graph, target), target.round_to)
     if kind == "global_ratio":
         return global_counts(graph, scores, target.global_ratio, normalize=target.normalize,
                              max_ratio=target.max_ratio)
     if kind == "macs_reduction":
         if example_inputs is None:
             raise PlanError("a macs_reduction target needs the example inputs")
+        scale = {name: target.stream_scale for name in stream_groups(graph)}
         return counts_for_macs(model, graph, scores, example_inputs, target.macs_reduction,
-                               macs_before, target.round_to)
+                               macs_before, target.round_to, group_scale=scale)
     if kind == "chip_sparsity":
         return chip_resnet_counts(graph, model, target.chip_sparsity)
     if kind == "conv_rates":
@@ -158,16 +171,17 @@ def resolve_plan(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
         raise PlanError("choosing which channels to keep needs the criterion's scores")
     if target.kind in ("ratio", "ratios"):
         # Through the ratios, exactly as make_plan has always derived ratio counts.
-        ratios = ratios_for_groups(graph, target.ratio, target.ratios)
-        return make_plan(graph, scores, ratios, target.round_to)
+        return make_plan(graph, scores, group_ratios(graph, target), target.round_to)
     counts = resolve_counts(graph, model, target, scores, example_inputs,
                             macs_before=macs_before)
     return make_plan(graph, scores, {}, target.round_to, counts=counts)
 
 
 def group_ratios(graph: ChannelGraph, target: PlanTarget) -> dict[str, float]:
-    """The per-group removal ratios a ratio target asks for ({} for other targets)."""
+    """The per-group removal ratios a ratio target asks for ({} for other targets), the
+    residual streams' scaled by ``stream_scale``."""
     if target.kind in ("ratio", "ratios"):
-        return ratios_for_groups(graph, target.ratio, target.ratios)
+        ratios = ratios_for_groups(graph, target.ratio, target.ratios)
+        return scaled_ratios(graph, ratios, target.stream_scale)
     return {}
 
