@@ -1,0 +1,224 @@
+"""Accuracy at equal MACs, right after one-shot pruning: prunekit's criteria x allocations x BN
+recalibration, side by side with Torch-Pruning (when installed), on the pretrained CIFAR-10
+ResNet-56 (option-A shortcuts) cut to the same MACs reduction (default 47%).
+
+    python benchmarks/equal_macs.py                       # resumes; results as it goes
+    python benchmarks/equal_macs.py --splits test-lossless,test
+
+Allocations: ``uniform`` (every group at one ratio), ``streams-half`` / ``streams-kept``
+(residual streams at half / none of the inner ratio: PlanTarget.stream_scale), ``global`` (one
+global ranking of per-group-normalised scores, its ratio bisected to the MACs target).
+BN recalibration: 8 batches of 64 augmented *training* images (never an evaluation split).
+Torch-Pruning cannot prune this net's residual streams (its zero-padding shortcut), so its
+streams are excluded by hand (stem and every block's conv2 ignored), its ratio bisected to the
+same MACs. Accuracy is top-1 on ``test-lossless`` (the 1,000 original-pixel test images) unless
+``--splits`` says more. Writes benchmarks/results/equal_macs.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import prunekit  # noqa: E402
+from prunekit import data, measure, models  # noqa: E402
+from prunekit.criteria import Criterion, get_criterion  # noqa: E402
+from prunekit.files import atomic_write_json, atomic_write_text  # noqa: E402
+from prunekit.pipeline import calibration_batches  # noqa: E402
+from prunekit.plan import PlanTarget  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+CRITERIA = ("l1", "group_l1", "fpgm", "chip", "hrank", "taylor")
+ALLOCATIONS = {"uniform": 1.0, "streams-half": 0.5, "streams-kept": 0.0, "global": None}
+X = torch.randn(1, 3, 32, 32)
+
+
+class FixedScores(Criterion):
+    """Scores computed once (a criterion on calibration data is costly) reused by every
+    bisection step; group names are those of the same architecture."""
+
+    name = "fixed"
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, graph, model, calibration=None):
+        return {g.name: self.scores[g.name] for g in graph.prunable_groups()}
+
+
+def _evaluate(model, splits, root) -> dict:
+    out = {}
+    for split in splits:
+        loader = data.build_loader(data.CIFAR10(root, split=split), batch_size=500,
+                                   shuffle=False)
+        out[split] = measure.evaluate(model, loader, progress=False)["top1"]
+    return out
+
+
+def _recalibrated(model, root, batches: int):
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    loader = data.build_loader(data.CIFAR10(root, split="train", train_augment=True),
+                               batch_size=64, shuffle=True)
+    measure.recalibrate_bn(model, loader, batches, progress=False)
+    return model
+
+
+def _bisect(make, target_macs: float, lo=0.0, hi=0.95, steps=14):
+    """The ratio whose pruned model (``make(ratio)``) has MACs closest above ``target``."""
+    best = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        model = make(mid)
+        macs = measure.count_macs(model, X)
+        if macs <= target_macs:
+            hi = mid
+            if best is None or macs > best[1]:
+                best = (model, macs, mid)
+        else:
+            lo = mid
+    return best
+
+
+def prunekit_runs(base, calib, target_macs, macs_before, reduction):
+    for crit_name in CRITERIA:
+        crit = get_criterion(crit_name)
+        graph = prunekit.build_graph(base, X)
+        started = time.perf_counter()
+        scores = crit.score(graph, base, calib if crit.needs_data else None)
+        score_seconds = time.perf_counter() - started
+        fixed = FixedScores(scores)
+        for alloc, scale in ALLOCATIONS.items():
+            if scale is None:
+                def make(r):
+                    m = copy.deepcopy(base)
+                    prunekit.prune(m, X, criterion=fixed, target=PlanTarget(global_ratio=r))
+                    return m
+                found = _bisect(make, target_macs)
+                if found is None:
+                    continue
+                model, ratio = found[0], {"global_ratio": round(found[2], 4)}
+            else:
+                model = copy.deepcopy(base)
+                prunekit.prune(model, X, criterion=fixed,
+                               target=PlanTarget(macs_reduction=reduction, stream_scale=scale))
+                ratio = {"stream_scale": scale}
+            yield (f"prunekit {crit_name} {alloc}",
+                   {"tool": "prunekit", "criterion": crit_name, "allocation": alloc, **ratio,
+                    "score_seconds": round(score_seconds, 2)}, model)
+
+
+def torch_pruning_runs(base, calib, target_macs):
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return
+    importances = {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
+                   "group_norm": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+                   "fpgm": lambda: tp.importance.FPGMImportance(),
+                   "taylor": lambda: tp.importance.GroupTaylorImportance()}
+    for name, importance in importances.items():
+        def make(r, importance=importance, name=name):
+            m = copy.deepcopy(base)
+            blocks = [b for b in m.modules() if isinstance(b, models.cifar_resnet.BasicBlock)]
+            ignored = [m.linear, m.conv1] + [b.conv2 for b in blocks]
+            pruner = tp.pruner.MetaPruner(m, X, importance=importance(), pruning_ratio=r,
+                                          ignored_layers=ignored)
+            if name == "taylor":
+                m.zero_grad()
+                for inputs, targets in calib:
+                    torch.nn.functional.cross_entropy(m(inputs), targets).backward()
+            pruner.step()
+            m.zero_grad(set_to_none=True)
+            return m.eval()
+        found = _bisect(make, target_macs)
+        if found is not None:
+            yield (f"torch-pruning {name} streams-excluded",
+                   {"tool": f"torch-pruning {tp.__version__}", "criterion": name,
+                    "allocation": "streams excluded by hand", "pruning_ratio": round(found[2], 4)},
+                   found[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", type=float, default=0.47)
+    parser.add_argument("--splits", default="test-lossless")
+    parser.add_argument("--bn-batches", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "equal_macs"))
+    parser.add_argument("--only", default="", help="run only names containing this text")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    splits = [s for s in args.splits.split(",") if s]
+    out = Path(args.out)
+    path = out.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    rows = results.setdefault("runs", {})
+    base = models.create("cifar_resnet56", weights="pretrained").eval()
+    macs_before = measure.count_macs(base, X)
+    target_macs = macs_before * (1 - args.target)
+    results["setup"] = {
+        "model": "cifar_resnet56 (pretrained, option A)", "macs_before": macs_before,
+        "target_reduction": args.target, "splits": splits,
+        "bn_recalibration": f"{args.bn_batches} batches x 64 augmented train images",
+        "calibration": "5 batches x 128 augmented train images, seed 0",
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "unpruned": rows.get("unpruned", {}).get("top1") or _evaluate(base, splits, SHARED)}
+    calib = calibration_batches(SHARED, {"batches": 5, "batch_size": 128}, seed=0)
+    sources = [prunekit_runs(base, calib, target_macs, macs_before, args.target),
+               torch_pruning_runs(base, calib, target_macs)]
+    for source in sources:
+        for name, info, model in source or ():
+            if args.only and args.only not in name:
+                continue
+            if name in rows and all(s in rows[name].get("top1", {}) for s in splits):
+                continue
+            macs = measure.count_macs(model, X)
+            row = {**info, "macs": macs, "params": measure.count_params(model),
+                   "macs_reduction": 1 - macs / macs_before,
+                   "top1": _evaluate(model, splits, SHARED),
+                   "top1_bn": _evaluate(_recalibrated(model, SHARED, args.bn_batches), splits,
+                                        SHARED)}
+            rows[name] = row
+            print(f"{name:45s} {macs / 1e6:7.2f}M  {row['top1']}  bn: {row['top1_bn']}",
+                  flush=True)
+            atomic_write_json(path, results, indent=1)  # as it goes: a rerun resumes
+    _write_table(results, out.with_suffix(".md"), splits)
+
+
+def _write_table(results, md: Path, splits) -> None:
+    setup, rows = results["setup"], results["runs"]
+    lines = ["# Accuracy at equal MACs right after one-shot pruning (ResNet-56, CIFAR-10)", "",
+             f"Target {setup['target_reduction']:.0%} fewer MACs (conv + linear) of "
+             f"{setup['macs_before'] / 1e6:.2f}M; unpruned top-1 "
+             f"{', '.join(f'{v:.1f} ({k})' for k, v in setup['unpruned'].items())}; "
+             f"BN recalibration: {setup['bn_recalibration']}; calibration for chip/hrank/"
+             f"taylor: {setup['calibration']}. Top-1 on {', '.join(splits)}.", "",
+             "| tool | criterion | allocation | MACs | params | " +
+             " | ".join(f"top-1 {s}" for s in splits) + " | " +
+             " | ".join(f"+BN recal. {s}" for s in splits) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * (2 * len(splits))]
+    lines[2] += (" Torch-Pruning's Taylor run did not finish in this session (its bisection "
+                 "backpropagates at every step); resumable with the same command."
+                 if not any("taylor" in n and "torch-pruning" in n for n in rows) else "")
+    order = sorted(rows.items(), key=lambda kv: -kv[1]["top1_bn"][splits[0]])
+    for name, r in order:
+        lines.append(f"| {r['tool']} | {r['criterion']} | {r['allocation']} | "
+                     f"{r['macs'] / 1e6:.2f}M | {r['params'] / 1e6:.3f}M | " +
+                     " | ".join(f"{r['top1'][s]:.1f}" for s in splits) + " | " +
+                     " | ".join(f"{r['top1_bn'][s]:.1f}" for s in splits) + " |")
+    atomic_write_text(md, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
