@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from .criteria import get_criterion
-from .errors import ConfigError
-from .graph import ChannelGraph, build_graph
+from .errors import ConfigError, PrunekitError
+from .graph import ChannelGraph, GraphError, build_graph
 from .measure import count_macs, count_params
+from .measure.context import eval_mode, prepare_inputs
 from .plan import PlanError, PlanTarget, group_ratios, resolve_plan, validate_plan
 from .plan.macs import MacsEstimator, counts_for_macs  # noqa: F401  (importable from here too)
-from .surgery import apply_plan
+from .surgery import ModelSnapshot, apply_plan
 from .utils import as_tuple
 
 
@@ -90,6 +91,20 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
     target = _single_target(ratio, ratios, macs_reduction, plan, target, round_to)
     example_inputs = as_tuple(example_inputs)
     ignore = _module_names(model, ignore)
+    snapshot = ModelSnapshot(model)
+    progress = {"surgery": False}
+    try:
+        return _prune(model, example_inputs, criterion, target, ignore, calibration,
+                      leaf_modules, graph, progress)
+    except BaseException as exc:  # Ctrl-C during surgery must not leave a half-pruned model
+        error = _after_restore(exc, snapshot.restore(), progress["surgery"])
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _prune(model, example_inputs, criterion, target, ignore, calibration, leaf_modules,
+           graph, progress) -> PruningResult:
     if graph is None:
         graph = build_graph(model, example_inputs, leaf_modules=leaf_modules, ignore=ignore)
     crit = get_criterion(criterion)
@@ -102,7 +117,15 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
                             macs_before=macs_before)
     validate_plan(graph, kept)
     _check_something_removed(graph, target, kept)
+    shapes_before = _output_shapes(model, example_inputs)
+    progress["surgery"] = True
     apply_plan(model, graph, kept)
+    shapes_after = _output_shapes(model, example_inputs)
+    if shapes_after != shapes_before:
+        raise GraphError(f"the pruned model's outputs have shapes {shapes_after} instead of "
+                         f"{shapes_before}: the channel graph mis-maps an op of this model. "
+                         "Run prunekit.explain(model, inputs) to see its groups, and ignore the "
+                         "module or register a channel rule for it")
     return PruningResult(
         plan={k: [int(i) for i in v] for k, v in kept.items()},
         group_sizes={g.name: g.size for g in graph.groups},
@@ -110,6 +133,47 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
         macs_before=macs_before, macs_after=count_macs(model, example_inputs),
         params_before=params_before, params_after=count_params(model),
         unreached_modules=graph.unreached)
+
+
+UNCHANGED = "prunekit.prune failed, so the model was left unchanged"
+
+
+def _after_restore(exc: BaseException, changed: list[str], after_surgery: bool) -> BaseException:
+    """The error to raise once the model is restored: the same PrunekitError with the
+    restoration said; a GraphError for an unexpected failure after surgery (a pruned model
+    that no longer runs means the graph mis-mapped something); anything else as it was."""
+    if changed:
+        note = (f"prunekit.prune restored the model, except parameters changed in place during "
+                f"the call ({', '.join(changed[:4])}), whose old values were not kept")
+    else:
+        note = UNCHANGED
+    if not isinstance(exc, Exception) or not (after_surgery or isinstance(exc, PrunekitError)):
+        return exc  # KeyboardInterrupt; a criterion's or the model's own error before surgery
+    if isinstance(exc, PrunekitError):
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (f"{exc.args[0]} ({note})",) + exc.args[1:]
+        return exc
+    return GraphError(f"pruning failed after the channel graph was built: {type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; {note}. "
+                      "The graph likely mis-maps an op of this model: run prunekit.explain(model, "
+                      "inputs), then ignore the module or register a channel rule for it")
+
+
+@torch.no_grad()
+def _output_shapes(model: nn.Module, example_inputs) -> list[tuple[int, ...]]:
+    with eval_mode(model):
+        out = model(*prepare_inputs(model, example_inputs))
+    return [tuple(t.shape) for t in _tensors(out)]
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
 def _check_something_removed(graph: ChannelGraph, target: PlanTarget,

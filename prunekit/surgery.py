@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph, kept_positions
+from .plan import PlanError
 
 
 def removed_channel_roots(graph: ChannelGraph, plan: dict[str, list[int]]) -> set[int]:
@@ -29,15 +30,14 @@ def apply_plan(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]]
         keep = kept_positions(roots, removed)
         if len(keep) < len(roots):
             slices[member.tensor].append((member.dim, keep, member.blocks))
-    # Cut every tensor before replacing any, so an impossible cut leaves the model untouched.
+    # Cut every tensor and count every attribute before changing any, so an impossible cut
+    # leaves the model untouched.
     cut = {name: _sliced(model, name, cuts) for name, cuts in slices.items()}
+    kept_by_module, sizes = _attribute_updates(model, graph, removed)
     touched_modules = set()
     for tensor_name, data in cut.items():
         _replace_tensor(model, tensor_name, data)
         touched_modules.add(tensor_name.rsplit(".", 1)[0] if "." in tensor_name else "")
-    kept_by_module: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    for attr, roots in graph.attribute_members():
-        kept_by_module[attr.module][attr.attr] = kept_positions(roots, removed)
     for name, kept in kept_by_module.items():
         module = model.get_submodule(name)
         if hasattr(module, "prunekit_apply_kept"):
@@ -45,9 +45,38 @@ def apply_plan(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]]
         else:
             for attr, positions in kept.items():
                 setattr(module, attr, int(len(positions)))
+    for (name, attr), value in sizes.items():
+        setattr(model.get_submodule(name), attr, value)
     for name in touched_modules:
         _fix_metadata(model.get_submodule(name), graph.module_meta(name))
     return model
+
+
+def _attribute_updates(model: nn.Module, graph: ChannelGraph, removed: set[int]):
+    """Kept positions of count attributes (per module), and new values of size attributes
+    that follow channels made elsewhere (a split's sections, a functional conv's groups)."""
+    kept_by_module: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    sizes: dict[tuple[str, str], object] = {}
+    for attr, roots in graph.attribute_members():
+        keep = kept_positions(roots, removed)
+        if attr.source:
+            kept_by_module[attr.module][attr.attr] = keep
+            continue
+        old = getattr(model.get_submodule(attr.module), attr.attr)
+        if attr.parts:
+            bounds = np.cumsum((0,) + tuple(attr.parts))
+            counts = [int(((keep >= lo) & (keep < hi)).sum())
+                      for lo, hi in zip(bounds[:-1], bounds[1:])]
+            value = tuple(counts) if isinstance(old, tuple) else counts
+        else:
+            counts = [int(len(keep))]
+            value = counts[0]
+        if 0 in counts:
+            where = f"'{attr.module}.{attr.attr}'" if attr.module else f"'{attr.attr}'"
+            raise PlanError(f"the plan keeps no channel of a piece sized by {where} "
+                            f"(it would become {value}); keep at least one channel of each")
+        sizes[(attr.module, attr.attr)] = value
+    return kept_by_module, sizes
 
 
 def _sliced(model: nn.Module, name: str, cuts) -> torch.Tensor:
@@ -118,3 +147,58 @@ def _fix_metadata(module: nn.Module, meta: dict) -> None:
         module.normalized_shape = (module.weight.shape[0],)
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.shape[0]
+
+
+class ModelSnapshot:
+    """What a pruning can change on a model, taken before it starts, to put back on failure.
+
+    Surgery replaces tensors and modules rather than writing into them, so holding on to the
+    original objects restores them; buffers are also copied because a forward pass in
+    training mode (a criterion's calibration) updates them in place.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = []
+        for module in model.modules():
+            state = {key: (value, _contents(value)) for key, value in vars(module).items()}
+            self.modules.append((module, state))
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.params = [(name, p, p._version) for name, p in model.named_parameters()]
+
+    def restore(self) -> list[str]:
+        """Put everything back; returns the parameters that were changed in place (their
+        old values are not kept, so they could not be restored)."""
+        for module, state in self.modules:
+            for key in set(vars(module)) - set(state):
+                del module.__dict__[key]
+            for key, (value, contents) in state.items():
+                if contents is not None:
+                    _refill(value, contents)
+                module.__dict__[key] = value
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
+        return [name for name, p, version in self.params if p._version != version]
+
+
+def _contents(value):
+    """A copy of a container attribute's entries (parameter/module tables, lists such as a
+    split's sections), so a change made in place can be undone."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, (list, set)):
+        return type(value)(value) if type(value) in (list, set) else None
+    return None
+
+
+def _refill(container, contents) -> None:
+    if isinstance(container, dict):
+        container.clear()
+        container.update(contents)
+    elif isinstance(container, list):
+        container[:] = contents
+    elif isinstance(container, set):
+        container.clear()
+        container.update(contents)

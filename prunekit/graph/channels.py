@@ -9,13 +9,17 @@ appears.
 A tensor's variables are held in a numpy int array ``ids`` that broadcasts against the tensor:
 a size-1 entry means "the same variables all along this dimension", so a conv output
 ``(N, C, H, W)`` has ``ids.shape == (1, C, 1, 1)``. ``NO_CHANNEL`` (-1) marks a slot that carries
-no channel identity (a constant, a shape).
+no channel identity (a shape, a value shared by every channel). ``CONSTANT`` (-3) marks a slot of
+a tensor the forward made itself (``torch.arange(16.)``, a fx ``_tensor_constant``) or a
+parameter prunekit cannot map: its values sit at fixed positions, so a channel that meets one
+element-wise can never be removed.
 """
 from __future__ import annotations
 
 import numpy as np
 
 NO_CHANNEL = -1
+CONSTANT = -3
 
 
 class UnionFind:
@@ -49,9 +53,9 @@ class UnionFind:
         return ra
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
-        """Class representative of every entry (``NO_CHANNEL`` stays)."""
+        """Class representative of every entry (negative markers stay)."""
         flat = ids.reshape(-1)
-        out = np.fromiter((self.find(int(v)) if v >= 0 else NO_CHANNEL for v in flat),
+        out = np.fromiter((self.find(int(v)) if v >= 0 else int(v) for v in flat),
                           dtype=np.int64, count=flat.size)
         return out.reshape(ids.shape)
 
@@ -67,6 +71,10 @@ class UnionFind:
 
 def no_channels(ndim: int) -> np.ndarray:
     return np.full((1,) * ndim, NO_CHANNEL, dtype=np.int64)
+
+
+def constant_ids(ndim: int) -> np.ndarray:
+    return np.full((1,) * ndim, CONSTANT, dtype=np.int64)
 
 
 def channel_ids(vars_: np.ndarray, ndim: int, dim: int) -> np.ndarray:

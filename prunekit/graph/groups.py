@@ -94,7 +94,7 @@ class ChannelGraph:
     def _make_groups(self) -> list[ChannelGroup]:
         sources = [(m, r) for m, r in zip(self.state.members, self.member_roots)
                    if m.role in ("out", "param")]
-        sources += [(a, r) for a, r in zip(self.state.attr_members, self.attr_roots)]
+        sources += [(a, r) for a, r in zip(self.state.attr_members, self.attr_roots) if a.source]
         # Channels produced by one layer belong to one group; shared channels join groups.
         valid = [r[r >= 0] for _, r in sources]
         flat = np.concatenate(valid) if valid else np.zeros(0, dtype=np.int64)
@@ -103,11 +103,14 @@ class ChannelGraph:
         slot = {int(r): i for i, r in enumerate(order.tolist())}
         link = UnionFind()
         link.make(len(order))
+        cell = self._partition_cells()
         for roots in valid:
-            if len(roots) > 1:
-                head = slot[int(roots[0])]
-                for r in np.unique(roots[1:]).tolist():
-                    link.union(head, slot[r])
+            heads: dict[tuple, int] = {}
+            for r in np.unique(roots).tolist():
+                # Pieces of a split whose sizes follow the pruning (MixConv) are groups of their
+                # own, so a ratio prunes each piece by itself.
+                head = heads.setdefault(cell.get(r, ()), slot[r])
+                link.union(head, slot[r])
         components: dict[int, list[int]] = {}
         for r in order.tolist():
             components.setdefault(link.find(slot[r]), []).append(r)
@@ -150,11 +153,28 @@ class ChannelGraph:
                 self.requirements.append((channel_of[ra], channel_of[rb]))
         return result
 
+    def _partition_cells(self) -> dict[int, tuple]:
+        """Which piece of which rewritable split each channel identity lies in."""
+        cell: dict[int, tuple] = {}
+        for pi, (ids, sizes) in enumerate(self.state.partitions):
+            bounds = np.cumsum([0] + list(sizes))
+            roots = self.state.uf.roots(ids)
+            for j in range(len(sizes)):
+                for r in np.unique(roots[bounds[j]:bounds[j + 1]]).tolist():
+                    if r >= 0:
+                        cell[r] = cell.get(r, ()) + ((pi, j),)
+        return cell
+
     def _attach_blocks(self, groups, channel_of) -> None:
         uf = self.state.uf
         for ids, count in self.state.divisions:
             roots = uf.roots(ids)
             per_block = len(roots) // count
+            rows = np.sort(roots.reshape(count, per_block), axis=1)
+            if (rows >= 0).all() and (rows == rows[:1]).all():
+                # Every channel sits in every block as often (ResNeSt's radix groups feeding
+                # a conv with groups=radix): any removal keeps the blocks equal.
+                continue
             spanned = {channel_of[int(r)][0] for r in roots if r >= 0 and int(r) in channel_of}
             if len(spanned) > 1:
                 # A grouped layer whose blocks mix channels of several groups: equal counts
@@ -222,7 +242,7 @@ class ChannelGraph:
             keep = np.zeros(group.size, dtype=bool)
             keep[np.asarray(kept, dtype=np.int64)] = True
             removed.update(int(r) for r in group.channels[~keep])
-        return removed
+        return RemovedChannels(removed)
 
     def explain(self) -> str:
         lines = [f"ChannelGraph of {self.model_type}: {len(self.groups)} groups, "
@@ -249,12 +269,26 @@ class ChannelGraph:
         return "\n".join(lines)
 
 
+class RemovedChannels(frozenset):
+    """Removed channel identities, with a sorted array of them made once for lookups
+    (surgery and MACs estimates test hundreds of members against one set)."""
+
+    _sorted: np.ndarray | None = None
+
+    def sorted_array(self) -> np.ndarray:
+        if self._sorted is None:
+            self._sorted = np.sort(np.fromiter(self, dtype=np.int64, count=len(self)))
+        return self._sorted
+
+
 def kept_positions(roots: np.ndarray, removed: set[int]) -> np.ndarray:
     """Positions of a member (channel identity per position) that survive ``removed``."""
     if not removed:
         return np.arange(len(roots))
-    gone = np.isin(roots, np.fromiter(removed, dtype=np.int64, count=len(removed)))
-    return np.flatnonzero(~gone)
+    table = removed.sorted_array() if isinstance(removed, RemovedChannels) else \
+        np.sort(np.fromiter(removed, dtype=np.int64, count=len(removed)))
+    at = np.minimum(np.searchsorted(table, roots), len(table) - 1)
+    return np.flatnonzero(table[at] != roots)
 
 
 def _group_name(members, index, taken) -> str:

@@ -16,22 +16,47 @@ FUNCTION_RULES: dict[object, Callable] = {}
 METHOD_RULES: dict[str, Callable] = {}
 # Module classes traced as one opaque call (their rule describes them); user code adds more.
 LEAF_TYPES: set[type] = set()
+# Leaf classes whose subclasses are leaves too even when they override forward: a subclass of
+# a convolution or linear layer (timm's Linear calling F.linear, Conv2dSame padding first,
+# StdConv2d standardising its weight) still maps channels as its base does, and as one call
+# it stays one module that ``ignore`` can name.
+SUBCLASS_LEAF_TYPES: set[type] = set()
 
 
-def register_module_rule(cls: type[nn.Module], rule: Callable | None = None, *, leaf: bool = True):
+def register_module_rule(cls: type[nn.Module], rule: Callable | None = None, *, leaf: bool = True,
+                         subclasses: bool = False):
     """Register ``rule`` for modules of class ``cls`` (subclasses too). Usable as a decorator.
 
     With ``leaf=True`` the class is traced as a single call even when it is not a torch.nn
-    built-in, so its forward may contain anything fx cannot trace.
+    built-in, so its forward may contain anything fx cannot trace. Subclasses are leaves too
+    when they keep the base class's forward, or with ``subclasses=True`` whatever their forward
+    (only for classes whose channel mapping no subclass can change).
     """
 
     def add(fn):
         MODULE_RULES[cls] = fn
         if leaf:
             LEAF_TYPES.add(cls)
+        if subclasses:
+            SUBCLASS_LEAF_TYPES.add(cls)
         return fn
 
     return add(rule) if rule is not None else add
+
+
+def is_leaf_type(module: nn.Module, leaf_types=None) -> bool:
+    """Whether ``module`` is traced as one call by class (see :func:`register_module_rule`)."""
+    leaf_types = LEAF_TYPES if leaf_types is None else leaf_types
+    kind = type(module)
+    if kind in leaf_types:
+        return True
+    for base in kind.__mro__[1:]:
+        if base in leaf_types:
+            if base in SUBCLASS_LEAF_TYPES:
+                # Children with tensors would be hidden from the trace: trace through instead.
+                return not any(True for c in module.children() for _ in c.state_dict())
+            return kind.forward is base.forward
+    return False
 
 
 def register_function_rule(*targets, rule: Callable | None = None):

@@ -10,8 +10,10 @@ import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
-from .channels import channel_ids
+from .channels import carrying_dims, channel_ids
+from .attributes import attribute_holding
 from .context import tensor_shape
+from .numbers import takes_counts
 from .registry import register_function_rule, register_module_rule
 from .rules_tensor import elementwise, spatial
 
@@ -29,7 +31,11 @@ def convolution(ctx, x, out_value, weight: str, bias: str | None, groups: int, m
     in_shape = tensor_shape(ctx.value(x))
     c_in, c_out = in_shape[1], tensor_shape(out_value)[1]
     ndim = len(in_shape)
-    in_vec = ctx.channel_vector(ctx.ids(x), 1, c_in)
+    ids = ctx.ids(x)
+    if ids is not None and any(d >= 2 for d in carrying_dims(ids)):
+        return _sliding_over_channels(ctx, ids, in_shape, tensor_shape(out_value), weight, bias,
+                                      module)
+    in_vec = ctx.channel_vector(ids, 1, c_in)
     if groups == 1:
         ctx.member(weight, 1, in_vec, "in", module)
         out_vec = ctx.new_vars(c_out)
@@ -53,23 +59,92 @@ def convolution(ctx, x, out_value, weight: str, bias: str | None, groups: int, m
     return channel_ids(out_vec, ndim, 1)
 
 
-@register_module_rule(nn.Conv1d)
-@register_module_rule(nn.Conv2d)
-@register_module_rule(nn.Conv3d)
+def _sliding_over_channels(ctx, ids, in_shape, out_shape, weight, bias, module):
+    """A convolution whose spatial axis holds channels (ECA: a 1-D conv along the pooled
+    channel vector): each output mixes neighbouring channels, and removing one would change
+    the neighbours of the rest, so those channels are kept."""
+    ctx.fix(ids, f"a convolution slides over them in '{module or weight}'")
+    out_vec = ctx.new_vars(out_shape[1])
+    ctx.fix(out_vec, f"output of '{module or weight}', which slides over channels")
+    ctx.member(weight, 0, out_vec, "out", module)
+    if bias is not None:
+        ctx.member(bias, 0, out_vec, "out", module)
+    ctx.meta(module, kind="dense", multiplier=1)
+    if in_shape[1] == out_shape[1] == 1 and tuple(in_shape[2:]) == tuple(out_shape[2:]):
+        return ids  # position j of the output stands where channel j stood
+    ctx.fail("a convolution over channel positions that changes their number")
+
+
+def own_extras(ctx, node, module, known: tuple[str, ...], out_ids) -> None:
+    """Tensors a subclass adds to a layer (timm's ScaledStdConv2d ``gain``): one entry per
+    output channel is sliced with the outputs; anything else cannot be mapped, so the layer's
+    outputs are kept."""
+    name = node.target
+    out_vec = out_ids.reshape(-1) if out_ids.size > 1 else None
+    for attr, tensor in list(module.named_parameters(recurse=False)) + \
+            list(module.named_buffers(recurse=False)):
+        if attr in known or tensor is None or tensor.dim() == 0 or tensor.numel() == 1:
+            continue
+        rows = tensor.shape[0]
+        if out_vec is not None and rows == len(out_vec) and tensor.numel() == rows:
+            ctx.member(f"{name}.{attr}", 0, out_vec, "out", name)
+        else:
+            ctx.fix(out_ids, f"'{name}.{attr}' of {type(module).__name__} has a shape prunekit "
+                             "cannot map to channels")
+
+
+_CONV_TENSORS = ("weight", "bias")
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+@register_module_rule(nn.Conv1d, subclasses=True)
+@register_module_rule(nn.Conv2d, subclasses=True)
+@register_module_rule(nn.Conv3d, subclasses=True)
 def conv_module(ctx, node, module):
     name = node.target
-    return convolution(ctx, node.args[0], ctx.value(node), f"{name}.weight",
-                       f"{name}.bias" if module.bias is not None else None, module.groups, name)
+    ids = convolution(ctx, node.args[0], ctx.value(node), f"{name}.weight",
+                      f"{name}.bias" if module.bias is not None else None, module.groups, name)
+    own_extras(ctx, node, module, _CONV_TENSORS, ids)
+    return ids
 
 
 @register_function_rule(F.conv1d, F.conv2d, F.conv3d)
+@takes_counts
 def conv_function(ctx, node, module=None):
     weight = _param_name(ctx.arg(1, "weight"))
     if weight is None:
         ctx.fail("convolution weight is not a parameter of the model")
     bias = _param_name(ctx.arg(2, "bias"))
-    return convolution(ctx, node.args[0], ctx.value(node), weight, bias,
-                       ctx.arg(6, "groups", 1), _owner(weight))
+    x = node.args[0]
+    groups_arg = ctx.arg(6, "groups", 1)
+    groups = ctx.value(groups_arg)
+    ids = convolution(ctx, x, ctx.value(node), weight, bias, groups, _owner(weight))
+    if groups > 1 and groups == tensor_shape(ctx.value(x))[1]:
+        _depthwise_groups(ctx, node, x, groups_arg)
+    elif ctx.counted(groups_arg).size:
+        ctx.fix(ctx.counted(groups_arg), f"their number sets the groups of '{node.name}'")
+    # Other arguments (stride, padding) are never channel counts.
+    others = list(node.args[3:6]) + [v for k, v in node.kwargs.items() if k != "groups"]
+    ctx.fix(ctx.counted(others), f"their number is used by '{node.name}'")
+    return ids
+
+
+def _depthwise_groups(ctx, node, x, groups_arg) -> None:
+    """``F.conv2d(x, w, groups=C)``: C must follow the pruning (timm's BlurPool2d reads it from
+    ``self.channels``; ``x.shape[1]`` follows by itself)."""
+    in_vec = ctx.channel_vector(ctx.ids(x), 1, tensor_shape(ctx.value(x))[1])
+    counted = ctx.counted(groups_arg)
+    if counted.size:
+        if set(counted.tolist()) != set(in_vec[in_vec >= 0].tolist()):
+            ctx.fix(counted, f"their number sets the groups of '{node.name}'")
+            ctx.fix(in_vec, f"the groups of '{node.name}' count other channels")
+        return
+    where = attribute_holding(ctx, groups_arg)
+    if where is None:
+        ctx.fix(in_vec, f"the groups of '{node.name}' are a literal that is no attribute of "
+                        "its module")
+    else:
+        ctx.attr_member(*where, in_vec, source=False)
 
 
 def linear(ctx, x, out_value, weight: str, bias: str | None, module: str):
@@ -84,11 +159,13 @@ def linear(ctx, x, out_value, weight: str, bias: str | None, module: str):
     return channel_ids(out_vec, len(in_shape), -1)
 
 
-@register_module_rule(nn.Linear)
+@register_module_rule(nn.Linear, subclasses=True)
 def linear_module(ctx, node, module):
     name = node.target
-    return linear(ctx, node.args[0], ctx.value(node), f"{name}.weight",
-                  f"{name}.bias" if module.bias is not None else None, name)
+    ids = linear(ctx, node.args[0], ctx.value(node), f"{name}.weight",
+                 f"{name}.bias" if module.bias is not None else None, name)
+    own_extras(ctx, node, module, _CONV_TENSORS, ids)
+    return ids
 
 
 @register_function_rule(F.linear)
@@ -115,10 +192,13 @@ def _present(module, names):
     return [n for n in names if getattr(module, n, None) is not None]
 
 
-@register_module_rule(nn.modules.batchnorm._NormBase)
+@register_module_rule(nn.modules.batchnorm._NormBase, subclasses=True)
 def batch_norm(ctx, node, module):
     tensors = _present(module, ("weight", "bias", "running_mean", "running_var"))
-    return per_channel(ctx, node, module, 1, tensors)
+    ids = per_channel(ctx, node, module, 1, tensors)
+    channels = tensor_shape(ctx.value(node.args[0]))[1]
+    own_extras(ctx, node, module, _NORM_TENSORS, ctx.channel_vector(ids, 1, channels))
+    return ids
 
 
 @register_module_rule(nn.GroupNorm)
@@ -182,15 +262,5 @@ for _cls in SPATIAL:
 
 @register_module_rule(nn.Flatten)
 def flatten_module(ctx, node, module):
-    from .rules_tensor import shape_only
+    from .rules_reshape import shape_only
     return shape_only(ctx, node, module)
-
-
-@register_module_rule(nn.Softmax)
-@register_module_rule(nn.LogSoftmax)
-def softmax(ctx, node, module):
-    ids = ctx.ids(node.args[0])
-    dim = module.dim if module.dim is not None else 1
-    if ids is not None and ids.shape[dim] > 1:
-        ctx.fix(ids, "normalised by a softmax over channels")
-    return ids

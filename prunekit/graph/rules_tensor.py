@@ -1,4 +1,4 @@
-"""Channel rules for tensor plumbing: element-wise ops, cat/split, reshape, permute, indexing, pad.
+"""Channel rules for tensor plumbing: element-wise ops, cat, indexing, pad, reductions.
 
 Each rule maps the channel ids of a node's inputs to the ids of its output (see channels.py).
 """
@@ -34,6 +34,16 @@ def _out_shape(ctx):
     return tensor_shape(ctx.value(ctx.node))
 
 
+def tensor_list(ctx, tensors) -> list[tuple]:
+    """(ids, shape) of each tensor of a list argument: a literal list of nodes, or one node
+    whose value is a list (the pieces of a split passed on whole)."""
+    if _is_node(tensors):
+        ids = ctx.ids(tensors)
+        ids = ids if isinstance(ids, list) else [None] * len(ctx.value(tensors))
+        return [(i, tensor_shape(v)) for i, v in zip(ids, ctx.value(tensors))]
+    return [(ctx.ids(t), tensor_shape(ctx.value(t))) for t in tensors]
+
+
 # ---- element-wise -----------------------------------------------------------------------------
 def elementwise(ctx, node, module=None):
     """add/sub/mul/div/where/...: broadcast, and operands' channels at one position are united."""
@@ -47,14 +57,23 @@ ELEMENTWISE_FUNCTIONS = (
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.pow,
     F.relu, F.relu6, F.elu, F.selu, F.leaky_relu, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout2d,
-    F.alpha_dropout, F.relu_, F.prelu, torch.zeros_like, torch.ones_like,
+    F.alpha_dropout, F.relu_, F.prelu, torch.zeros_like, torch.ones_like, operator.invert,
+    operator.pow, operator.pos, operator.abs, operator.ipow, operator.floordiv, operator.mod,
+    operator.and_, operator.or_, operator.xor, operator.eq, operator.ne, operator.lt, operator.le,
+    operator.gt, operator.ge, torch.logical_not, torch.logical_and, torch.logical_or,
+    torch.erf, torch.log, torch.sin, torch.cos, torch.square, torch.reciprocal, torch.addcmul,
+    torch.addcdiv, torch.lerp,
 )
 register_function_rule(*ELEMENTWISE_FUNCTIONS, rule=elementwise)
 register_method_rule(
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "relu", "relu_", "sigmoid",
     "sigmoid_", "tanh", "clamp", "clamp_", "clamp_min", "abs", "neg", "exp", "sqrt", "pow",
     "contiguous", "float", "half", "to", "type_as", "clone", "detach", "masked_fill",
-    "zero_", "fill_", "hardtanh_", "sqrt_", "rsqrt", rule=elementwise,
+    "zero_", "fill_", "hardtanh_", "sqrt_", "rsqrt", "bool", "int", "long", "double",
+    "square", "reciprocal", "sin", "cos", "log", "erf", "logical_not", "masked_fill_",
+    "hardswish", "hardsigmoid", "silu", "gelu", "softplus", "mish", "exp_", "mul_", "clamp_max",
+    "addcmul", "addcmul_", "addcdiv", "lerp",
+    rule=elementwise,
 )
 
 
@@ -76,7 +95,7 @@ def concatenate(ctx, node, module=None):
     dim = ctx.arg(1, "dim", 0)
     out_shape = _out_shape(ctx)
     dim %= len(out_shape)
-    parts = [(ctx.ids(t), tensor_shape(ctx.value(t))) for t in tensors]
+    parts = tensor_list(ctx, tensors)
     if not any(ids is not None and ids.shape[dim] > 1 or
                (ids is not None and shape[dim] == 1 and (ids >= 0).any()) for ids, shape in parts):
         # Concatenating along a dimension without channels (e.g. spatial): like element-wise.
@@ -94,146 +113,6 @@ def concatenate(ctx, node, module=None):
     pieces = [np.broadcast_to(p, [p.shape[d] if d == dim else common[d]
                                   for d in range(len(out_shape))]) for p in pieces]
     return compress(np.concatenate(pieces, axis=dim))
-
-
-def _split_sizes(ctx, node, dim):
-    return [tensor_shape(v)[dim] for v in ctx.value(node)]
-
-
-def _split_like(ctx, node, dim_index, dim_name, equal_pieces: bool):
-    x = node.args[0]
-    ids = ctx.ids(x)
-    ndim = len(tensor_shape(ctx.value(x)))
-    dim = ctx.arg(dim_index, dim_name, 0) % ndim
-    sizes = _split_sizes(ctx, node, dim)
-    if ids is None or ids.shape[dim] == 1:
-        return [ids for _ in sizes]
-    if equal_pieces:
-        # chunk(n) cuts the pruned tensor into n equal pieces too, so every piece must lose as
-        # many channels as the others. Uniting position j of every piece guarantees that and,
-        # unlike per-piece counting, never conflicts with another chunk of the same channels
-        # (ShuffleNet chunks its stream once per block, each time after a different shuffle).
-        vec = ctx.channel_vector(ids, dim, sum(sizes))
-        if len(set(sizes)) == 1:
-            pieces = vec.reshape(len(sizes), -1)
-            for piece in pieces[1:]:
-                ctx.unite(pieces[0], piece)
-        else:
-            ctx.fix(ids, f"chunked into unequal pieces by '{node.name}'")
-    elif not _is_node(ctx.arg(1, "split_size_or_sections")):
-        ctx.fix(ids, f"split into literal sizes by '{node.name}'")
-    bounds = np.cumsum([0] + sizes)
-    return [np.take(ids, np.arange(bounds[i], bounds[i + 1]), axis=dim) for i in range(len(sizes))]
-
-
-@register_function_rule(torch.split)
-@register_method_rule("split")
-def split(ctx, node, module=None):
-    return _split_like(ctx, node, 2, "dim", equal_pieces=False)
-
-
-@register_function_rule(torch.chunk, torch.tensor_split)
-@register_method_rule("chunk", "tensor_split")
-def chunk(ctx, node, module=None):
-    return _split_like(ctx, node, 2, "dim", equal_pieces=True)
-
-
-@register_function_rule(torch.unbind)
-@register_method_rule("unbind")
-def unbind(ctx, node, module=None):
-    ids = ctx.ids(node.args[0])
-    dim = ctx.arg(1, "dim", 0) % ids.ndim
-    if ids.shape[dim] > 1:
-        ctx.fail("unbinding a channel dimension")
-    return [np.squeeze(ids, axis=dim) for _ in ctx.value(node)]
-
-
-def _permute_ids(ids, order):
-    return np.transpose(ids, order)
-
-
-@register_function_rule(torch.permute)
-@register_method_rule("permute")
-def permute(ctx, node, module=None):
-    ids = ctx.ids(node.args[0])
-    dims = node.args[1:] if len(node.args) > 2 else ctx.arg(1, "dims")
-    dims = [d % ids.ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    return _permute_ids(ids, dims)
-
-
-@register_function_rule(torch.transpose, torch.swapaxes)
-@register_method_rule("transpose", "swapaxes")
-def transpose(ctx, node, module=None):
-    ids = ctx.ids(node.args[0])
-    a, b = ctx.arg(1, "dim0") % ids.ndim, ctx.arg(2, "dim1") % ids.ndim
-    order = list(range(ids.ndim))
-    order[a], order[b] = order[b], order[a]
-    return _permute_ids(ids, order)
-
-
-def _reshape_to(ctx, node, ids, in_shape, out_shape, literal_out: list[bool] | None):
-    """Reshape ids along with the tensor; hold literal sizes of channel dims constant."""
-    if ids is None or not carrying_dims(ids):
-        # One channel identity (or none) everywhere: it stays everywhere.
-        value = NO_CHANNEL if ids is None else int(ids.reshape(-1)[0])
-        return np.full((1,) * len(out_shape), value, dtype=np.int64)
-    if in_shape[0] != out_shape[0] and 0 not in carrying_dims(ids):
-        ctx.fail("reshape that merges the batch dimension with channels")
-    full = np.broadcast_to(ids, (1,) + tuple(in_shape[1:]))
-    ids = compress(full.reshape((1,) + tuple(out_shape[1:])))
-    ids = ctx.roots(ids)
-    carrying = carrying_dims(ids)
-    literal = [d for d in carrying if literal_out and literal_out[d]]
-    if literal and len(literal) == len(carrying):
-        # e.g. x.view(n, 512 * 7 * 7): the code fixes the size, so no channel may go.
-        ctx.fix(ids, f"reshaped to a literal size by '{node.name}'")
-        return ids
-    for d in literal:
-        # A split such as (groups, C // groups) keeps `groups`: channels at the same position of
-        # every group must go together, so the split stays a valid reshape after pruning.
-        moved = np.moveaxis(ids, d, 0)
-        for row in moved[1:]:
-            ctx.unite(moved[0], row)
-    return compress(ctx.roots(ids))
-
-
-def _literal_flags(sizes, ndim):
-    flags = []
-    for s in sizes:
-        flags.append(isinstance(s, int) and s != -1)
-    return flags if len(flags) == ndim else None
-
-
-@register_method_rule("view", "reshape")
-def view(ctx, node, module=None):
-    x = node.args[0]
-    sizes = node.args[1:]
-    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
-        sizes = sizes[0]
-    if not sizes and "shape" in node.kwargs:
-        sizes = node.kwargs["shape"]
-    if len(sizes) == 1 and _is_node(sizes[0]) and not isinstance(ctx.value(sizes[0]), int):
-        sizes = ctx.value(sizes[0])  # a torch.Size computed from another tensor: not literal
-        literal = [False] * len(sizes)
-    else:
-        literal = _literal_flags(sizes, len(_out_shape(ctx)))
-    return _reshape_to(ctx, node, ctx.ids(x), tensor_shape(ctx.value(x)), _out_shape(ctx), literal)
-
-
-@register_function_rule(torch.reshape)
-def reshape_function(ctx, node, module=None):
-    x = node.args[0]
-    sizes = ctx.arg(1, "shape")
-    literal = _literal_flags(sizes, len(_out_shape(ctx))) if isinstance(sizes, (list, tuple)) else None
-    return _reshape_to(ctx, node, ctx.ids(x), tensor_shape(ctx.value(x)), _out_shape(ctx), literal)
-
-
-@register_function_rule(torch.flatten, torch.squeeze, torch.unsqueeze)
-@register_method_rule("flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "unflatten")
-def shape_only(ctx, node, module=None):
-    """Reshapes whose sizes come from the tensor itself: never literal."""
-    x = node.args[0]
-    return _reshape_to(ctx, node, ctx.ids(x), tensor_shape(ctx.value(x)), _out_shape(ctx), None)
 
 
 @register_function_rule(operator.getitem)
@@ -354,6 +233,25 @@ def reduction(ctx, node, module=None):
     return _reduction(ctx, node, ctx.arg(1, "dim"), ctx.arg(2, "keepdim", False))
 
 
+@register_function_rule(torch.norm)
+@register_method_rule("norm")
+def norm(ctx, node, module=None):
+    """``x.norm(p=2, dim=(1, 2), keepdim=True)`` (ConvNeXt-V2's GRN): a reduction."""
+    return _reduction(ctx, node, ctx.arg(2, "dim"), ctx.arg(3, "keepdim", False))
+
+
+@register_function_rule(torch.cumsum, torch.cumprod)
+@register_method_rule("cumsum", "cumprod")
+def cumulative(ctx, node, module=None):
+    """Along a dimension without channels every channel stays by itself; along channels each
+    output depends on all earlier channels, so they are kept."""
+    ids = ctx.ids(node.args[0])
+    dim = ctx.arg(1, "dim")
+    if ids is not None and ids.shape[dim % ids.ndim] > 1:
+        ctx.fix(ids, f"accumulated over channels by '{node.name}'")
+    return ids
+
+
 # ---- spatial ops (channels untouched) ------------------------------------------------------------
 def spatial(ctx, node, module=None):
     x = node.args[0]
@@ -377,6 +275,6 @@ def no_channel_result(ctx, node, module=None):
     return None
 
 
-register_function_rule(getattr, builtins.len, operator.floordiv, operator.mod, math.ceil,
-                       math.floor, builtins.int, rule=no_channel_result)
+register_function_rule(getattr, builtins.len, math.ceil, math.floor, builtins.int,
+                       rule=no_channel_result)
 register_method_rule("size", "dim", "numel", rule=no_channel_result)
