@@ -98,6 +98,19 @@ def _assert_outputs_close(actual: torch.Tensor, expected: torch.Tensor, what: st
                                              f"(output scale {scale:.3g})\n{m}")
 
 
+def _assert_matches_zeroed(check: "PruneCheck", what: str, shapes_only: bool = False) -> None:
+    """The pruned model computes what the zeroed reference computes (or, ``shapes_only``,
+    has its shape and is finite), and pruning really changed the function."""
+    if shapes_only:
+        assert check.after.shape == check.zeroed.shape
+        assert torch.isfinite(check.after).all()
+        return
+    _assert_outputs_close(check.after, check.zeroed, what)
+    # and the pruning really changed the function (the check above is not vacuous)
+    assert not torch.allclose(check.after, check.before, rtol=1e-3, atol=1e-4 * float(
+        check.before.abs().max())), f"{what}: pruning left the outputs unchanged"
+
+
 def _prune_and_compare(model: nn.Module, x: torch.Tensor, *, ignore=(), criterion="random",
                        compare_values: bool = True, randomize: bool = True, seed: int = 0,
                        **prune_kwargs) -> PruneCheck:
@@ -184,6 +197,12 @@ def randomize_norms():
 def prune_and_compare():
     """``prune_and_compare(model, x, ignore=..., ratio=..., ...) -> PruneCheck`` (see above)."""
     return _prune_and_compare
+
+
+@pytest.fixture(scope="session")
+def assert_matches_zeroed():
+    """``assert_matches_zeroed(check, what, shapes_only=False)`` (see _assert_matches_zeroed)."""
+    return _assert_matches_zeroed
 
 
 @pytest.fixture(scope="session")
