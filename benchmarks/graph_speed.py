@@ -1,8 +1,9 @@
-"""Time "trace + prune" for torchvision ResNet-50 and DenseNet-121, against Torch-Pruning.
+"""Time "trace + prune" for torchvision ResNet-50 and DenseNet-121 and three timm CNNs
+(ResNet-26-D, EfficientNet-B0, ConvNeXt-Atto), against Torch-Pruning.
 
-Each model (weights=None, eval mode, example input 1x3x224x224) is pruned at a uniform ratio
-of 0.5 with the classifier (``fc`` / ``classifier``) ignored. Timings, each on a fresh model
-built outside the timed region:
+Each model (weights=None / pretrained=False, eval mode, example input 1x3x224x224) is pruned
+at a uniform ratio of 0.5 with the classifier (``fc`` / ``classifier`` / ``head.fc``) ignored.
+Timings, each on a fresh model built outside the timed region:
 
 * prunekit full: the whole ``prunekit.prune(model, x, criterion="l1", ratio=0.5, ignore=[...])``
   call, which also counts MACs/params before and after (two FlopCounterMode forward passes);
@@ -13,15 +14,18 @@ built outside the timed region:
 
 The three jobs take turns within each repeat (full, core, TP, full, core, TP, ...) so that a
 burst of load from other processes does not land on one of them only; the JSON also records
-process CPU time per run and how busy the CPU was just before and after.
+process CPU time per run and how busy the CPU was just before and after. The table gives the
+median and, as its spread, the fastest and slowest run. If Torch-Pruning raises on a model,
+the error is recorded and that model's TP column stays empty.
 
 After timing, the pruned models of the last repeat are run forward once and their MACs are
 counted with ``prunekit.count_macs`` so the two tools are compared at similar pruned size.
 
 Usage::
 
-    python benchmarks/graph_speed.py                      # resnet50 + densenet121, 3 repeats
-    python benchmarks/graph_speed.py --models resnet50 --repeats 5 --out /tmp/gs.json
+    python benchmarks/graph_speed.py                      # all five models, 3 repeats
+    python benchmarks/graph_speed.py --models resnet50 timm:resnet26d --repeats 5 --out /tmp/gs.json
+    python benchmarks/graph_speed.py --threads 1 --warmup 1 --repeats 5   # a shared machine
 
 Writes JSON to ``--out`` (default benchmarks/results/graph_speed.json) and a Markdown table
 next to it (same name, ``.md``).
@@ -50,14 +54,21 @@ from machine import cpu_busy, cpu_name, load_avg  # benchmarks/machine.py
 
 RATIO = 0.5
 INPUT_SHAPE = (1, 3, 224, 224)
-# model name -> name of the classifier module that is left unpruned
-MODELS = {"resnet50": "fc", "densenet121": "classifier"}
+# model name -> name of the classifier module that is left unpruned; "timm:" names are built
+# with timm.create_model (pretrained=False, 1000 classes)
+MODELS = {"resnet50": "fc", "densenet121": "classifier", "timm:resnet26d": "fc",
+          "timm:efficientnet_b0": "classifier", "timm:convnext_atto": "head.fc"}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "graph_speed.json"
 
 try:  # optional comparison target
     import torch_pruning as tp
 except ImportError:  # pragma: no cover - depends on the environment
     tp = None
+
+try:  # needed for the timm: models only
+    import timm
+except ImportError:  # pragma: no cover - depends on the environment
+    timm = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -72,6 +83,8 @@ def tp_version() -> str | None:
 
 def build_model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)  # same random weights every time, so every repeat prunes alike
+    if name.startswith("timm:"):
+        return timm.create_model(name[len("timm:"):], pretrained=False).eval()
     return getattr(torchvision.models, name)(weights=None).eval()
 
 
@@ -113,24 +126,38 @@ def prune_tp(model, x, ignore_name):
     return pruner
 
 
-def time_jobs(jobs: dict, model_name, ignore_name, repeats, warmup):
+def time_jobs(jobs: dict, model_name, ignore_name, repeats, warmup, errors: dict):
     """Run every job of ``jobs`` (label -> callable) ``warmup + repeats`` times, each on a fresh
     model built outside the timed region. The jobs take turns (A B C A B C ...), so a burst of
     load from other processes hits all of them alike rather than one.
+
+    A job that raises is dropped from the remaining turns; its error (type and first line)
+    goes to ``errors[label]``.
 
     Returns ``{label: (wall seconds, process CPU seconds, last pruned model)}``.
     """
     x = example_input()
     out = {label: ([], [], None) for label in jobs}
+    jobs = dict(jobs)
     with tqdm(total=(warmup + repeats) * len(jobs), desc=f"{model_name:<12}", leave=False,
               file=sys.stderr) as bar:
         for i in range(warmup + repeats):
-            for label, job in jobs.items():
+            for label, job in list(jobs.items()):
                 bar.set_postfix_str(label)
                 model = build_model(model_name)  # outside the timed region
                 gc.collect()
                 cpu0, start = time.process_time(), time.perf_counter()
-                job(model, x, ignore_name)
+                try:
+                    job(model, x, ignore_name)
+                except Exception as e:  # noqa: BLE001 - a tool failing on a model is a result
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    errors[label] = f"{type(e).__name__}: {first}"
+                    print(f"warning: {model_name}: {label} failed: {errors[label]}",
+                          file=sys.stderr)
+                    del jobs[label]
+                    out[label] = ([], [], None)
+                    bar.update(warmup + repeats - i)
+                    continue
                 elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
                 walls, cpus, _ = out[label]
                 if i >= warmup:
@@ -154,8 +181,9 @@ def conv_out_channels(model) -> int:
 
 
 def stats(times, cpu_times):
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-            "cpu_median_s": statistics.median(cpu_times), "cpu_times_s": cpu_times}
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "times_s": times, "cpu_median_s": statistics.median(cpu_times),
+            "cpu_times_s": cpu_times}
 
 
 # --------------------------------------------------------------------------- benchmark one model
@@ -176,7 +204,11 @@ def bench_model(name: str, repeats: int, warmup: int) -> dict:
             "prunekit core": lambda m, x_, ig: prune_core(m, x_, ig, stages)}
     if tp is not None:
         jobs["torch-pruning"] = prune_tp
-    timed = time_jobs(jobs, name, ignore_name, repeats, warmup)
+    errors: dict[str, str] = {}
+    timed = time_jobs(jobs, name, ignore_name, repeats, warmup, errors)
+    if "prunekit full" in errors or "prunekit core" in errors:
+        raise RuntimeError(f"{name}: prunekit failed: {errors}")
+    row["tp_error"] = errors.get("torch-pruning")
     full_times, full_cpu, full_model = timed["prunekit full"]
     core_times, core_cpu, core_model = timed["prunekit core"]
     tp_times, tp_cpu, tp_model = timed.pop("torch-pruning", (None, None, None))
@@ -193,7 +225,7 @@ def bench_model(name: str, repeats: int, warmup: int) -> dict:
     row["prunekit_pruned"] = {**pk_full, "conv_channels": conv_out_channels(full_model)}
     del full_model, core_model, timed
 
-    if tp is not None:
+    if tp is not None and row["tp_error"] is None:
         row["tp"] = stats(tp_times, tp_cpu)
         row["tp_pruned"] = {**check_pruned(tp_model, x), "conv_channels": conv_out_channels(tp_model)}
         row["tp_over_prunekit_full"] = row["tp"]["median_s"] / row["prunekit_full"]["median_s"]
@@ -221,18 +253,22 @@ def _x(v):
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _spread(st):
+    """median [fastest - slowest] of one job's runs."""
+    return "-" if st is None else f"{_s(st['median_s'])} [{_s(st['min_s'])}-{_s(st['max_s'])}]"
+
+
 def table_rows(rows):
-    header = ["model", "prunekit full med/min (s)", "prunekit core med/min (s)",
-              "TP med/min (s)", "TP/pk full", "TP/pk core",
+    header = ["model", "prunekit full med [min-max] (s)", "prunekit core med [min-max] (s)",
+              "TP med [min-max] (s)", "TP/pk full", "TP/pk core",
               "GMACs before", "GMACs pk", "GMACs TP", "Mparams pk", "Mparams TP"]
     body = []
     for r in rows:
         tpr, tpp = r["tp"], r["tp_pruned"]
         body.append([
             r["model"],
-            f"{_s(r['prunekit_full']['median_s'])} / {_s(r['prunekit_full']['min_s'])}",
-            f"{_s(r['prunekit_core']['median_s'])} / {_s(r['prunekit_core']['min_s'])}",
-            "-" if tpr is None else f"{_s(tpr['median_s'])} / {_s(tpr['min_s'])}",
+            _spread(r["prunekit_full"]), _spread(r["prunekit_core"]),
+            "failed" if r.get("tp_error") else _spread(tpr),
             _x(r["tp_over_prunekit_full"]), _x(r["tp_over_prunekit_core"]),
             _g(r["macs_before"]), _g(r["prunekit_pruned"]["macs"]),
             "-" if tpp is None else _g(tpp["macs"]),
@@ -269,10 +305,12 @@ def markdown_table(rows, meta) -> str:
            f"{'x'.join(map(str, INPUT_SHAPE))}, eval mode, weights=None; "
            f"{meta['repeats']} repeats (+{meta['warmup']} warm-up), fresh model each, jobs "
            "interleaved.  ",
-           f"torch {meta['torch']}, torchvision {meta['torchvision']}, torch-pruning "
+           f"torch {meta['torch']}, torchvision {meta['torchvision']}, timm "
+           f"{meta['timm'] or 'not installed'}, torch-pruning "
            f"{meta['torch_pruning'] or 'not installed'}, {meta['threads']} threads, "
            f"{meta['cpu']}, CPU busy (other processes, 1 s sample) {meta['cpu_busy_before']} "
-           f"before / {meta['cpu_busy_after']} after, "
+           f"before / {meta['cpu_busy_after']} after, 1-min load average "
+           f"{meta['load_avg_1min_at_start']} / {meta['load_avg_1min_at_end']}, "
            f"{meta['date']}.", "",
            "*full* = whole `prunekit.prune` call (includes two MAC-counting forward passes); "
            "*core* = build_graph + L1 scores + make_plan + apply_plan; "
@@ -281,6 +319,8 @@ def markdown_table(rows, meta) -> str:
            "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(b) + " |" for b in body]
     out += [""] + [f"- {r['model']}: {stage_line(r)}; {cpu_line(r)}" for r in rows]
+    out += [f"- {r['model']}: Torch-Pruning failed: {r['tp_error']}" for r in rows
+            if r.get("tp_error")]
     return "\n".join(out) + "\n"
 
 
@@ -292,13 +332,23 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")
     ap.add_argument("--warmup", type=int, default=0,
                     help="untimed runs before the timed ones, per measurement (default 0)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's own choice). On a machine "
+                         "shared with other jobs, 1 thread gives far steadier timings")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
                     help="JSON output path; the Markdown table goes next to it as .md")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
 
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if timm is None and any(m.startswith("timm:") for m in args.models):
+        ap.error("the timm: models need timm (pip install timm) or pick others with --models")
     meta = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": getattr(timm, "__version__", None),
             "prunekit": prunekit.__version__, "torch_pruning": tp_version(),
             "threads": torch.get_num_threads(), "cpu": cpu_name(),
             "python": platform.python_version(), "load_avg_1min_at_start": load_avg(),
