@@ -14,6 +14,7 @@ from .measure import count_macs, count_params
 from .measure.context import eval_mode, prepare_inputs
 from .plan import PlanError, PlanTarget, group_ratios, resolve_plan, validate_plan
 from .plan.macs import MacsEstimator, counts_for_macs  # noqa: F401  (importable from here too)
+from .sensitivity import measure_sensitivity
 from .surgery import ModelSnapshot, apply_plan
 from .utils import as_tuple
 
@@ -75,7 +76,7 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
           ratios: dict[str, float] | None = None, macs_reduction: float | None = None,
           ignore=(), round_to: int = 1, calibration=None, leaf_modules=(),
           plan: dict[str, list[int]] | None = None, target: PlanTarget | None = None,
-          graph: ChannelGraph | None = None) -> PruningResult:
+          graph: ChannelGraph | None = None, sensitivity_data=None) -> PruningResult:
     """Physically remove channels from ``model`` (in place) and report what changed.
 
     Exactly one target: ``ratio`` (uniform fraction removed from every prunable group, in
@@ -87,15 +88,21 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
     ``calibration``: data for activation-based criteria (an iterable of input batches).
     ``graph``: a ChannelGraph already built for this model and these inputs (with the same
     ``ignore``), so the model is not traced again.
+    ``sensitivity_data``: batches (``(inputs, labels)`` or inputs) on which each group's
+    sensitivity is measured, for ``PlanTarget(macs_reduction=..., allocation="sensitivity")``;
+    use held-out data, never the split you report accuracy on.
     """
     target = _single_target(ratio, ratios, macs_reduction, plan, target, round_to)
+    if target.needs_sensitivity and sensitivity_data is None:
+        raise ConfigError("allocation 'sensitivity' measures each group on data: pass "
+                          "sensitivity_data=batches (a few held-out batches, e.g. of 'val')")
     example_inputs = as_tuple(example_inputs)
     ignore = _module_names(model, ignore)
     snapshot = ModelSnapshot(model)
     progress = {"surgery": False}
     try:
         return _prune(model, example_inputs, criterion, target, ignore, calibration,
-                      leaf_modules, graph, progress)
+                      leaf_modules, graph, progress, sensitivity_data)
     except BaseException as exc:  # Ctrl-C during surgery must not leave a half-pruned model
         error = _after_restore(exc, snapshot.restore(), progress["surgery"])
         if error is exc:
@@ -104,7 +111,7 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
 
 
 def _prune(model, example_inputs, criterion, target, ignore, calibration, leaf_modules,
-           graph, progress) -> PruningResult:
+           graph, progress, sensitivity_data) -> PruningResult:
     if graph is None:
         graph = build_graph(model, example_inputs, leaf_modules=leaf_modules, ignore=ignore)
     crit = get_criterion(criterion)
@@ -113,8 +120,14 @@ def _prune(model, example_inputs, criterion, target, ignore, calibration, leaf_m
         kept = resolve_plan(graph, model, target)
     else:
         scores = crit.score(graph, model, calibration)
+        curves = None
+        if target.needs_sensitivity:
+            curves = measure_sensitivity(model, graph, scores, sensitivity_data,
+                                         ratios=target.sensitivity_ratios,
+                                         metric=target.sensitivity_metric,
+                                         round_to=target.round_to)
         kept = resolve_plan(graph, model, target, scores, example_inputs,
-                            macs_before=macs_before)
+                            macs_before=macs_before, curves=curves)
     validate_plan(graph, kept)
     _check_something_removed(graph, target, kept)
     shapes_before = _output_shapes(model, example_inputs)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..pipeline import FINETUNE_DEFAULTS, finetune_saved, run_prune, summary_table
-from ..plan import TARGET_KINDS, check_ratio
+from ..plan import ALLOCATIONS, TARGET_KINDS, check_ratio
 from ..recipes import load_recipe
 from .method_flags import add_method_arguments, method_overrides
 from .options import (add_common_run_args, add_model_args, add_train_args, add_trust_arg, count,
@@ -38,6 +38,10 @@ def add_prune_parser(sub) -> None:
     pr.add_argument("--stream-scale", type=float, default=None,
                     help="residual streams lose this fraction of the ratio the other groups "
                          "lose (0: kept whole, 1: pruned alike; ratio and MACs targets)")
+    pr.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                    help="how a --macs-reduction is shared among the groups: uniform (one "
+                         "ratio), global (one ranking of all channels) or sensitivity (each "
+                         "group measured alone on held-out val batches)")
     pr.add_argument("--out", required=True, help="run directory (rerun to resume)")
     add_train_args(pr, prefix="finetune-")
     add_common_run_args(pr)
@@ -83,6 +87,8 @@ def _plan_section(args, options: dict) -> dict:
         plan["round_to"] = args.round_to  # 0 is refused by PlanTarget, never read as 1
     if args.stream_scale is not None:
         plan["stream_scale"] = args.stream_scale
+    if args.allocation is not None:
+        plan["allocation"] = args.allocation
     return plan
 
 

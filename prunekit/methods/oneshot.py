@@ -27,6 +27,7 @@ class OneShot(PruningMethod):
     summary = "score once with --criterion, remove, then fine-tune (default)"
     default_criterion = "l1"
     rounds_counts = True
+    allocations = ("uniform", "global", "sensitivity")
 
     @dataclass
     class Config(MethodConfig):
@@ -38,14 +39,19 @@ class OneShot(PruningMethod):
                                                "training batches right after pruning "
                                                "(0: off)", flag="--bn-recalibration")
         bn_recalibration_batch_size: int = option(64, "images per BN recalibration batch")
+        sensitivity_batches: int = option(4, "held-out val batches each group's sensitivity "
+                                          "is measured on (allocation sensitivity)",
+                                          flag="--sensitivity-batches")
+        sensitivity_batch_size: int = option(128, "images per sensitivity batch")
 
         def validate(self) -> None:
-            for name in ("bn_recalibration_batches", "bn_recalibration_batch_size"):
+            for name in ("bn_recalibration_batches", "bn_recalibration_batch_size",
+                         "sensitivity_batches", "sensitivity_batch_size"):
                 value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (
-                        name.endswith("size") and value < 1):
-                    raise ConfigError(f"{name} must be a whole number >= "
-                                      f"{1 if name.endswith('size') else 0}, got {value!r}")
+                least = 0 if name == "bn_recalibration_batches" else 1
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    raise ConfigError(f"{name} must be a whole number >= {least}, "
+                                      f"got {value!r}")
 
     def run(self, model: nn.Module, context: MethodContext) -> MethodResult:
         criterion = context.criterion_or(self.default_criterion)
@@ -54,13 +60,21 @@ class OneShot(PruningMethod):
             with context.stage("calibration_data"):
                 calibration = context.require_data(
                     f"criterion '{criterion.name}'").calibration_batches()
+        c = self.config
+        sensitivity = None
+        if context.target.needs_sensitivity:
+            with context.stage("sensitivity_data"):
+                sensitivity = context.require_data("allocation 'sensitivity'").sensitivity_batches(
+                    c.sensitivity_batches, c.sensitivity_batch_size)
         graph = context.graph(model)
         with context.stage("score_and_prune"):
             result = prune(model, context.example_inputs, criterion=criterion,
                            target=context.target, ignore=context.target.ignore,
-                           calibration=calibration, graph=graph)
+                           calibration=calibration, graph=graph, sensitivity_data=sensitivity)
         extras = {}
-        c = self.config
+        if sensitivity is not None:
+            extras["sensitivity"] = {"batches": len(sensitivity),
+                                     "batch_size": c.sensitivity_batch_size, "split": "val"}
         if c.bn_recalibration_batches and context.data is not None:
             with context.stage("bn_recalibration"):
                 torch.manual_seed(context.finetune.seed)

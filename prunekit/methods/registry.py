@@ -119,6 +119,7 @@ class PruningMethod:
     decides what it removes and refuses a target (SWP). The job checks both before any work.
     ``default_criterion``: the criterion used when the run names none. ``rounds_counts``:
     the method honours the target's ``round_to`` (a method that does not refuses one != 1).
+    ``allocations``: how it may share a MACs target among groups (``PlanTarget.allocation``).
     """
 
     name: ClassVar[str] = ""
@@ -128,6 +129,7 @@ class PruningMethod:
     target_kinds: ClassVar[tuple[str, ...]] = TARGET_KINDS
     default_criterion: ClassVar[str | None] = None
     rounds_counts: ClassVar[bool] = False
+    allocations: ClassVar[tuple[str, ...]] = ("uniform",)
 
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None):
         if config is None or isinstance(config, Mapping):

@@ -134,6 +134,11 @@ def _check_target(method, target: PlanTarget) -> None:
         raise PlanError(f"method {method.name} needs a target: {', '.join(kinds)}")
     if kinds and kind not in kinds:
         raise PlanError(f"method {method.name} needs a {', '.join(kinds)} target, not {kind}")
+    if target.allocation not in method.allocations:
+        raise ConfigError(f"method {method.name} shares a MACs target "
+                          f"{' or '.join(method.allocations)}, not by allocation "
+                          f"'{target.allocation}' (the oneshot method offers "
+                          "uniform, global and sensitivity)")
     if target.round_to != 1 and not method.rounds_counts:
         raise ConfigError(f"method {method.name} does not round its channel counts; drop "
                           f"--round-to {target.round_to} (only the one-shot method honours it)")

@@ -79,6 +79,12 @@ class CifarRunData:
         return calibration_batches(self._split(cfg["split"], train_augment=cfg["augment"]),
                                    cfg, self.seed)
 
+    def sensitivity_batches(self, batches: int, batch_size: int) -> list:
+        """Held-out ``val`` images, not augmented, for the sensitivity allocation: the first
+        ``batches`` batches of a seeded shuffle; never an evaluation split."""
+        return calibration_batches(self.eval_set("val"),
+                                   {"batches": batches, "batch_size": batch_size}, self.seed)
+
     def recalibration_loader(self, batch_size: int):
         return data.build_loader(self.train_set(), batch_size=batch_size, shuffle=True)
 

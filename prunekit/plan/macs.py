@@ -9,10 +9,11 @@ import numpy as np
 from ..graph import ChannelGraph, kept_positions
 from ..measure import count_macs, macs_by_module
 from ..utils import as_tuple
+from .allocate import global_counts
 from .checks import PlanError, check_ratio
 from .select import keep_count, make_plan
 
-__all__ = ["MacsEstimator", "MacsTargetWarning", "counts_for_macs"]
+__all__ = ["MacsEstimator", "MacsTargetWarning", "counts_for_global_macs", "counts_for_macs"]
 
 
 class MacsEstimator:
@@ -109,4 +110,42 @@ def counts_for_macs(model, graph: ChannelGraph, scores: dict[str, np.ndarray], e
     warnings.warn(f"macs_reduction {target:.3f} cannot be reached within {tolerance:.3f} at "
                   f"this model's channel granularity; removing {reduction(counts):.3f} of the "
                   "MACs instead", MacsTargetWarning, stacklevel=2)
+    return counts
+
+
+def counts_for_global_macs(model, graph: ChannelGraph, scores: dict[str, np.ndarray],
+                           example_inputs, target: float, macs_before: int | None = None, *,
+                           normalize: str | None = "mean", max_ratio: float = 0.9,
+                           steps: int = 24, tolerance: float = 0.01) -> dict[str, int]:
+    """Kept channels per group removing ``target`` of the MACs by one global ranking of the
+    per-group-normalised scores (:func:`prunekit.plan.global_counts`): the fewest channels
+    of the ranking whose removal reaches the target (bisection to one channel). When that
+    last channel overshoots the tolerance (a costly channel of a small model), a
+    :class:`MacsTargetWarning` says by how much."""
+    example_inputs = as_tuple(example_inputs)
+    if macs_before is None:
+        macs_before = count_macs(model, example_inputs)
+    target = check_ratio(target, "macs_reduction")
+    estimate = MacsEstimator(model, graph, example_inputs, macs_before)
+
+    def reduction(counts: dict[str, int]) -> float:
+        return 1 - estimate(make_plan(graph, scores, {}, 1, counts=counts)) / macs_before
+
+    def counts_at(r: float) -> dict[str, int]:
+        return global_counts(graph, scores, r, normalize=normalize, max_ratio=max_ratio)
+
+    lo, hi = 0.0, 0.999
+    if reduction(counts_at(hi)) < target:
+        raise PlanError(f"macs_reduction {target:.3f} is out of reach by a global ranking: "
+                        f"with no group losing more than max_ratio={max_ratio} of its "
+                        f"channels, at most {reduction(counts_at(hi)):.3f} of the MACs go")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reduction(counts_at(mid)) >= target else (mid, hi)
+    counts = counts_at(hi)
+    reached = reduction(counts)
+    if reached > target + tolerance:
+        warnings.warn(f"macs_reduction {target:.3f} cannot be reached within {tolerance:.3f} "
+                      f"by the global ranking (its next channel is too costly); removing "
+                      f"{reached:.3f} of the MACs instead", MacsTargetWarning, stacklevel=2)
     return counts

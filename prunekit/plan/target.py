@@ -10,9 +10,12 @@ A :class:`PlanTarget` holds exactly one target kind:
 * ``chip_sparsity`` / ``conv_rates`` (CHIP's and HRank's per-layer strings),
 * ``counts`` (channels kept per group name) or ``plan`` (kept indices per group, explicit).
 
-plus how counts are rounded (``round_to``), which modules keep their outputs (``ignore``), and
+plus how counts are rounded (``round_to``), which modules keep their outputs (``ignore``),
 how much less the residual streams lose (``stream_scale``, for ratio and MACs targets; see
-:mod:`prunekit.plan.streams`).
+:mod:`prunekit.plan.streams`), and how a MACs target is shared among the groups
+(``allocation``: ``"uniform"``, one ratio for all groups; ``"global"``, one global ranking of
+the per-group-normalised scores; ``"sensitivity"``, each group's measured cost curve, see
+:mod:`prunekit.plan.curves` and :func:`prunekit.sensitivity.measure_sensitivity`).
 :func:`resolve_counts` gives the counts on a :class:`~prunekit.graph.ChannelGraph`;
 :func:`resolve_plan` the kept indices, choosing channels by the criterion's scores.
 """
@@ -27,18 +30,21 @@ from torch import nn
 from ..graph import ChannelGraph
 from .allocate import global_counts, ratio_counts, ratios_for_groups
 from .checks import PlanError, check_ratio
-from .macs import counts_for_macs
+from .curves import counts_for_curves
+from .macs import counts_for_global_macs, counts_for_macs
 from .paper_ratios import chip_resnet_counts, conv_rate_counts
 from .select import make_plan
 from .streams import scaled_ratios, stream_groups
 from .validate import validate_plan
 
-__all__ = ["TARGET_KINDS", "PlanTarget", "group_ratios", "resolve_counts", "resolve_plan"]
+__all__ = ["ALLOCATIONS", "TARGET_KINDS", "PlanTarget", "group_ratios", "resolve_counts", "resolve_plan"]
 
 #: The target keys, one of which a PlanTarget holds (``ratio`` may come with ``ratios``).
 TARGET_KINDS = ("ratio", "ratios", "macs_reduction", "chip_sparsity", "conv_rates",
                 "global_ratio", "counts", "plan")
 _RATIO_TARGETS = ("ratio", "macs_reduction", "global_ratio")
+#: How a macs_reduction target is shared among the groups.
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,9 @@ class PlanTarget:
     normalize: str | None = "mean"   # global_ratio: per-group score normalisation
     max_ratio: float = 0.9           # global_ratio: the most any group may lose
     stream_scale: float = 1.0        # ratio/macs_reduction: residual streams' ratio factor
+    allocation: str = "uniform"      # macs_reduction: uniform, global or sensitivity
+    sensitivity_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)  # measured per group
+    sensitivity_metric: str = "auto"  # loss (labels), kl (no labels), auto
 
     def __post_init__(self) -> None:
         given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
@@ -79,6 +88,24 @@ class PlanTarget:
         if scale != 1 and given and set(given) - {"ratio", "ratios", "macs_reduction"}:
             raise PlanError(f"stream_scale applies to ratio and macs_reduction targets, not "
                             f"{given[0]}")
+        if self.allocation not in ALLOCATIONS:
+            raise PlanError(f"allocation must be one of {list(ALLOCATIONS)}, got "
+                            f"{self.allocation!r}")
+        if self.allocation != "uniform" and given and given != ["macs_reduction"]:
+            raise PlanError(f"allocation '{self.allocation}' shares a macs_reduction target; "
+                            f"for {given[0]} leave it 'uniform'")
+        if self.allocation != "uniform" and scale != 1:
+            raise PlanError(f"stream_scale scales the uniform allocation's ratio; allocation "
+                            f"'{self.allocation}' sets each group's count itself")
+        ratios = self.sensitivity_ratios
+        if isinstance(ratios, (int, float)) or not ratios or any(
+                isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1
+                for r in ratios):
+            raise PlanError(f"sensitivity_ratios must be fractions in (0, 1), got {ratios!r}")
+        object.__setattr__(self, "sensitivity_ratios", tuple(float(r) for r in ratios))
+        if self.sensitivity_metric not in ("auto", "loss", "kl"):
+            raise PlanError(f"sensitivity_metric must be 'auto', 'loss' or 'kl', got "
+                            f"{self.sensitivity_metric!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "PlanTarget":
@@ -121,6 +148,11 @@ class PlanTarget:
         return True
 
     @property
+    def needs_sensitivity(self) -> bool:
+        """Whether the counts come from measured sensitivity curves (they need data)."""
+        return self.kind == "macs_reduction" and self.allocation == "sensitivity"
+
+    @property
     def needs_scores(self) -> bool:
         """Whether the counts depend on the criterion's scores (global ranking, MACs search)."""
         return self.kind in ("global_ratio", "macs_reduction")
@@ -128,11 +160,12 @@ class PlanTarget:
 
 def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
                    scores: Mapping[str, np.ndarray] | None = None, example_inputs=None, *,
-                   macs_before: int | None = None) -> dict[str, int]:
+                   macs_before: int | None = None, curves=None) -> dict[str, int]:
     """Channels kept per group name for ``target`` (groups absent keep everything).
 
     ``scores`` are needed for ``global_ratio`` and ``macs_reduction``, ``example_inputs`` for
-    ``macs_reduction``. An explicit ``plan`` target gives the sizes of its kept lists.
+    ``macs_reduction``, ``curves`` (:func:`prunekit.sensitivity.measure_sensitivity`) for the
+    sensitivity allocation. An explicit ``plan`` target gives the sizes of its kept lists.
     """
     kind = target.kind
     if kind is None:
@@ -147,6 +180,18 @@ def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
     if kind == "macs_reduction":
         if example_inputs is None:
             raise PlanError("a macs_reduction target needs the example inputs")
+        if target.allocation == "sensitivity":
+            if curves is None:
+                raise PlanError("the sensitivity allocation needs each group's measured curve: "
+                                "pass sensitivity data to prune() (a few held-out batches)")
+            return counts_for_curves(model, graph, scores, example_inputs,
+                                     target.macs_reduction, curves,
+                                     macs_before=macs_before, round_to=target.round_to)
+        if target.allocation == "global":
+            return counts_for_global_macs(model, graph, scores, example_inputs,
+                                          target.macs_reduction, macs_before,
+                                          normalize=target.normalize,
+                                          max_ratio=target.max_ratio)
         scale = {name: target.stream_scale for name in stream_groups(graph)}
         return counts_for_macs(model, graph, scores, example_inputs, target.macs_reduction,
                                macs_before, target.round_to, group_scale=scale)
@@ -161,7 +206,7 @@ def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
 
 def resolve_plan(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
                  scores: Mapping[str, np.ndarray] | None = None, example_inputs=None, *,
-                 macs_before: int | None = None) -> dict[str, list[int]]:
+                 macs_before: int | None = None, curves=None) -> dict[str, list[int]]:
     """Kept channel indices per group for ``target``, the channels chosen by ``scores``
     (an explicit ``plan`` target is validated and returned as it is)."""
     if target.kind == "plan":
@@ -173,7 +218,7 @@ def resolve_plan(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
         # Through the ratios, exactly as make_plan has always derived ratio counts.
         return make_plan(graph, scores, group_ratios(graph, target), target.round_to)
     counts = resolve_counts(graph, model, target, scores, example_inputs,
-                            macs_before=macs_before)
+                            macs_before=macs_before, curves=curves)
     return make_plan(graph, scores, {}, target.round_to, counts=counts)
 
 
