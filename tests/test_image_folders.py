@@ -177,9 +177,10 @@ def test_the_cli_prunes_finetunes_evaluates_and_exports_any_model_on_an_image_fo
     assert list(report["finetuned"]["accuracy"]) == ["test"]
     assert "12 images" in report["finetuned"]["accuracy"]["test"]["description"]
     reduction = 1 - report["pruned"]["macs"] / report["before"]["macs"]
-    if trust:  # 8/16-channel layers: the nearest reduction above 30% is ~36%, and says so
+    if trust:  # 8/16-channel layers: coarse; a reduction above 31% must say so
         assert 0.3 <= reduction <= 0.4
-        assert "cannot be reached within 0.010" in capsys.readouterr().err
+        assert (reduction <= 0.31) != ("cannot be reached within 0.010" in
+                                       capsys.readouterr().err)
     else:
         assert 0.3 <= reduction <= 0.31
     saved = out / "model.safetensors"
