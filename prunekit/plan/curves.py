@@ -22,8 +22,8 @@ import numpy as np
 
 from ..graph import ChannelGraph
 from .checks import PlanError, check_ratio
-from .macs import MacsEstimator, MacsTargetWarning
-from .select import keep_count, make_plan
+from .macs import MacsTargetWarning, reduction_of_counts
+from .select import keep_count
 
 __all__ = ["Curve", "counts_for_curves"]
 
@@ -51,11 +51,7 @@ def counts_for_curves(model, graph: ChannelGraph, scores: Mapping[str, np.ndarra
                       steps: int = 40) -> dict[str, int]:
     """Kept channels per group (see the module doc) removing ``target`` of the MACs."""
     target = check_ratio(target, "macs_reduction")
-    estimate = MacsEstimator(model, graph, example_inputs, macs_before)
-
-    def reduction(counts: dict[str, int]) -> float:
-        plan = make_plan(graph, scores, {}, round_to, counts=counts)
-        return 1 - estimate(plan) / macs_before
+    reduction = reduction_of_counts(model, graph, scores, example_inputs, macs_before, round_to)
 
     options = {}  # group -> (allowed kept counts descending, predicted cost, MACs saved)
     for g in graph.prunable_groups():
@@ -68,8 +64,7 @@ def counts_for_curves(model, graph: ChannelGraph, scores: Mapping[str, np.ndarra
         allowed = allowed[allowed >= floor]
         if len(allowed) < 2:
             continue
-        one = 1 - estimate(make_plan(graph, scores, {}, round_to,
-                                     counts={g.name: int(allowed[-1])})) / macs_before
+        one = reduction({g.name: int(allowed[-1])})
         removed = (g.size - allowed) / max(g.size - int(allowed[-1]), 1)
         options[g.name] = (allowed, _dense_curve(g.size, curves[g.name], allowed),
                            one * removed)

@@ -46,6 +46,21 @@ class MacsEstimator:
         return total
 
 
+def reduction_of_counts(model, graph: ChannelGraph, scores, example_inputs,
+                        macs_before: int | None = None, round_to: int = 1):
+    """``reduction(counts)``: the fraction of the MACs a plan with those kept counts (channels
+    chosen by ``scores``) removes, estimated without building the model."""
+    example_inputs = as_tuple(example_inputs)
+    if macs_before is None:
+        macs_before = count_macs(model, example_inputs)
+    estimate = MacsEstimator(model, graph, example_inputs, macs_before)
+
+    def reduction(counts: dict[str, int]) -> float:
+        return 1 - estimate(make_plan(graph, scores, {}, round_to, counts=counts)) / macs_before
+
+    return reduction
+
+
 class MacsTargetWarning(UserWarning):
     """A MACs target was not met within its tolerance (the reduction reached is named)."""
 
@@ -62,16 +77,8 @@ def counts_for_macs(model, graph: ChannelGraph, scores: dict[str, np.ndarray], e
     every group at once, which on small networks overshoots by several points.
     ``group_scale`` multiplies the uniform ratio per group (the residual streams' stream_scale).
     """
-    example_inputs = as_tuple(example_inputs)
-    if macs_before is None:
-        macs_before = count_macs(model, example_inputs)
     target = check_ratio(target, "macs_reduction")
-    estimate = MacsEstimator(model, graph, example_inputs, macs_before)
-
-    def reduction(counts: dict[str, int]) -> float:
-        plan = make_plan(graph, scores, {}, round_to, counts=counts)
-        return 1 - estimate(plan) / macs_before
-
+    reduction = reduction_of_counts(model, graph, scores, example_inputs, macs_before, round_to)
     scale = group_scale or {}
 
     def uniform(r: float) -> dict[str, int]:
@@ -122,14 +129,8 @@ def counts_for_global_macs(model, graph: ChannelGraph, scores: dict[str, np.ndar
     of the ranking whose removal reaches the target (bisection to one channel). When that
     last channel overshoots the tolerance (a costly channel of a small model), a
     :class:`MacsTargetWarning` says by how much."""
-    example_inputs = as_tuple(example_inputs)
-    if macs_before is None:
-        macs_before = count_macs(model, example_inputs)
     target = check_ratio(target, "macs_reduction")
-    estimate = MacsEstimator(model, graph, example_inputs, macs_before)
-
-    def reduction(counts: dict[str, int]) -> float:
-        return 1 - estimate(make_plan(graph, scores, {}, 1, counts=counts)) / macs_before
+    reduction = reduction_of_counts(model, graph, scores, example_inputs, macs_before)
 
     def counts_at(r: float) -> dict[str, int]:
         return global_counts(graph, scores, r, normalize=normalize, max_ratio=max_ratio)
