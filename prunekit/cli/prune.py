@@ -28,6 +28,9 @@ def add_prune_parser(sub) -> None:
     target.add_argument("--chip-sparsity", default=None, help="e.g. '[0.]+[0.15]*2+[0.4]*27'")
     target.add_argument("--global-ratio", type=float, default=None,
                         help="fraction of all channels removed by one global ranking")
+    target.add_argument("--counts-from-criterion", action="store_true", default=None,
+                        help="each layer keeps as many channels as the criterion decides "
+                             "(epruner: its exemplar filters)")
     pr.add_argument("--calibration-batches", type=count(1), default=None,
                     help="batches of training images data-driven criteria score on (CHIP, "
                          "HRank, taylor, apoz; default 5)")
@@ -81,9 +84,10 @@ DEFAULT_MACS_ALLOCATION = "sensitivity"
 def _plan_section(args, options: dict) -> dict:
     plan = dict(options.get("plan") or {})
     for key, value in (("ratio", args.ratio), ("macs_reduction", args.macs_reduction),
-                       ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio)):
+                       ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio),
+                       ("counts_from", "criterion" if args.counts_from_criterion else None)):
         if value is not None:
-            if key != "chip_sparsity":  # fail before loading data or measuring anything
+            if key not in ("chip_sparsity", "counts_from"):  # fail before loading any data
                 check_ratio(value, "--" + key.replace("_", "-"))
             for kind in TARGET_KINDS:
                 plan.pop(kind, None)

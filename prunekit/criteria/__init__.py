@@ -9,7 +9,9 @@ Registered names:
 
 * weights only: ``l1``, ``l2`` (SFP), ``fpgm`` (FPGM, incl. FPGM-mix), ``bn_scale`` (Network
   Slimming), ``random``; group-aware ``group_l1`` / ``group_l2`` (every parameter coupled to
-  a channel: producers, norms, consumers' input slices; :mod:`.group_norm`);
+  a channel: producers, norms, consumers' input slices; :mod:`.group_norm`); ``epruner``
+  (EPruner: affinity propagation's exemplar filters, which also decides each layer's kept
+  count for the target ``counts_from: criterion``; :mod:`.epruner`);
 * feature maps on calibration data (``needs_data``; ``score(graph, model, calibration)``):
   ``hrank``, ``chip``, ``apoz``, sharing one streaming pass
   (:func:`prunekit.criteria.calibration.run_calibration`);
@@ -24,6 +26,7 @@ from .base import (CRITERIA, Criterion, ScoreError, combine_scores, get_criterio
                    list_criteria, register_criterion)
 from .weight import FPGM, BNScale, L1Norm, L2Norm, RandomCriterion
 from .group_norm import GroupL1, GroupL2, GroupMagnitude
+from .epruner import EPruner
 from .activation import APoZ, CHIP, ActivationCriterion, HRank
 from .gradient import Taylor
 from .calibration import CalibrationDataError, run_calibration
@@ -31,5 +34,5 @@ from .per_group import PerGroupCriterion
 
 __all__ = ["Criterion", "CRITERIA", "get_criterion", "list_criteria", "register_criterion",
            "combine_scores", "ScoreError", "CalibrationDataError",
-           "L1Norm", "L2Norm", "GroupL1", "GroupL2", "GroupMagnitude", "FPGM", "BNScale", "RandomCriterion", "ActivationCriterion",
+           "L1Norm", "L2Norm", "GroupL1", "GroupL2", "GroupMagnitude", "EPruner", "FPGM", "BNScale", "RandomCriterion", "ActivationCriterion",
            "HRank", "CHIP", "APoZ", "Taylor", "PerGroupCriterion", "run_calibration"]

@@ -10,6 +10,7 @@ A plan is ``{group name: sorted kept channel indices}`` — plain JSON.
   :func:`counts_for_global_macs` (MACs targets, uniform or global allocation);
 * :mod:`.curves`: :func:`counts_for_curves` (MACs targets by measured sensitivity curves);
 * :mod:`.paper_ratios`: CHIP's and HRank's per-layer strings;
+* :mod:`.criterion_counts`: counts a criterion decides itself (``counts_from: criterion``);
 * :mod:`.select`: kept indices from scores and counts (fixed channels, blocks, requirements);
 * :mod:`.validate`: a plan checked against its graph before surgery.
 """
@@ -20,9 +21,10 @@ from .allocate import global_counts, ratio_counts, ratios_for_groups
 from .macs import MacsEstimator, MacsTargetWarning, counts_for_global_macs, counts_for_macs
 from .curves import counts_for_curves
 from .paper_ratios import chip_resnet_counts, conv_rate_counts, parse_ratio_list
+from .criterion_counts import COUNT_SOURCES, ScoresWithCounts, criterion_counts
 from .target import ALLOCATIONS, TARGET_KINDS, PlanTarget, group_ratios, resolve_counts, resolve_plan
 
-__all__ = ["ALLOCATIONS", "counts_for_curves", "counts_for_global_macs", "MacsEstimator", "PlanError", "PlanTarget", "TARGET_KINDS", "check_ratio",
+__all__ = ["ALLOCATIONS", "COUNT_SOURCES", "ScoresWithCounts", "criterion_counts", "counts_for_curves", "counts_for_global_macs", "MacsEstimator", "PlanError", "PlanTarget", "TARGET_KINDS", "check_ratio",
            "MacsTargetWarning", "chip_resnet_counts", "conv_rate_counts", "counts_for_macs", "global_counts",
            "group_ratios", "keep_count", "make_plan", "parse_ratio_list", "ratio_counts",
            "ratios_for_groups", "resolve_counts", "resolve_plan", "select", "validate_plan"]

@@ -8,7 +8,9 @@ A :class:`PlanTarget` holds exactly one target kind:
   per-group-normalised scores, no group losing more than ``max_ratio``),
 * ``macs_reduction`` (per-group counts that remove that fraction of the MACs, within 1%),
 * ``chip_sparsity`` / ``conv_rates`` (CHIP's and HRank's per-layer strings),
-* ``counts`` (channels kept per group name) or ``plan`` (kept indices per group, explicit).
+* ``counts`` (channels kept per group name) or ``plan`` (kept indices per group, explicit),
+* ``counts_from: "criterion"`` (each group keeps the channels the criterion chooses, as many
+  as it decides: EPruner's exemplars; see :mod:`prunekit.plan.criterion_counts`).
 
 plus how counts are rounded (``round_to``), which modules keep their outputs (``ignore``),
 how much less the residual streams lose (``stream_scale``, for ratio and MACs targets; see
@@ -30,6 +32,7 @@ from torch import nn
 from ..graph import ChannelGraph
 from .allocate import global_counts, ratio_counts, ratios_for_groups
 from .checks import PlanError, check_ratio
+from .criterion_counts import COUNT_SOURCES, criterion_counts
 from .curves import counts_for_curves
 from .macs import counts_for_global_macs, counts_for_macs
 from .paper_ratios import chip_resnet_counts, conv_rate_counts
@@ -41,7 +44,7 @@ __all__ = ["ALLOCATIONS", "TARGET_KINDS", "PlanTarget", "group_ratios", "resolve
 
 #: The target keys, one of which a PlanTarget holds (``ratio`` may come with ``ratios``).
 TARGET_KINDS = ("ratio", "ratios", "macs_reduction", "chip_sparsity", "conv_rates",
-                "global_ratio", "counts", "plan")
+                "global_ratio", "counts", "plan", "counts_from")
 _RATIO_TARGETS = ("ratio", "macs_reduction", "global_ratio")
 #: How a macs_reduction target is shared among the groups.
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -59,6 +62,7 @@ class PlanTarget:
     conv_rates: str | None = None
     counts: Mapping[str, int] | None = None
     plan: Mapping[str, list[int]] | None = None
+    counts_from: str | None = None   # "criterion": the criterion decides each group's count
     round_to: int = 1
     ignore: tuple[str, ...] = ()
     normalize: str | None = "mean"   # global_ratio: per-group score normalisation
@@ -72,6 +76,9 @@ class PlanTarget:
         given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
         if len(given) > 1 and set(given) != {"ratio", "ratios"}:
             raise PlanError(f"the plan has several targets {given}; keep one")
+        if self.counts_from is not None and self.counts_from not in COUNT_SOURCES:
+            raise PlanError(f"counts_from must be one of {list(COUNT_SOURCES)} (the criterion "
+                            f"decides each group's kept count), got {self.counts_from!r}")
         for key in _RATIO_TARGETS:
             value = getattr(self, key)
             if value is not None:
@@ -154,8 +161,9 @@ class PlanTarget:
 
     @property
     def needs_scores(self) -> bool:
-        """Whether the counts depend on the criterion's scores (global ranking, MACs search)."""
-        return self.kind in ("global_ratio", "macs_reduction")
+        """Whether the counts depend on the criterion's scores (global ranking, MACs search,
+        counts the criterion decides)."""
+        return self.kind in ("global_ratio", "macs_reduction", "counts_from")
 
 
 def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
@@ -165,7 +173,9 @@ def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
 
     ``scores`` are needed for ``global_ratio`` and ``macs_reduction``, ``example_inputs`` for
     ``macs_reduction``, ``curves`` (:func:`prunekit.sensitivity.measure_sensitivity`) for the
-    sensitivity allocation. An explicit ``plan`` target gives the sizes of its kept lists.
+    sensitivity allocation; ``counts_from="criterion"`` reads the counts the scores carry
+    (:class:`~prunekit.plan.criterion_counts.ScoresWithCounts`). An explicit ``plan``
+    target gives the sizes of its kept lists.
     """
     kind = target.kind
     if kind is None:
@@ -201,6 +211,8 @@ def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
         return conv_rate_counts(graph, model, target.conv_rates)
     if kind == "counts":
         return {str(k): int(v) for k, v in target.counts.items()}
+    if kind == "counts_from":
+        return criterion_counts(graph, scores, target.round_to)
     return {str(k): len(v) for k, v in target.plan.items()}
 
 
