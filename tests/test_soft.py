@@ -7,6 +7,7 @@ import torch
 import prunekit
 from prunekit.measure import count_macs
 from prunekit.methods import SoftPruning, asymptotic_rate, finalize, soft_prune
+from prunekit.methods.soft_schedules import asfp_xi
 from prunekit.train import TrainConfig, fit
 
 from conftest import TinyNet, tiny_data
@@ -140,25 +141,31 @@ def test_regrowth_only_without_grad_masking(tmp_path, variant):
 
 
 def test_asymptotic_schedule():
-    epochs, target = 40, 0.4
+    # ASFP's D = 1/8 (issue 18; tests/test_soft_schedules.py checks the values in detail)
+    epochs, target = 41, 0.4
     rates = [asymptotic_rate(target, e, epochs) for e in range(epochs + 1)]
     assert rates[0] == 0
     assert all(b > a for a, b in zip(rates[:epochs], rates[1:epochs]))  # rising to E - 1
-    assert rates[epochs // 4] == pytest.approx(0.75 * target, rel=0.01)
+    assert rates[(epochs - 1) // 8] == pytest.approx(0.75 * target, rel=1e-9)  # D (E - 1) = 5
     # the last epoch trains at the target, and the final mask (the one finalize removes) is
     # computed at the same rate
     assert rates[epochs - 1] == rates[epochs] == target
-    short = [asymptotic_rate(1.0, e, 3) for e in range(4)]
+    # prunekit's schedule before the fix (k = 4 ln 4 / E) stays reachable, value for value
+    old = dict(d=0.25, fit="approximate")
+    assert asymptotic_rate(target, 10, 40, **old) == pytest.approx(0.75 * target, rel=0.01)
+    short = [asymptotic_rate(1.0, e, 3, **old) for e in range(4)]
     assert short[0] == 0 and short[1] == pytest.approx(0.8425 / 0.9752, rel=1e-3)
     assert short[2] == short[3] == 1.0
     model = new_tiny()
-    hook = started(model, schedule="asymptotic", epochs=4)
+    hook = started(model, schedule="asymptotic", epochs=4, asfp_d=0.25, asfp_fit="approximate")
     assert hook.plan == {} and hook.fraction(0) == 0  # nothing masked before training
     hook.on_epoch_end(0)  # rate(1) = 0.5 * 0.75 / (1 - 4**-3) = 0.381 -> 3 of 8 channels
     assert hook.rates(1)["conv1"] == pytest.approx(0.375 / (1 - 4 ** -3))
     assert len(removed(hook, "conv1")) == 3
     hook.on_epoch_end(2)  # the last epoch (3) already trains at the target
     assert hook.fraction(3) == 1.0 and len(removed(hook, "conv1")) == 4
+    new = started(new_tiny(), schedule="asymptotic", epochs=4)  # D = 1/8: faster
+    assert new.fraction(1) == pytest.approx((1 - asfp_xi() ** (8 / 3)) / (1 - asfp_xi() ** 8))
     with pytest.raises(ValueError, match="epochs"):
         SoftPruning(model=model, example_inputs=torch.randn(1, 3, 8, 8), ratio=0.5,
                     schedule="asymptotic")

@@ -1,8 +1,8 @@
 """Pruning methods, each a registered descriptor (:mod:`.registry`) with a config dataclass.
 
-Registered: ``oneshot`` (score once, remove, fine-tune), ``sfp``, ``asfp``, ``fpgm-soft``
-(soft pruning while training), ``lfpc`` (learned per-group criteria, then SFP), ``swp``
-(stripe-wise pruning with a filter skeleton). ``list_methods()`` names them all,
+Registered: ``oneshot`` (score once, remove, fine-tune), ``sfp``, ``asfp``, ``ghfp``,
+``fpgm-soft`` (soft pruning while training; schedules in :mod:`.soft_schedules`), ``lfpc``
+(learned per-group criteria, then SFP), ``swp`` (stripe-wise pruning with a filter skeleton). ``list_methods()`` names them all,
 ``get_method(name)`` gives the class; register your own with ``@register_method``.
 
 The machinery behind them:

@@ -1,5 +1,6 @@
-"""Training-time soft pruning: SFP (He et al., IJCAI 2018), FPGM-soft (He et al., CVPR 2019)
-and ASFP (asymptotic SFP, He et al., TCyb 2020).
+"""Training-time soft pruning: SFP (He et al., IJCAI 2018), FPGM-soft (He et al., CVPR 2019),
+ASFP (asymptotic SFP, He et al., TCyb 2020), and decaying / gradually hard masks (SRFP, GHFP,
+annealing decay).
 
 :class:`SoftPruning` is a :func:`prunekit.train.fit` hook. Before the first training step and
 at the end of every epoch it scores the channels of every prunable group on the *current*
@@ -31,24 +32,25 @@ mask physically (:func:`prunekit.prune` with ``plan=``). Because masked channels
 zero in producers and norm affine parameters, the compact model computes what the masked one
 computes (eval mode).
 
-Schedules (fraction of the target ratio applied to the masks used during epoch ``e``):
-
-* ``"constant"`` (SFP, FPGM): the target from the start, ``rate(e) = target``.
-* ``"asymptotic"`` (ASFP): ``rate(e) = target * (1 - exp(-k * e)) / (1 - exp(-k (E - 1)))``
-  with ``k = 4 ln(4) / E`` (E = epochs), so that ``rate(0) = 0``, ``rate(E / 4) ~ 3/4 *
-  target`` and the last epoch trains at the full target, ``rate(e >= E - 1) = target``. This is
-  **prunekit's choice**: the ASFP paper's exact schedule is unverified and no public code
-  exists (methods.md 4.1). Reaching the target only with the mask computed after the last
-  epoch (an earlier version) removed channels the network had just been trained with and left
-  every BN layer with statistics of the wider network: on ResNet-20 with 3 epochs the final
-  model fell to 12-47% (benchmarks/results/soft_compare.md).
+Schedules (:mod:`prunekit.methods.soft_schedules` defines them and cites the sources):
+``schedule``, the fraction of the target ratio of the mask used during epoch ``e``:
+``"constant"`` (SFP, FPGM) or ``"asymptotic"`` (ASFP, d = 1/8; prunekit's old d = 1/4 is
+``asfp_d=0.25, asfp_fit="approximate"``), the full target from the last epoch on (reaching it
+only with the mask computed after the last epoch, an earlier version, left BN statistics of
+the wider network: ResNet-20, 3 epochs, 12-47%, benchmarks/results/soft_compare.md).
+``decay`` (``"exponential"`` SRFP/GHFP, ``"anneal"``): the soft-masked entries are multiplied
+by alpha(e) instead of zeroed: the entries zeroing would zero, so alpha = 0 is zeroing and in
+eval mode the channel's output is multiplied by exactly alpha; in train mode BN re-normalises
+the scaled rows (the reference code scales conv weights only), so the decay acts through beta,
+and gamma with ``zero_norm_weight``. ``hard_fraction`` (``"cubic"``, GHFP): the lowest-scoring
+lambda(e) of each group's masked channels are hard: zeroed, gradients masked and momentum
+reset, so they stay exactly zero until the next mask (HFP); the rest stay soft.
 
 The mask used during epoch ``e`` is computed at ``on_epoch_end(e - 1)`` (or before training
 for ``e = 0``), at ``rate(e)``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -61,26 +63,11 @@ from ..plan import check_ratio, counts_for_macs, keep_count, make_plan, ratios_f
 from ..pruning import prune
 from ..surgery import tensor_by_name
 from ..utils import as_tuple
+from .soft_schedules import (ASFP_D, ASFP_POINT, SOFT_SCHEDULES, SoftSchedule, asymptotic_rate,
+                             hard_channels, part_of_plan)
 
 __all__ = ["SOFT_SCHEDULES", "SoftPruning", "asymptotic_rate", "finalize", "soft_prune",
            "zero_masked_channels"]
-
-SOFT_SCHEDULES = ("constant", "asymptotic")
-
-
-def asymptotic_rate(target: float, epoch: float, epochs: int) -> float:
-    """ASFP rate at ``epoch``: ``target * (1 - exp(-k * epoch)) / (1 - exp(-k * (epochs - 1)))``
-    with ``k = 4 ln 4 / epochs`` (3/4 of the target at a quarter of the epochs; prunekit's
-    choice, see the module doc), reaching ``target`` exactly in the last epoch and staying
-    there: the last epoch trains under the final rate, so the mask finalize removes is one the
-    network (and its BN statistics) was trained with."""
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs!r}")
-    if epoch >= epochs - 1:
-        return float(target)
-    k = 4 * math.log(4) / epochs
-    return float(target * (1 - math.exp(-k * max(epoch, 0))) / (1 - math.exp(-k * (epochs - 1))))
-
 
 def _masked_entries(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]], *,
                     zero_norm_weight: bool = False, for_grads: bool = False
@@ -134,7 +121,8 @@ def zero_masked_channels(model: nn.Module, graph: ChannelGraph, plan: dict[str, 
 
 
 class SoftPruning:
-    """Soft filter pruning hook for :func:`prunekit.train.fit` (SFP / FPGM-soft / ASFP).
+    """Soft filter pruning hook for :func:`prunekit.train.fit` (SFP / FPGM-soft / ASFP /
+    SRFP / GHFP).
 
     Arguments: ``graph`` (a :class:`ChannelGraph` of the model) or ``model`` +
     ``example_inputs`` to build it (``ignore`` / ``leaf_modules`` as in :func:`prunekit.prune`);
@@ -145,9 +133,12 @@ class SoftPruning:
     :func:`prunekit.prune` finds them; needs ``model`` and ``example_inputs``), or ``keep``
     (channels kept per group name, e.g. LFPC's search counts);
     ``schedule``: ``"constant"`` or ``"asymptotic"`` (needs ``epochs``, the total epochs of
-    training); ``mask_grads``: zero the gradients of masked entries after every backward
-    (FPGM's code) instead of letting them regrow (SFP's code); ``reset_momentum``: zero the
-    masked entries' momentum at every masking, so they regrow from zero velocity (module doc).
+    training; ``asfp_d``, ``asfp_point``, ``asfp_fit`` shape it); ``mask_grads``: zero the
+    gradients of masked entries after every backward (FPGM's code) instead of letting them
+    regrow (SFP's code); ``reset_momentum``: zero the masked entries' momentum at every
+    masking, so they regrow from zero velocity; ``decay`` (+ ``decay_start``, alpha(0)) and
+    ``hard_fraction``: the soft masks' decay factor and the hard share (module doc; they need
+    ``epochs``).
 
     Lifecycle inside ``fit``: ``on_train_start`` records the model and optimizer; the initial
     mask (rate(start epoch), current weights) is applied at the first ``on_epoch_start``, i.e.
@@ -164,11 +155,11 @@ class SoftPruning:
                  mask_grads: bool = False, epochs: int | None = None, ignore: Sequence = (),
                  leaf_modules: Sequence = (), zero_norm_weight: bool = False,
                  macs_reduction: float | None = None, keep: dict[str, int] | None = None,
-                 reset_momentum: bool = False) -> None:
-        if schedule not in SOFT_SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SOFT_SCHEDULES)}")
-        if schedule == "asymptotic" and (not isinstance(epochs, int) or epochs < 1):
-            raise ValueError("schedule='asymptotic' needs epochs=<total training epochs>")
+                 reset_momentum: bool = False, asfp_d: float = ASFP_D,
+                 asfp_point: float = ASFP_POINT, asfp_fit: str = "exact", decay: str = "none",
+                 decay_start: float | None = None, hard_fraction: str = "none") -> None:
+        self.schedules = SoftSchedule(schedule, epochs, asfp_d, asfp_point, asfp_fit, decay,
+                                      decay_start, hard_fraction)
         given = [ratio is not None or ratios is not None, macs_reduction is not None,
                  keep is not None]
         if sum(given) != 1:
@@ -205,17 +196,16 @@ class SoftPruning:
         self.model: nn.Module | None = model
         self.optimizer: torch.optim.Optimizer | None = None
         self.plan: dict[str, list[int]] = {}
+        self.hard: dict[str, list[int]] = {}  # per group: the masked channels that are hard
         self.epoch = -1          # the epoch the current plan was computed for (-1: none yet)
         self.history: list[dict[str, Any]] = []  # per mask: epoch, rate fraction, #masked
-        self._entries: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        self._entries: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # grads masked
         self._pending_initial = False
 
     # ------------------------------------------------------------------ schedule and masks
     def fraction(self, epoch: int) -> float:
         """Fraction of the target ratios applied to the mask used during ``epoch``."""
-        if self.schedule == "constant":
-            return 1.0
-        return asymptotic_rate(1.0, epoch, self.epochs)
+        return self.schedules.fraction(epoch)
 
     def rates(self, epoch: int) -> dict[str, float]:
         """Per-group removal ratios of the mask used during ``epoch``."""
@@ -256,24 +246,41 @@ class SoftPruning:
         scores = self.criterion.score(self.graph, model)
         plan = make_plan(self.graph, scores, {}, counts=self.counts(epoch))
         self.plan = {k: [int(i) for i in v] for k, v in plan.items()}
+        self.hard = hard_channels(self.plan, scores, self._sizes(),
+                                  self.schedules.hard_share(epoch))
         self.epoch = int(epoch)
         self.apply_mask()
         self.history.append({"epoch": int(epoch), "fraction": self.fraction(epoch),
-                             "masked": self.masked_count()})
+                             "masked": self.masked_count(),
+                             "decay": self.schedules.decay_factor(epoch),
+                             "hard": sum(len(v) for v in self.hard.values())})
         return self.plan
 
+    def _sizes(self) -> dict[str, int]:
+        return {name: self.graph.by_name[name].size for name in self.plan}
+
     @torch.no_grad()
-    def apply_mask(self) -> None:
+    def apply_mask(self, fresh: bool = True) -> None:
         """Zero the current plan's producer rows/biases and norm bias/running mean (norm
-        weight too with ``zero_norm_weight``); with ``mask_grads`` or ``reset_momentum`` also
-        the momentum buffers of the producer rows/biases and norm weight/bias."""
-        model = self._require_model()
-        for tensor, dim, drop in _masked_entries(model, self.graph, self.plan,
-                                                 zero_norm_weight=self.zero_norm_weight):
-            tensor.index_fill_(dim, drop, 0)
-        self._entries = _masked_entries(model, self.graph, self.plan, for_grads=True)
-        for tensor, dim, drop in self._entries:
-            if (self.mask_grads or self.reset_momentum) and self.optimizer is not None:
+        weight too with ``zero_norm_weight``), or multiply the soft ones by the decay factor
+        (``fresh=False``, the re-application on resume, does not multiply again); reset the
+        momentum of the producer rows/biases and norm weight/bias of the hard channels, of
+        all masked ones with ``mask_grads`` or ``reset_momentum``."""
+        model, alpha = self._require_model(), self.schedules.decay_factor(self.epoch)
+        hard_plan = part_of_plan(self.plan, self.hard, self._sizes(), hard_part=True)
+        soft_plan = part_of_plan(self.plan, self.hard, self._sizes(), hard_part=False)
+        for plan, scale in ((hard_plan, 0.0), (soft_plan, alpha)):
+            for tensor, dim, drop in _masked_entries(model, self.graph, plan,
+                                                     zero_norm_weight=self.zero_norm_weight):
+                if scale == 0:
+                    tensor.index_fill_(dim, drop, 0)
+                elif fresh:
+                    tensor.index_copy_(dim, drop, tensor.index_select(dim, drop) * scale)
+        frozen = self.plan if self.mask_grads or self.reset_momentum else hard_plan
+        self._entries = _masked_entries(model, self.graph, self.plan if self.mask_grads
+                                        else hard_plan, for_grads=True)
+        for tensor, dim, drop in _masked_entries(model, self.graph, frozen, for_grads=True):
+            if self.optimizer is not None:
                 buffer = self.optimizer.state.get(tensor, {}).get("momentum_buffer")
                 if buffer is not None:
                     buffer.index_fill_(dim, drop, 0)
@@ -293,7 +300,7 @@ class SoftPruning:
         if self.epoch < 0:  # fresh hook; a resume replaces this by load_state_dict
             self._pending_initial = True
         else:
-            self.apply_mask()
+            self.apply_mask(fresh=False)
 
     def on_epoch_start(self, epoch: int) -> None:
         if self._pending_initial:
@@ -302,8 +309,6 @@ class SoftPruning:
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        if not self.mask_grads:
-            return
         for tensor, dim, drop in self._entries:
             if tensor.grad is not None:
                 tensor.grad.index_fill_(dim, drop, 0)
@@ -313,15 +318,17 @@ class SoftPruning:
 
     def state_dict(self) -> dict:
         return {"plan": {k: list(v) for k, v in self.plan.items()}, "epoch": self.epoch,
+                "hard": {k: list(v) for k, v in self.hard.items()},
                 "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
         self.plan = {str(k): [int(i) for i in v] for k, v in state["plan"].items()}
+        self.hard = {str(k): [int(i) for i in v] for k, v in state.get("hard", {}).items()}
         self.epoch = int(state["epoch"])
         self.history = [dict(h) for h in state.get("history", [])]
         self._pending_initial = self.epoch < 0
         if self.model is not None and not self._pending_initial:
-            self.apply_mask()
+            self.apply_mask(fresh=False)
 
     # ------------------------------------------------------------------ the compact model
     def finalize(self, model: nn.Module | None = None, example_inputs=None):
@@ -358,15 +365,13 @@ def finalize(model: nn.Module, graph: ChannelGraph, hook, example_inputs=None):
     return result
 
 
-def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criterion: Any = "l2",
-               ratio: float | None = None, ratios: dict[str, float] | None = None,
-               schedule: str = "constant", mask_grads: bool = False, example_inputs=None,
-               ignore: Sequence = (), leaf_modules: Sequence = (), resume: bool = True,
-               macs_reduction: float | None = None, zero_norm_weight: bool = False,
-               reset_momentum: bool = False, graph: ChannelGraph | None = None):
+def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, example_inputs=None,
+               resume: bool = True, graph: ChannelGraph | None = None, **options):
     """Soft-prune ``model`` during :func:`prunekit.train.fit`, then remove the last mask.
 
-    ``graph``: the model's ChannelGraph if already built (same ``ignore``); else it is traced.
+    ``options``: :class:`SoftPruning`'s keyword arguments (``criterion``, ``ratio``,
+    ``schedule``, ``decay``, ...; ``epochs`` is the config's). ``graph``: the model's
+    ChannelGraph if already built (same ``ignore``); else it is traced.
 
     Returns ``(model, PruningResult, fit summary)``; ``model`` is pruned in place and holds the
     weights of the last epoch (``best.pt`` in ``out_dir`` is the best *masked* model on the
@@ -377,11 +382,8 @@ def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, criteri
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if example_inputs is None:
         raise ValueError("soft_prune needs example_inputs (e.g. torch.randn(1, 3, 32, 32))")
-    hook = SoftPruning(graph, model=model, example_inputs=example_inputs, criterion=criterion,
-                       ratio=ratio, ratios=ratios, schedule=schedule, mask_grads=mask_grads,
-                       epochs=config.epochs, ignore=ignore, leaf_modules=leaf_modules,
-                       macs_reduction=macs_reduction, zero_norm_weight=zero_norm_weight,
-                       reset_momentum=reset_momentum)
+    hook = SoftPruning(graph, model=model, example_inputs=example_inputs, epochs=config.epochs,
+                       **options)
     summary = fit(model, train_set, val_set, config, out_dir, hooks=[hook], resume=resume)
     result = hook.finalize(model)
     return model, result, summary
