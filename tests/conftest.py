@@ -199,6 +199,20 @@ def prune_and_compare():
     return _prune_and_compare
 
 
+@pytest.fixture
+def opened_cifar_splits(monkeypatch) -> list:
+    """The CIFAR-10 splits opened during the test, in order (``data.CIFAR10`` spied on)."""
+    from prunekit import data
+    opened = []
+    real = data.CIFAR10.__init__
+
+    def spy(self, root=None, split="test", *args, **kwargs):
+        opened.append(split)
+        return real(self, root, split, *args, **kwargs)
+    monkeypatch.setattr(data.CIFAR10, "__init__", spy)
+    return opened
+
+
 @pytest.fixture(scope="session")
 def assert_matches_zeroed():
     """``assert_matches_zeroed(check, what, shapes_only=False)`` (see _assert_matches_zeroed)."""

@@ -127,16 +127,10 @@ def test_a_macs_target_with_the_streams_kept_still_lands_within_one_percent():
 
 @pytest.mark.shared_data
 @needs_shared
-def test_bn_recalibration_after_one_shot_reads_only_training_images(tmp_path, monkeypatch):
-    from prunekit import data
+def test_bn_recalibration_after_one_shot_reads_only_training_images(tmp_path,
+                                                                   opened_cifar_splits):
     from prunekit.cli import main
-    opened = []
-    real = data.CIFAR10.__init__
-
-    def spy(self, root=None, split="test", *args, **kwargs):
-        opened.append(split)
-        return real(self, root, split, *args, **kwargs)
-    monkeypatch.setattr(data.CIFAR10, "__init__", spy)
+    opened = opened_cifar_splits
     out = tmp_path / "run"
     assert main(["prune", "--model", "cifar_resnet20", "--weights", "pretrained", "--ratio",
                  "0.3", "--data", str(SHARED), "--eval-splits", "test-lossless", "--limit", "20",

@@ -202,18 +202,11 @@ def test_the_global_allocation_meets_the_macs_target_by_one_channel(target):
 
 @pytest.mark.shared_data
 @needs_shared
-def test_the_prune_job_measures_sensitivity_on_val_only(tmp_path, monkeypatch):
+def test_the_prune_job_measures_sensitivity_on_val_only(tmp_path, opened_cifar_splits):
     import json
 
-    from prunekit import data
     from prunekit.cli import main
-    opened = []
-    real = data.CIFAR10.__init__
-
-    def spy(self, root=None, split="test", *args, **kwargs):
-        opened.append(split)
-        return real(self, root, split, *args, **kwargs)
-    monkeypatch.setattr(data.CIFAR10, "__init__", spy)
+    opened = opened_cifar_splits
     out = tmp_path / "run"
     assert main(["prune", "--model", "cifar_resnet20", "--weights", "pretrained",
                  "--macs-reduction", "0.4", "--allocation", "sensitivity",
