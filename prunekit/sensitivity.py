@@ -108,7 +108,11 @@ def measure_sensitivity(model: nn.Module, graph: ChannelGraph, scores: Mapping[s
     names = list(groups) or [g.name for g in graph.prunable_groups()]
     with eval_mode(model):
         reference = [F.log_softmax(_logits(model(*inputs)).float(), 1) for inputs, _ in batches]
-    base = _cost(model, batches, metric, reference)
+    # The unpruned model's own cost, from the reference outputs (no second pass): its KL
+    # from itself is 0, its loss the cross-entropy of those log-probabilities.
+    base = 0.0 if metric == "kl" else float(
+        sum(F.nll_loss(ref, t, reduction="sum") for ref, (_, t) in zip(reference, batches))
+        / sum(len(t) for _, t in batches))
     curves: dict[str, list[tuple[int, float]]] = {}
     jobs = [(name, r) for name in names for r in sorted(set(ratios))]
     for name, ratio in tqdm(jobs, desc="sensitivity", disable=not progress, leave=False):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..graph import ChannelGraph
 from .checks import PlanError, check_ratio
-from .macs import MacsTargetWarning, reduction_of_counts
+from .macs import MacsTargetWarning, bisect, reduction_of_counts
 from .select import keep_count
 
 __all__ = ["Curve", "counts_for_curves"]
@@ -91,11 +91,9 @@ def counts_for_curves(model, graph: ChannelGraph, scores: Mapping[str, np.ndarra
     hi = 1.0
     while reduction(choose(hi)) < target:
         hi *= 4
-    lo = 0.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if reduction(choose(mid)) >= target else (mid, hi)
-    counts, current = choose(lo), reduction(choose(lo))
+    lo, _ = bisect(lambda lam: reduction(choose(lam)) >= target, 0.0, hi, steps)
+    counts = choose(lo)
+    current = reduction(counts)
     if current >= target:
         return counts
     # Place the last channels one at a time, cheapest predicted cost per MAC saved first;

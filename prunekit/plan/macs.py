@@ -46,6 +46,15 @@ class MacsEstimator:
         return total
 
 
+def bisect(reaches, lo: float, hi: float, steps: int) -> tuple[float, float]:
+    """``(lo, hi)`` after ``steps`` halvings of ``[lo, hi]`` keeping ``reaches(hi)`` true and
+    ``reaches(lo)`` false (the MACs searches: a ratio, a global ratio, a price on MACs)."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return lo, hi
+
+
 def reduction_of_counts(model, graph: ChannelGraph, scores, example_inputs,
                         macs_before: int | None = None, round_to: int = 1):
     """``reduction(counts)``: the fraction of the MACs a plan with those kept counts (channels
@@ -85,13 +94,11 @@ def counts_for_macs(model, graph: ChannelGraph, scores: dict[str, np.ndarray], e
         return {g.name: keep_count(g, r * scale.get(g.name, 1.0), round_to)
                 for g in graph.prunable_groups()}
 
-    lo, hi = 0.0, 0.999
-    if reduction(uniform(hi)) < target:
+    most = reduction(uniform(0.999))
+    if most < target:
         raise PlanError(f"macs_reduction {target:.3f} is out of reach: pruning every prunable "
-                        f"group as far as allowed removes only {reduction(uniform(hi)):.3f}")
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if reduction(uniform(mid)) >= target else (mid, hi)
+                        f"group as far as allowed removes only {most:.3f}")
+    lo, hi = bisect(lambda r: reduction(uniform(r)) >= target, 0.0, 0.999, steps)
     counts = uniform(lo)
     current = reduction(counts)
     step = max(round_to, 1)
@@ -135,14 +142,12 @@ def counts_for_global_macs(model, graph: ChannelGraph, scores: dict[str, np.ndar
     def counts_at(r: float) -> dict[str, int]:
         return global_counts(graph, scores, r, normalize=normalize, max_ratio=max_ratio)
 
-    lo, hi = 0.0, 0.999
-    if reduction(counts_at(hi)) < target:
+    most = reduction(counts_at(0.999))
+    if most < target:
         raise PlanError(f"macs_reduction {target:.3f} is out of reach by a global ranking: "
                         f"with no group losing more than max_ratio={max_ratio} of its "
-                        f"channels, at most {reduction(counts_at(hi)):.3f} of the MACs go")
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if reduction(counts_at(mid)) >= target else (mid, hi)
+                        f"channels, at most {most:.3f} of the MACs go")
+    _, hi = bisect(lambda r: reduction(counts_at(r)) >= target, 0.0, 0.999, steps)
     counts = counts_at(hi)
     reached = reduction(counts)
     if reached > target + tolerance:
