@@ -14,6 +14,7 @@ from .measure import count_macs, count_params
 from .measure.context import eval_mode, prepare_inputs
 from .plan import PlanError, PlanTarget, group_ratios, resolve_plan, validate_plan
 from .plan.macs import MacsEstimator, counts_for_macs  # noqa: F401  (importable from here too)
+from .rewrite import apply_rewrites
 from .sensitivity import measure_sensitivity
 from .surgery import ModelSnapshot, apply_plan
 from .utils import as_tuple
@@ -37,6 +38,7 @@ class PruningResult:
     params_before: int
     params_after: int
     unreached_modules: list[str] = field(default_factory=list)
+    rewrites: list[dict] = field(default_factory=list)  # weights rewritten after surgery
 
     macs_reduction = property(lambda self: reduction(self.macs_before, self.macs_after))
     params_reduction = property(lambda self: reduction(self.params_before, self.params_after))
@@ -76,7 +78,8 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
           ratios: dict[str, float] | None = None, macs_reduction: float | None = None,
           ignore=(), round_to: int = 1, calibration=None, leaf_modules=(),
           plan: dict[str, list[int]] | None = None, target: PlanTarget | None = None,
-          graph: ChannelGraph | None = None, sensitivity_data=None) -> PruningResult:
+          graph: ChannelGraph | None = None, sensitivity_data=None,
+          heldout_data=None) -> PruningResult:
     """Physically remove channels from ``model`` (in place) and report what changed.
 
     Exactly one target: ``ratio`` (uniform fraction removed from every prunable group, in
@@ -91,18 +94,29 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
     ``sensitivity_data``: batches (``(inputs, labels)`` or inputs) on which each group's
     sensitivity is measured, for ``PlanTarget(macs_reduction=..., allocation="sensitivity")``;
     use held-out data, never the split you report accuracy on.
+    ``heldout_data``: labelled held-out batches on which a criterion's gated weight rewrites
+    are accepted or undone (:mod:`prunekit.rewrite`; e.g. Central Filter's merges).
+
+    A criterion with ``rewrites(graph, model, plan)`` (FilterSketch, Central Filter) changes
+    the kept weights after surgery; what it did is in ``PruningResult.rewrites``.
     """
     target = _single_target(ratio, ratios, macs_reduction, plan, target, round_to)
     if target.needs_sensitivity and sensitivity_data is None:
         raise ConfigError("allocation 'sensitivity' measures each group on data: pass "
                           "sensitivity_data=batches (a few held-out batches, e.g. of 'val')")
+    criterion = get_criterion(criterion)
+    if getattr(criterion, "needs_heldout", False) and heldout_data is None:
+        raise ConfigError(f"criterion '{criterion.name}' "
+                          "accepts its weight rewrites only if held-out accuracy does not drop: "
+                          "pass heldout_data=batches (labelled held-out batches, e.g. of 'val'), "
+                          "or turn the check off in the criterion's options")
     example_inputs = as_tuple(example_inputs)
     ignore = _module_names(model, ignore)
     snapshot = ModelSnapshot(model)
     progress = {"surgery": False}
     try:
         return _prune(model, example_inputs, criterion, target, ignore, calibration,
-                      leaf_modules, graph, progress, sensitivity_data)
+                      leaf_modules, graph, progress, sensitivity_data, heldout_data)
     except BaseException as exc:  # Ctrl-C during surgery must not leave a half-pruned model
         error = _after_restore(exc, snapshot.restore(), progress["surgery"])
         if error is exc:
@@ -111,7 +125,7 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
 
 
 def _prune(model, example_inputs, criterion, target, ignore, calibration, leaf_modules,
-           graph, progress, sensitivity_data) -> PruningResult:
+           graph, progress, sensitivity_data, heldout_data) -> PruningResult:
     if graph is None:
         graph = build_graph(model, example_inputs, leaf_modules=leaf_modules, ignore=ignore)
     crit = get_criterion(criterion)
@@ -130,9 +144,11 @@ def _prune(model, example_inputs, criterion, target, ignore, calibration, leaf_m
                             macs_before=macs_before, curves=curves)
     validate_plan(graph, kept)
     _check_something_removed(graph, target, kept)
+    rewrites = crit.rewrites(graph, model, kept) if hasattr(crit, "rewrites") else []
     shapes_before = _output_shapes(model, example_inputs)
     progress["surgery"] = True
     apply_plan(model, graph, kept)
+    rewrite_log = apply_rewrites(model, rewrites, heldout_data) if rewrites else []
     shapes_after = _output_shapes(model, example_inputs)
     if shapes_after != shapes_before:
         raise GraphError(f"the pruned model's outputs have shapes {shapes_after} instead of "
@@ -145,7 +161,7 @@ def _prune(model, example_inputs, criterion, target, ignore, calibration, leaf_m
         criterion=getattr(crit, "name", str(crit)), ratios=group_ratios(graph, target),
         macs_before=macs_before, macs_after=count_macs(model, example_inputs),
         params_before=params_before, params_after=count_params(model),
-        unreached_modules=graph.unreached)
+        unreached_modules=graph.unreached, rewrites=rewrite_log)
 
 
 UNCHANGED = "prunekit.prune failed, so the model was left unchanged"

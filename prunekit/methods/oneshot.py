@@ -40,7 +40,9 @@ class OneShot(PruningMethod):
                                                "(0: off)", flag="--bn-recalibration")
         bn_recalibration_batch_size: int = option(64, "images per BN recalibration batch")
         sensitivity_batches: int = option(4, "held-out val batches each group's sensitivity "
-                                          "is measured on (allocation sensitivity)",
+                                          "is measured on (allocation sensitivity), and on "
+                                          "which gated weight rewrites (central_filter's "
+                                          "merges) are accepted",
                                           flag="--sensitivity-batches")
         sensitivity_batch_size: int = option(128, "images per sensitivity batch")
 
@@ -62,19 +64,26 @@ class OneShot(PruningMethod):
                     f"criterion '{criterion.name}'").calibration_batches()
         c = self.config
         sensitivity = None
-        if context.target.needs_sensitivity:
+        heldout = getattr(criterion, "needs_heldout", False)
+        if context.target.needs_sensitivity or heldout:
+            what = ("allocation 'sensitivity'" if context.target.needs_sensitivity
+                    else f"criterion '{criterion.name}' (its gated rewrites)")
             with context.stage("sensitivity_data"):
-                sensitivity = context.require_data("allocation 'sensitivity'").sensitivity_batches(
+                sensitivity = context.require_data(what).sensitivity_batches(
                     c.sensitivity_batches, c.sensitivity_batch_size)
         graph = context.graph(model)
         with context.stage("score_and_prune"):
             result = prune(model, context.example_inputs, criterion=criterion,
                            target=context.target, ignore=context.target.ignore,
-                           calibration=calibration, graph=graph, sensitivity_data=sensitivity)
+                           calibration=calibration, graph=graph,
+                           sensitivity_data=sensitivity if context.target.needs_sensitivity
+                           else None, heldout_data=sensitivity if heldout else None)
         extras = {}
         if sensitivity is not None:
             extras["sensitivity"] = {"batches": len(sensitivity),
                                      "batch_size": c.sensitivity_batch_size, "split": "val"}
+        if result.rewrites:
+            extras["rewrites"] = result.rewrites
         if c.bn_recalibration_batches and context.data is not None:
             with context.stage("bn_recalibration"):
                 torch.manual_seed(context.finetune.seed)

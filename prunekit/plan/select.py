@@ -7,6 +7,12 @@ A plan is ``{group name: sorted kept channel indices}`` — plain JSON. Rules ev
   so at least one stays; an explicit plan that keeps none is an error;
 * blocks (grouped convolutions, GroupNorm) lose the same number of channels each;
 * with ``round_to=k`` the kept count is rounded up to a multiple of k (capped at the size).
+
+Which channels a count keeps is the top of the scores, unless the scores also *choose*: a
+criterion whose kept set depends on the count (Central Filter keeps one centre per cluster of
+similar maps, the clusters depending on how many go) returns scores with a
+``choose(group, keep) -> kept indices or None`` method (:func:`chosen`); the scores still rank
+the channels wherever the chooser declines (None) and in the MACs searches.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from ..graph import ChannelGraph, ChannelGroup
 from ..graph.groups import STRADDLING
 from .checks import PlanError
 
-__all__ = ["keep_count", "make_plan", "select"]
+__all__ = ["chosen", "keep_count", "make_plan", "select"]
 
 
 def keep_count(group: ChannelGroup, ratio: float, round_to: int = 1) -> int:
@@ -65,6 +71,29 @@ def select(group: ChannelGroup, scores: np.ndarray, keep: int) -> list[int]:
             return sorted(kept)
         per_block += 1  # a layer would be emptied: keep one more per block
     return list(range(group.size))
+
+
+def chosen(group: ChannelGroup, scores, keep: int) -> list[int] | None:
+    """The kept indices the scores' own ``choose`` gives for ``keep`` channels of ``group``
+    (None: it has none, declines, or the group has blocks, whose even-per-block rule the
+    scores' ranking handles); a PlanError when the choice breaks the plan's rules."""
+    choose = getattr(scores, "choose", None)
+    if choose is None or group.blocks:
+        return None
+    kept = choose(group, keep)
+    if kept is None:
+        return None
+    kept = sorted(int(i) for i in kept)
+    who = getattr(scores, "criterion", "the criterion")
+    if len(set(kept)) != keep or not all(0 <= i < group.size for i in kept):
+        raise PlanError(f"{who} chose {len(set(kept))} distinct channels in 0..{group.size - 1} "
+                        f"for group '{group.name}' instead of {keep}: {kept[:8]}...")
+    missing = sorted(set(np.flatnonzero(group.fixed).tolist()) - set(kept))
+    if missing:
+        raise PlanError(f"{who} removed fixed channels {missing[:8]} of group '{group.name}'")
+    if not _every_member_alive(group, set(kept)):
+        return None  # a layer of the group would be emptied: rank instead
+    return kept
 
 
 def _every_member_alive(group: ChannelGroup, kept: set[int]) -> bool:
@@ -121,7 +150,9 @@ def make_plan(graph: ChannelGraph, scores: dict[str, np.ndarray], ratios: dict[s
         view = group if not locked.any() else _with_fixed(group, locked)
         keep = max(wanted[group.name], int(view.fixed.sum()))
         if keep < group.size:
-            kept = select(view, scores[group.name], keep)
+            kept = chosen(view, scores, keep)
+            if kept is None:
+                kept = select(view, scores[group.name], keep)
             if len(kept) < group.size:
                 plan[group.name] = kept
     return plan
