@@ -75,16 +75,17 @@ def surviving(graph: ChannelGraph, plan: dict[str, list[int]], tensor: str, dim:
 def heldout_top1(model: nn.Module, batches) -> float:
     """Top-1 accuracy (fraction) of ``model`` in eval mode on labelled ``(inputs, labels)``
     batches, the measure a gated rewrite must not lower."""
-    from .criteria.calibration import iter_batches, model_device  # criteria sit above
-
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     correct = total = 0
     with eval_mode(model):
-        for inputs, labels in iter_batches(batches, device=model_device(model),
-                                           what="held-out data"):
-            if not isinstance(labels, torch.Tensor):
+        for batch in batches:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+                    and all(isinstance(t, torch.Tensor) for t in batch)):
                 raise RewriteError("a gated rewrite compares held-out top-1 accuracy: give "
                                    "heldout_data as labelled (inputs, labels) batches")
-            out = model(*inputs)
+            inputs, labels = (t.to(device) for t in batch)
+            out = model(inputs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
             correct += int((out.argmax(1) == labels).sum())
             total += int(labels.numel())
     if not total:

@@ -690,7 +690,8 @@ def _score(name, graph, model, data, labelled):
     crit = get_criterion(name, **({"progress": False} if CRITERIA[name].needs_data else {}))
     if not crit.needs_data:
         return crit.score(graph, model)
-    return quiet(crit.score, graph, model, labelled if name == "taylor" else data)
+    needs_labels = name == "taylor" or getattr(CRITERIA[name], "needs_labels", False)
+    return quiet(crit.score, graph, model, labelled if needs_labels else data)
 
 
 @pytest.mark.parametrize("name", sorted(CRITERIA))
@@ -765,4 +766,5 @@ def test_options_are_validated_and_shown():
     assert repr(get_criterion("apoz", max_batches=5)) == "APoZ(combine='mean', max_batches=5)"
     for name, cls in CRITERIA.items():
         assert cls.name == name and (cls.__doc__ or "").strip()
-        assert cls.needs_data == (name in {"hrank", "chip", "apoz", "taylor"})
+        assert cls.needs_data == (name in {"hrank", "chip", "apoz", "taylor", "pfp",
+                                           "central_filter", "lfe", "class_separability"})

@@ -43,10 +43,11 @@ def add_prune_parser(sub) -> None:
                          "lose (0: kept whole, 1: pruned alike; ratio and MACs targets)")
     pr.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                     help="how a --macs-reduction is shared among the groups: uniform (one "
-                         "ratio), global (one ranking of all channels) or sensitivity (each "
+                         "ratio), global (one ranking of all channels), sensitivity (each "
                          "group measured alone on held-out val batches; the default of "
                          "--macs-reduction with the oneshot method, measured best in "
-                         "benchmarks/results/equal_macs.md)")
+                         "benchmarks/results/equal_macs.md) or criterion (one level of the "
+                         "criterion's own family of counts: pfp's error level)")
     pr.add_argument("--out", required=True, help="run directory (rerun to resume)")
     add_train_args(pr, prefix="finetune-")
     add_common_run_args(pr)

@@ -11,11 +11,20 @@ Registered names:
   Slimming), ``random``; group-aware ``group_l1`` / ``group_l2`` (every parameter coupled to
   a channel: producers, norms, consumers' input slices; :mod:`.group_norm`); ``epruner``
   (EPruner: affinity propagation's exemplar filters, which also decides each layer's kept
-  count for the target ``counts_from: criterion``; :mod:`.epruner`);
+  count for the target ``counts_from: criterion``; :mod:`.epruner`); ``filtersketch``
+  (FilterSketch: the kept filters are rewritten as a Frequent-Directions sketch; :mod:`.sketch`);
 * feature maps on calibration data (``needs_data``; ``score(graph, model, calibration)``):
   ``hrank``, ``chip``, ``apoz``, sharing one streaming pass
   (:func:`prunekit.criteria.calibration.run_calibration`);
+  ``central_filter`` (Central Filter: one central filter per cluster of similar maps, the
+  removed filters' next-layer weights merged into it; :mod:`.central_filter`);
 * gradients on labelled calibration data (``needs_data``): ``taylor`` (Taylor-FO-BN).
+* input-channel sensitivities on calibration data (``needs_data``): ``pfp`` (Provable Filter
+  Pruning; its error-level family of counts serves ``allocation: criterion``; :mod:`.pfp`).
+* the loss of randomly masked models on labelled calibration data (``needs_data``,
+  ``needs_labels``): ``lfe`` (linear filter ensembles; :mod:`.ensembles`).
+* class separability of feature maps on labelled calibration data (``needs_data``,
+  ``needs_labels``): ``class_separability`` (FSDP's CS score; :mod:`.separability`).
 
 ``list_criteria()`` gives the registered names. Every criterion's scores are checked in one
 place (:func:`prunekit.criteria.base.checked_score`, applied to every subclass): NaN/inf in the
@@ -27,12 +36,17 @@ from .base import (CRITERIA, Criterion, ScoreError, combine_scores, get_criterio
 from .weight import FPGM, BNScale, L1Norm, L2Norm, RandomCriterion
 from .group_norm import GroupL1, GroupL2, GroupMagnitude
 from .epruner import EPruner
+from .sketch import FilterSketch
 from .activation import APoZ, CHIP, ActivationCriterion, HRank
+from .central_filter import CentralFilter
 from .gradient import Taylor
+from .pfp import PFP
+from .ensembles import LinearFilterEnsembles
+from .separability import ClassSeparability
 from .calibration import CalibrationDataError, run_calibration
 from .per_group import PerGroupCriterion
 
 __all__ = ["Criterion", "CRITERIA", "get_criterion", "list_criteria", "register_criterion",
            "combine_scores", "ScoreError", "CalibrationDataError",
-           "L1Norm", "L2Norm", "GroupL1", "GroupL2", "GroupMagnitude", "EPruner", "FPGM", "BNScale", "RandomCriterion", "ActivationCriterion",
-           "HRank", "CHIP", "APoZ", "Taylor", "PerGroupCriterion", "run_calibration"]
+           "L1Norm", "L2Norm", "GroupL1", "GroupL2", "GroupMagnitude", "EPruner", "FilterSketch", "FPGM", "BNScale", "RandomCriterion", "ActivationCriterion",
+           "HRank", "CHIP", "APoZ", "Taylor", "PFP", "LinearFilterEnsembles", "ClassSeparability", "CentralFilter", "PerGroupCriterion", "run_calibration"]

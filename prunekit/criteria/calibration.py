@@ -18,6 +18,11 @@ inputs, an ``(inputs, targets)`` pair (tuple or list, what a ``DataLoader`` of a
 dataset yields) or a one-element ``(inputs,)``; ``inputs`` may itself be a tuple of tensors for
 a model with several inputs. A single tensor is taken as one batch. A batch holding NaN/inf
 (inputs, or floating-point targets) is refused with :class:`CalibrationDataError` naming it.
+
+Targets are dropped unless a consumer asks for them (``run_calibration(...,
+with_targets=True)``: ``consume(node, tensor, targets)``, for criteria that need labels, such
+as the class separability of FSDP); a batch without targets is then refused with
+:class:`CalibrationLabelsError` naming it.
 """
 from __future__ import annotations
 
@@ -35,6 +40,21 @@ from .base import ScoreError
 
 class CalibrationDataError(ScoreError, DataError):
     """A calibration batch holds NaN/inf values: no criterion can score channels from it."""
+
+
+class CalibrationLabelsError(ScoreError, DataError):
+    """A criterion that needs labels got a calibration batch without targets."""
+
+
+def require_targets(targets, index: int, what: str = "calibration") -> torch.Tensor:
+    """``targets`` of batch ``index``, or CalibrationLabelsError saying what is needed."""
+    if not isinstance(targets, torch.Tensor):
+        found = "no targets" if targets is None else f"{type(targets).__name__} targets"
+        raise CalibrationLabelsError(
+            f"{what} needs labelled calibration data, but calibration batch {index} (counting "
+            f"from 0) has {found}: give (inputs, targets) batches, e.g. a DataLoader of a "
+            "labelled dataset")
+    return targets
 
 
 def check_finite_batch(inputs: tuple, targets, index: int, what: str = "calibration") -> None:
@@ -240,9 +260,13 @@ def run_calibration(graph: ChannelGraph, model: nn.Module, calibration, nodes: I
                     consume: Callable[[str, torch.Tensor], None], *,
                     max_batches: int | None = None, device=None, progress: bool = True,
                     desc: str = "calibration",
-                    on_batch: Callable[[int], None] | None = None) -> int:
+                    on_batch: Callable[[int], None] | None = None,
+                    with_targets: bool = False) -> int:
     """Run ``calibration`` through ``graph.traced`` once, calling ``consume(node, output)`` for
     each requested node of each batch; returns the number of batches processed.
+
+    ``with_targets``: call ``consume(node, output, targets)`` instead, with the batch's targets
+    (on the run's device); a batch without targets raises :class:`CalibrationLabelsError`.
 
     ``device``: where to run (the model is moved there and back); default the model's device,
     to which the batches are moved. ``max_batches``: stop after that many batches (None: all).
@@ -254,7 +278,9 @@ def run_calibration(graph: ChannelGraph, model: nn.Module, calibration, nodes: I
         raise ValueError("the channel graph has no traced module (graph.traced); build it with "
                          "prunekit.build_graph")
     nodes = list(dict.fromkeys(nodes))
-    tap = FeatureTap(gm, nodes, consume, model)
+    labels: list = [None]  # the running batch's targets, for a consumer that asks for them
+    sink = (lambda node, output: consume(node, output, labels[0])) if with_targets else consume
+    tap = FeatureTap(gm, nodes, sink, model)
     done = 0
     with training_flags(model, gm), moved_to(model, device) as dev, torch.no_grad():
         model.eval()
@@ -262,7 +288,9 @@ def run_calibration(graph: ChannelGraph, model: nn.Module, calibration, nodes: I
         batches = tqdm(iter_batches(calibration, max_batches, dev, what=desc), desc=desc,
                        unit="batch", total=batch_count(calibration, max_batches),
                        disable=not progress, leave=False)
-        for inputs, _ in batches:
+        for inputs, targets in batches:
+            if with_targets:
+                labels[0] = require_targets(targets, done, desc)
             if on_batch is not None:
                 on_batch(done)
             tap.run_batch(*inputs)

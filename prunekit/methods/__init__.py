@@ -12,6 +12,8 @@ The machinery behind them:
 * :mod:`prunekit.methods.lfpc`: LFPC's learned per-group criteria (Gumbel-softmax sampler
   trained on a validation split), then SFP with those criteria: :func:`lfpc_prune`.
 * :mod:`prunekit.methods.swp`: SWP's filter skeleton and stripe removal.
+* :mod:`prunekit.methods.fsdp`: FSDP (method ``fsdp``): class-separability + FPGM masks with
+  fractional steps, a SoftPruning subclass (:class:`FractionalStepPruning`).
 """
 from .registry import (MethodConfig, MethodResult, PruningMethod, get_method, list_methods,
                        option, register_method)
@@ -22,8 +24,9 @@ from .lfpc_plot import plot_choices
 from .soft import (SOFT_SCHEDULES, SoftPruning, asymptotic_rate, finalize, soft_prune,
                    zero_masked_channels)
 from . import oneshot, soft_methods, lfpc_method, swp_method  # noqa: F401,E402  (register)
+from .fsdp import FractionalStepPruning, fsdp_prune  # noqa: E402  (registers fsdp)
 
-__all__ = ["SOFT_SCHEDULES", "CriteriaSampler", "CriteriaSearch", "MethodConfig",
+__all__ = ["SOFT_SCHEDULES", "FractionalStepPruning", "fsdp_prune", "CriteriaSampler", "CriteriaSearch", "MethodConfig",
            "MethodContext", "MethodResult", "PerGroupCriterion", "PruningMethod", "RunData",
            "SoftPruning", "asymptotic_rate", "finalize", "get_method", "lfpc_prune",
            "linear_temperature", "list_methods", "option", "plot_choices",

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..measure import recalibrate_bn
+from ..plan import ALLOCATIONS
 from ..pruning import prune
 from .context import MethodContext
 from .registry import MethodConfig, MethodResult, PruningMethod, option, register_method
@@ -27,7 +28,7 @@ class OneShot(PruningMethod):
     summary = "score once with --criterion, remove, then fine-tune (default)"
     default_criterion = "l1"
     rounds_counts = True
-    allocations = ("uniform", "global", "sensitivity")
+    allocations = ALLOCATIONS
 
     @dataclass
     class Config(MethodConfig):

@@ -70,9 +70,10 @@ __all__ = ["SOFT_SCHEDULES", "SoftPruning", "asymptotic_rate", "finalize", "soft
            "zero_masked_channels"]
 
 def _masked_entries(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[int]], *,
-                    zero_norm_weight: bool = False, for_grads: bool = False
-                    ) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-    """(tensor, dim, positions) of every entry the plan masks.
+                    zero_norm_weight: bool = False, for_grads: bool = False,
+                    norms: bool = True) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(tensor, dim, positions) of every entry the plan masks (``norms=False``: producers
+    only, for FSDP's fractional steps, which leave BN alone).
 
     Values (``for_grads=False``): producer rows and biases, norm biases and running means, and
     norm weights only with ``zero_norm_weight``. Gradients (``for_grads=True``): producer rows
@@ -83,7 +84,8 @@ def _masked_entries(model: nn.Module, graph: ChannelGraph, plan: dict[str, list[
     if not removed:
         return entries
     for member, roots in graph.tensor_members():
-        if member.blocks > 1 or member.role not in ("out", "norm"):
+        if member.blocks > 1 or member.role not in ("out", "norm") or \
+                (member.role == "norm" and not norms):
             continue
         if member.role == "norm":
             attr = member.tensor.rpartition(".")[2]

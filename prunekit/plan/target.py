@@ -17,7 +17,9 @@ how much less the residual streams lose (``stream_scale``, for ratio and MACs ta
 :mod:`prunekit.plan.streams`), and how a MACs target is shared among the groups
 (``allocation``: ``"uniform"``, one ratio for all groups; ``"global"``, one global ranking of
 the per-group-normalised scores; ``"sensitivity"``, each group's measured cost curve, see
-:mod:`prunekit.plan.curves` and :func:`prunekit.sensitivity.measure_sensitivity`).
+:mod:`prunekit.plan.curves` and :func:`prunekit.sensitivity.measure_sensitivity`;
+``"criterion"``, one global level of the criterion's own family of counts, PFP's error level,
+see :mod:`prunekit.plan.error_level`).
 :func:`resolve_counts` gives the counts on a :class:`~prunekit.graph.ChannelGraph`;
 :func:`resolve_plan` the kept indices, choosing channels by the criterion's scores.
 """
@@ -34,6 +36,7 @@ from .allocate import global_counts, ratio_counts, ratios_for_groups
 from .checks import PlanError, check_ratio
 from .criterion_counts import COUNT_SOURCES, criterion_counts
 from .curves import counts_for_curves
+from .error_level import counts_for_error_level
 from .macs import counts_for_global_macs, counts_for_macs
 from .paper_ratios import chip_resnet_counts, conv_rate_counts
 from .select import make_plan
@@ -47,7 +50,7 @@ TARGET_KINDS = ("ratio", "ratios", "macs_reduction", "chip_sparsity", "conv_rate
                 "global_ratio", "counts", "plan", "counts_from")
 _RATIO_TARGETS = ("ratio", "macs_reduction", "global_ratio")
 #: How a macs_reduction target is shared among the groups.
-ALLOCATIONS = ("uniform", "global", "sensitivity")
+ALLOCATIONS = ("uniform", "global", "sensitivity", "criterion")
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class PlanTarget:
     normalize: str | None = "mean"   # global_ratio: per-group score normalisation
     max_ratio: float = 0.9           # global_ratio: the most any group may lose
     stream_scale: float = 1.0        # ratio/macs_reduction: residual streams' ratio factor
-    allocation: str = "uniform"      # macs_reduction: uniform, global or sensitivity
+    allocation: str = "uniform"      # macs_reduction: uniform, global, sensitivity, criterion
     sensitivity_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)  # measured per group
     sensitivity_metric: str = "auto"  # loss (labels), kl (no labels), auto
 
@@ -197,6 +200,9 @@ def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
             return counts_for_curves(model, graph, scores, example_inputs,
                                      target.macs_reduction, curves,
                                      macs_before=macs_before, round_to=target.round_to)
+        if target.allocation == "criterion":
+            return counts_for_error_level(model, graph, scores, example_inputs,
+                                          target.macs_reduction, macs_before, target.round_to)
         if target.allocation == "global":
             return counts_for_global_macs(model, graph, scores, example_inputs,
                                           target.macs_reduction, macs_before,
