@@ -3,7 +3,8 @@
 Run by ``tests/test_train.py`` as
 ``python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR``. Every rank
 trains :class:`TinyNet` for one epoch with :func:`prunekit.train.fit` and saves its final
-state to ``OUT_DIR/rank{r}.pt``. Each rank passes its own ``out_dir``
+state to ``OUT_DIR/rank{r}.pt``; with a second argument ``distill`` it learns from a
+teacher (the same seeded TinyNet on every rank) as well. Each rank passes its own ``out_dir``
 (``OUT_DIR/run_rank{r}``) so that a file written by a rank other than 0 would be visible as a
 non-empty directory; in real use all ranks pass the same directory.
 """
@@ -58,8 +59,8 @@ class RandomImages(Dataset):
         return image, int(self.labels[index])
 
 
-def main(out_dir: Path) -> None:
-    from prunekit.train import TrainConfig, fit
+def main(out_dir: Path, distill: bool = False) -> None:
+    from prunekit.train import Distillation, TrainConfig, fit
 
     rank = int(os.environ["RANK"])
     # A different initialisation on every rank: equal final weights then prove that DDP
@@ -69,8 +70,12 @@ def main(out_dir: Path) -> None:
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = TrainConfig(epochs=1, lr=0.1, batch_size=16, device="cpu", deterministic=True,
                          progress=False)
+    teacher = None
+    if distill:
+        torch.manual_seed(7)
+        teacher = Distillation(TinyNet(), temperature=2.0, weight=0.7)
     summary = fit(model, RandomImages(64), RandomImages(32, seed=1, augment=False), config,
-                  out_dir / f"run_rank{rank}")
+                  out_dir / f"run_rank{rank}", distill=teacher)
     torch.save({
         "initial": initial,
         "params": {name: p.detach().clone() for name, p in model.named_parameters()},
@@ -80,4 +85,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), distill=sys.argv[2:] == ["distill"])

@@ -30,7 +30,8 @@ The package, one idea per module (each imports only the ones listed before it):
 three files, :class:`CheckpointError`), ``hooks`` (:class:`TrainHook`), ``optim``
 (:func:`build_optimizer`, :func:`build_scheduler`), ``seeding`` (:func:`seed_everything`,
 :func:`epoch_seeds`, determinism), ``distributed`` (the process group), ``divergence``
-(:class:`DivergenceError` and the finite checks), ``trainer`` (one epoch's steps) and
+(:class:`DivergenceError` and the finite checks), ``distill`` (:class:`Distillation`, a
+teacher's soft targets), ``trainer`` (one epoch's steps) and
 ``loop`` (:func:`fit`).
 """
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT, LOG_FILE,
                          CheckpointError)
 from .config import LOG_KEYS, SCHEDULES, TrainConfig
+from .distill import Distillation, distillation_loss
 from .divergence import DivergenceError
 from .hooks import TrainHook
 from .loop import fit
@@ -46,6 +48,7 @@ from .optim import build_optimizer, build_scheduler
 from .seeding import epoch_seeds, seed_everything
 
 __all__ = [
-    "SCHEDULES", "LOG_KEYS", "CheckpointError", "DivergenceError", "TrainConfig", "TrainHook",
+    "SCHEDULES", "LOG_KEYS", "CheckpointError", "Distillation", "DivergenceError",
+    "TrainConfig", "TrainHook", "distillation_loss",
     "build_optimizer", "build_scheduler", "epoch_seeds", "fit", "seed_everything",
 ]

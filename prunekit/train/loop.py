@@ -25,6 +25,7 @@ from ..measure import evaluate
 from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT, LOG_FILE,
                          CheckpointError, _load_last_checkpoint, _save_log, _save_torch)
 from .config import TrainConfig
+from .distill import Distillation
 from .distributed import _Distributed, _setup_distributed
 from .divergence import DivergenceError, _NonFinite, check_weights
 from .hooks import _Hooks
@@ -44,6 +45,7 @@ def fit(
     *,
     hooks: Sequence[Any] = (),
     resume: bool = True,
+    distill: Distillation | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``train_set``, validating on ``val_set`` after every epoch.
 
@@ -64,6 +66,11 @@ def fit(
     epoch is written: ``last.pt``, ``best.pt`` and ``log.jsonl`` stay those of the last good
     epoch. A model that is already non-finite before the first step raises it too, and a
     ``last.pt`` holding non-finite weights raises :class:`CheckpointError`.
+
+    Distillation: ``distill=Distillation(teacher, temperature, weight)`` adds Hinton et al.'s
+    soft-target term to the loss (:mod:`prunekit.train.distill`); the teacher stays out of
+    every file ``fit`` writes, and a resume must pass the same teacher (checked by
+    fingerprint).
 
     Hooks (objects with any subset of the methods of :class:`TrainHook`) are called, each
     method on every hook in the order given, as follows::
@@ -101,7 +108,7 @@ def fit(
     restore_determinism = _enable_determinism(device) if config.deterministic else None
     try:
         return _fit(model, train_set, val_set, config, Path(out_dir), _Hooks(hooks), resume,
-                    ddp, device)
+                    ddp, device, distill)
     except KeyboardInterrupt:
         if ddp.is_main:
             print(f"\ninterrupted: {Path(out_dir) / LAST_CHECKPOINT} holds the last finished "
@@ -115,7 +122,8 @@ def fit(
 
 
 def _fit(model, train_set, val_set, config: TrainConfig, out_dir: Path, hooks: _Hooks,
-         resume: bool, ddp: _Distributed, device: torch.device) -> dict[str, Any]:
+         resume: bool, ddp: _Distributed, device: torch.device,
+         distill: Distillation | None = None) -> dict[str, Any]:
     use_amp = config.amp and device.type == "cuda"
     if config.amp and not use_amp:
         warnings.warn("amp=True is ignored on CPU (autocast + GradScaler need CUDA)", stacklevel=3)
@@ -146,7 +154,13 @@ def _fit(model, train_set, val_set, config: TrainConfig, out_dir: Path, hooks: _
         scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
         steps_per_epoch=steps_per_epoch,
         use_amp=use_amp,
+        distill=distill,
     )
+    if distill is not None:
+        if not isinstance(distill, Distillation):
+            raise ConfigError("distill must be a prunekit.train.Distillation(teacher, ...)")
+        distill.check_student(model)
+        distill.prepare(device)
 
     last_path, best_path, log_path = (out_dir / LAST_CHECKPOINT, out_dir / BEST_CHECKPOINT,
                                       out_dir / LOG_FILE)

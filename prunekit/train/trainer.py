@@ -23,6 +23,7 @@ from ..utils import first_output
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError
 from .config import _RUNTIME_FIELDS, TrainConfig
 from .distributed import _Distributed
+from .distill import Distillation
 from .divergence import _NonFinite, check_loss
 from .hooks import _Hooks
 
@@ -54,6 +55,7 @@ class _Trainer:
     steps_per_epoch: int
     use_amp: bool
     global_step: int = 0
+    distill: Distillation | None = None   # a teacher the student also learns from
     criterion: nn.Module = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,7 +100,11 @@ class _Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
                     logits = first_output(self.train_model(inputs))
+                    teacher_logits = (None if self.distill is None
+                                      else self.distill.teacher_logits(inputs))
                 loss = self.criterion(logits.float(), targets)
+                if teacher_logits is not None:
+                    loss = self.distill.loss(logits, loss, teacher_logits)
                 extra = self.hooks.extra_loss(self.model)
                 total_loss = loss if extra is None else loss + extra
                 where = f"step {index + 1}/{self.steps_per_epoch} (global step {self.global_step})"
@@ -169,6 +175,7 @@ class _Trainer:
             "best_epoch": best["epoch"],
             "history": history,
             "config": self.config.to_dict(),
+            "distill": None if self.distill is None else self.distill.state(),
         }
 
     def restore(self, checkpoint: dict[str, Any], path: Path) -> None:
@@ -182,6 +189,7 @@ class _Trainer:
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.global_step = int(checkpoint["global_step"])
+        self._check_same_distillation(checkpoint.get("distill"), path)
         saved = checkpoint.get("config", {})
         changed = sorted(key for key, value in self.config.to_dict().items()
                          if key not in _RUNTIME_FIELDS and saved.get(key, value) != value)
@@ -192,3 +200,19 @@ class _Trainer:
             warnings.warn(f"{path} was written with {checkpoint.get('steps_per_epoch')} steps per "
                           f"epoch, now there are {self.steps_per_epoch} (dataset, batch size or "
                           "world size changed); the learning-rate schedule shifts", stacklevel=3)
+
+    def _check_same_distillation(self, saved: dict | None, path: Path) -> None:
+        """A resume must learn from the same teacher the same way: else CheckpointError."""
+        now = None if self.distill is None else self.distill.state()
+        if saved == now:
+            return
+        if saved is None:
+            raise CheckpointError(f"{path} was trained without distillation; resume it without "
+                                  "a teacher, or start over (resume=False) to distil")
+        if now is None:
+            raise CheckpointError(f"{path} was trained distilling from a teacher "
+                                  f"(temperature {saved['temperature']}, weight "
+                                  f"{saved['weight']}); pass the same teacher to resume")
+        raise CheckpointError(f"{path} was trained distilling with {saved}, this run with {now} "
+                              "(a different teacher or setting); pass the same teacher and "
+                              "options to resume, or start over (resume=False)")
