@@ -198,3 +198,59 @@ def test_ddp_distillation_keeps_ranks_identical(tmp_path):
     last = torch.load(tmp_path / "distill" / "run_rank0" / "last.pt", weights_only=True)
     assert last["distill"]["weight"] == 0.7 and set(last["model"]) == set(rank0["params"]) | {
         n for n in last["model"] if "running" in n or "num_batches" in n}
+
+
+# ---------------------------------------------------------------- the prune job (--distill)
+from conftest import SHARED, needs_shared  # noqa: E402
+
+
+def _job_args(out, *extra):
+    return ["prune", "--model", "cifar_resnet20", "--weights", "pretrained", "--data",
+            str(SHARED), "--criterion", "l1", "--ratio", "0.3", "--allocation", "uniform",
+            "--finetune-epochs", "1", "--finetune-max-steps", "2", "--finetune-batch-size", "16",
+            "--eval-splits", "test-lossless", "--limit", "40", "--latency-batches", "",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.shared_data
+@needs_shared
+def test_prune_job_distils_from_the_unpruned_model_and_resumes(tmp_path):
+    from prunekit.cli import main
+    import prunekit.io as pio
+
+    run = tmp_path / "run"
+    assert main(_job_args(run, "--distill", "--distill-temperature", "3",
+                          "--distill-weight", "0.25")) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["options"]["distill"] == {"temperature": 3.0, "weight": 0.25}
+    assert report["distill"]["temperature"] == 3.0 and len(report["distill"]["teacher"]) == 16
+    last = torch.load(run / "finetune" / "last.pt", weights_only=True)
+    assert last["distill"]["weight"] == 0.25
+    model = pio.load(run / "model.safetensors")
+    assert set(model.state_dict()) == set(last["model"])  # the student only
+    # a rerun resumes the same run (the same teacher, loaded again)
+    assert main(_job_args(run, "--distill", "--distill-temperature", "3",
+                          "--distill-weight", "0.25")) == 0
+
+
+@pytest.mark.shared_data
+@needs_shared
+@pytest.mark.parametrize("extra, message", [
+    (("--distill-weight", "0.3"), "add --distill"),
+    (("--distill", "--distill-weight", "2"), "weight"),
+    (("--distill", "--distill-temperature", "0"), "temperature"),
+    (("--distill", "--method", "sfp"), "takes no teacher"),
+])
+def test_prune_job_refuses_bad_distill_flags_before_work(tmp_path, capsys, extra, message):
+    from prunekit.cli import main
+
+    run = tmp_path / "run"
+    args = _job_args(run, *extra)
+    if "--method" in extra:  # a soft method: no criterion / allocation flags of oneshot
+        at = args.index("--criterion")
+        del args[at:at + 2]
+        at = args.index("--allocation")
+        del args[at:at + 2]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (run / "model.safetensors").exists() and not (run / "report.json").exists()

@@ -48,6 +48,13 @@ def add_prune_parser(sub) -> None:
                          "--macs-reduction with the oneshot method, measured best in "
                          "benchmarks/results/equal_macs.md) or criterion (one level of the "
                          "criterion's own family of counts: pfp's error level)")
+    pr.add_argument("--distill", action="store_true", default=None,
+                    help="fine-tune learning from the unpruned model too (Hinton et al. 2015: "
+                         "(1 - w) CE + w T^2 KL of softened logits; one-shot methods)")
+    pr.add_argument("--distill-temperature", type=float, default=None,
+                    help="softmax temperature T of --distill (default 4)")
+    pr.add_argument("--distill-weight", type=float, default=None,
+                    help="weight w of the teacher's term, in [0, 1] (default 0.5)")
     pr.add_argument("--out", required=True, help="run directory (rerun to resume)")
     add_train_args(pr, prefix="finetune-")
     add_common_run_args(pr)
@@ -107,6 +114,20 @@ def _plan_section(args, options: dict) -> dict:
     return plan
 
 
+def _distill_section(args, options: dict) -> dict | None:
+    """The recipe's ``distill`` section with the flags over it; the temperature and weight
+    flags without --distill (and no recipe section) are an error, not silently ignored."""
+    distill = options.get("distill")
+    given = {k: v for k, v in (("temperature", args.distill_temperature),
+                               ("weight", args.distill_weight)) if v is not None}
+    if distill is None and not args.distill:
+        if given:
+            raise ConfigError("--distill-temperature / --distill-weight set how --distill "
+                              "teaches; add --distill")
+        return None
+    return {**(distill or {}), **given}
+
+
 def cmd_prune(args) -> int:
     options = load_recipe(args.recipe) if args.recipe else {}
     recipe_name = options.get("name")
@@ -130,6 +151,9 @@ def cmd_prune(args) -> int:
     options["finetune"] = {**FINETUNE_DEFAULTS, **(options.get("finetune") or {}),
                            **train_overrides(args)}
     options.update(run_options(args), out=args.out, recipe=recipe_name)
+    distill = _distill_section(args, options)
+    if distill is not None:
+        options["distill"] = distill
     report = run_prune(options)
     print(summary_table(report))
     print(f"wrote {args.out}/report.json and {args.out}/model.safetensors")

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import data
 from ..errors import ConfigError
+from ..train.distill import check_distill_options
 
 __all__ = ["CALIBRATION_DEFAULTS", "DATASET_KINDS", "FINETUNE_DEFAULTS", "RunConfig",
            "run_default"]
@@ -38,8 +39,10 @@ class RunConfig:
     :data:`CALIBRATION_DEFAULTS`; ``data`` / ``dataset``: where the images are and which kind
     (``auto`` tells CIFAR-10 from an image folder); ``input_size`` / ``mean`` / ``std``
     override the preprocessing the model's source gives; ``eval_splits`` default to the
-    data's (CIFAR-10: test and test-lossless; an image folder: test); the rest says how to
-    measure.
+    data's (CIFAR-10: test and test-lossless; an image folder: test); ``distill``:
+    ``{"temperature", "weight"}`` (over :data:`prunekit.train.distill.DISTILL_DEFAULTS`) makes
+    the fine-tuning learn from the unpruned model too (:class:`prunekit.train.Distillation`);
+    the rest says how to measure.
     """
 
     model: dict[str, Any]
@@ -60,6 +63,7 @@ class RunConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     recipe: str | None = None
+    distill: dict[str, Any] | None = None   # teacher = the unpruned model (fine-tuning stage)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -81,6 +85,8 @@ class RunConfig:
             raise ConfigError(f"unknown dataset {self.dataset!r}; valid: "
                               f"{', '.join(DATASET_KINDS)}")
         self.limit = data.check_limit(self.limit)
+        if self.distill is not None:
+            self.distill = check_distill_options(dict(self.distill))
         # Checked here (not when data is opened): the values must be usable before any work.
         self.preprocessing_overrides()
 

@@ -8,6 +8,7 @@ methods resume from their own checkpoints under OUT.
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,7 +23,7 @@ from ..methods import MethodContext, MethodResult, get_method
 from ..models.registry import SPEC_ATTR
 from ..models.weights import WeightsLoadError
 from ..plan import PlanError, PlanTarget
-from ..train import TrainConfig, fit
+from ..train import Distillation, TrainConfig, fit
 from .config import RunConfig
 from .measuring import StageTimer, measure_model
 from .model_setup import check_outputs_fit_data, load_model, run_preprocessing
@@ -60,6 +61,12 @@ class _Job:
         if self.method.trains and epochs < 1:
             raise ConfigError(f"method {self.method.name} trains while it prunes: give "
                               "--finetune-epochs >= 1")
+        if config.distill and self.method.trains:
+            raise ConfigError(f"--distill teaches the fine-tuning after a one-shot cut; method "
+                              f"{self.method.name} trains inside itself and takes no teacher "
+                              "yet: drop --distill (or use --method oneshot)")
+        if config.distill and epochs < 1:
+            raise ConfigError("--distill teaches the fine-tuning: give --finetune-epochs >= 1")
         self.out = Path(config.out)
         self.timer = StageTimer()
 
@@ -89,7 +96,7 @@ class _Job:
                             calibration=c.calibration, finetune=self.finetune.to_dict(),
                             seed=c.seed, limit=c.limit,
                             preprocessing=c.preprocessing_overrides(), data=data_root,
-                            dataset=data_kind)
+                            dataset=data_kind, **({"distill": c.distill} if c.distill else {}))
 
     def described_method(self) -> dict:
         described = self.method.describe()
@@ -138,7 +145,7 @@ def _check_target(method, target: PlanTarget) -> None:
         raise ConfigError(f"method {method.name} shares a MACs target "
                           f"{' or '.join(method.allocations)}, not by allocation "
                           f"'{target.allocation}' (the oneshot method offers "
-                          "uniform, global and sensitivity)")
+                          f"{', '.join(get_method('oneshot').allocations)})")
     if target.round_to != 1 and not method.rounds_counts:
         raise ConfigError(f"method {method.name} does not round its channel counts; drop "
                           f"--round-to {target.round_to} (only the one-shot method honours it)")
@@ -163,6 +170,8 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
     torch.manual_seed(config.seed)
     with timer("load"):
         model = load_model(config.model).eval()
+    # The unpruned network teaches the fine-tuning; a rerun loads it again, the same weights
+    teacher = copy.deepcopy(model) if config.distill else None
     preprocessing = run_preprocessing(config.model, model, kind,
                                       config.preprocessing_overrides())
     run_data = open_run_data(kind, root, preprocessing, limit=config.limit,
@@ -206,8 +215,13 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
             report["pruned"] = job.measure(model, run_data, example)
         if job.finetune_epochs > 0:
             with timer("finetune"):
+                distill = (Distillation(teacher, **config.distill) if teacher is not None
+                           else None)
                 report["finetune"] = fit(model, run_data.train_set(), run_data.val_set(),
-                                         job.finetune, out / "finetune")
+                                         job.finetune, out / "finetune", distill=distill)
+                if distill is not None:
+                    report["distill"] = {**distill.state(), "teacher_model": "the unpruned "
+                                         "model of this run"}
             with timer("measure_finetuned"):
                 report["finetuned"] = job.measure(model, run_data, example)
 

@@ -26,7 +26,7 @@ _RESUMABLE_TRAIN_KEYS = ("epochs", "device", "num_workers", "progress")
 
 
 def run_identity(*, model, method, criterion, plan, calibration, finetune: Mapping[str, Any],
-                 seed, limit, preprocessing, data, dataset) -> dict[str, Any]:
+                 seed, limit, preprocessing, data, dataset, distill=None) -> dict[str, Any]:
     """The settings that make two runs the same run (as plain JSON); ``preprocessing`` is the
     user's overrides (the rest follows from the model)."""
     train = {k: v for k, v in finetune.items() if k not in _RESUMABLE_TRAIN_KEYS}
@@ -34,6 +34,8 @@ def run_identity(*, model, method, criterion, plan, calibration, finetune: Mappi
                 "calibration": calibration, "finetune": train, "seed": seed, "limit": limit,
                 "preprocessing": preprocessing, "dataset": dataset,
                 "data": str(Path(data).resolve())}
+    if distill:  # only when set: runs without a teacher keep the identity they always had
+        identity["distill"] = distill
     return json.loads(json.dumps(identity, default=str))
 
 

@@ -28,7 +28,24 @@ from torch import nn
 from ..errors import ConfigError
 from ..utils import first_output
 
-__all__ = ["Distillation", "distillation_loss", "teacher_fingerprint"]
+__all__ = ["DISTILL_DEFAULTS", "Distillation", "check_distill_options", "distillation_loss",
+           "teacher_fingerprint"]
+
+#: The options of a run's ``distill`` section (``prunekit prune --distill``).
+DISTILL_DEFAULTS = {"temperature": 4.0, "weight": 0.5}
+
+
+def check_distill_options(options) -> dict:
+    """A run's ``distill`` section over :data:`DISTILL_DEFAULTS`, checked before any work
+    (unknown keys and bad values are a ConfigError)."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"distill takes {{'temperature': ..., 'weight': ...}}, got {options!r}")
+    unknown = sorted(set(options) - set(DISTILL_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown distill option(s) {unknown}; valid: {sorted(DISTILL_DEFAULTS)}")
+    merged = {**DISTILL_DEFAULTS, **options}
+    Distillation(nn.Identity(), **merged)  # the same checks as a real teacher gets
+    return merged
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
