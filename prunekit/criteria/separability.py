@@ -52,10 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import ChannelGraph
-from .activation import MAP_COMBINE, _pooled_sources
-from .base import (Criterion, ScoreError, check_choice, combine_scores, nonfinite_cause,
-                   register_criterion, require_calibration)
-from .calibration import CalibrationLabelsError, check_max_batches, run_calibration
+from .activation import ActivationCriterion, _pooled_sources
+from .base import (ScoreError, combine_scores, nonfinite_cause, register_criterion,
+                   require_calibration)
+from .calibration import CalibrationLabelsError, run_calibration
 from .weight import L1Norm
 
 __all__ = ["ClassSeparability", "class_separability", "global_max"]
@@ -118,7 +118,7 @@ def _checked_labels(targets: torch.Tensor, batch_size: int, index: int, what: st
 
 
 @register_criterion
-class ClassSeparability(Criterion):
+class ClassSeparability(ActivationCriterion):
     """FSDP's class-separability score (module docstring): tr(M P M^T) of the class means of
     each channel's per-image global max, on labelled calibration data.
 
@@ -131,20 +131,7 @@ class ClassSeparability(Criterion):
     needs_data = True
     needs_labels = True
 
-    def __init__(self, combine: str = "mean", *, max_batches: int | None = None, device=None,
-                 progress: bool = True):
-        self.combine = check_choice(combine, MAP_COMBINE, "combine")
-        self.max_batches = check_max_batches(max_batches)
-        self.device = device
-        self.progress = bool(progress)
-
-    def options(self) -> dict:
-        opts = {"combine": self.combine}
-        if self.max_batches is not None:
-            opts["max_batches"] = self.max_batches
-        if self.device is not None:
-            opts["device"] = self.device
-        return opts
+    # combine / max_batches / device / progress and options(): ActivationCriterion's
 
     def score_group(self, group, model):
         raise TypeError(f"'{self.name}' needs labelled calibration data; call "
