@@ -6,6 +6,10 @@ the same fine-tuning for the best settings of each tool.
     python benchmarks/equal_macs.py                       # resumes; results as it goes
     python benchmarks/equal_macs.py --splits test-lossless --finetune-best 0
     python benchmarks/equal_macs.py --other-models        # resnet18/mobilenet_v2 MACs/params
+    python benchmarks/equal_macs.py --methods             # every method, same counts + epoch
+
+``--methods`` is the methods table (benchmarks/equal_macs_methods.py): every registered
+pruning method at the same MACs and the same one-epoch budget, with the unpruned network.
 
 Allocations: ``uniform`` (every group at one ratio), ``streams-half`` / ``streams-kept``
 (residual streams at half / none of the inner ratio: PlanTarget.stream_scale), ``global`` (one
@@ -266,22 +270,31 @@ def main() -> None:
     parser.add_argument("--splits", default="test-lossless,test")
     parser.add_argument("--bn-batches", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "equal_macs"))
-    parser.add_argument("--only", default="", help="run only names containing this text")
+    parser.add_argument("--only", default="", help="run only names containing this text "
+                        "(--methods: comma-separated row names, 'epruner*' for a prefix)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--finetune-best", type=int, default=2,
                         help="fine-tune this many best settings of each tool for one epoch")
     parser.add_argument("--finetune", default="",
                         help="comma-separated row names to fine-tune too (e.g. the default)")
     parser.add_argument("--other-models", action="store_true",
                         help="only the MACs/params of torchvision resnet18 and mobilenet_v2")
+    parser.add_argument("--methods", action="store_true",
+                        help="the methods table (equal_macs_methods.py) instead")
     parser.add_argument("--work", default="/tmp/equal_macs_work",
                         help="fine-tuning checkpoints (resumable)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     splits = [s for s in args.splits.split(",") if s]
     out = Path(args.out)
     path = out.with_suffix(".json")
     results = json.loads(path.read_text()) if path.exists() else {}
+    if args.methods:
+        from equal_macs_methods import run_methods
+        run_methods(SHARED, out.with_name("equal_macs_methods"), args.target, splits,
+                    args.bn_batches, args.only, Path(args.work) / "methods")
+        return
     if args.other_models:
         results["other_models"] = other_models(args.target)
         atomic_write_json(path, results, indent=1)
