@@ -239,18 +239,36 @@ def test_prune_job_distils_from_the_unpruned_model_and_resumes(tmp_path):
     (("--distill-weight", "0.3"), "add --distill"),
     (("--distill", "--distill-weight", "2"), "weight"),
     (("--distill", "--distill-temperature", "0"), "temperature"),
-    (("--distill", "--method", "sfp"), "takes no teacher"),
+    (("--distill", "from-scratch"), "no trained weights"),
 ])
 def test_prune_job_refuses_bad_distill_flags_before_work(tmp_path, capsys, extra, message):
     from prunekit.cli import main
 
     run = tmp_path / "run"
-    args = _job_args(run, *extra)
-    if "--method" in extra:  # a soft method: no criterion / allocation flags of oneshot
-        at = args.index("--criterion")
-        del args[at:at + 2]
-        at = args.index("--allocation")
+    args = _job_args(run, *[e for e in extra if e != "from-scratch"])
+    if "from-scratch" in extra:  # no --weights: a random initialisation teaches nothing
+        at = args.index("--weights")
         del args[at:at + 2]
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (run / "model.safetensors").exists() and not (run / "report.json").exists()
+
+
+@pytest.mark.shared_data
+@needs_shared
+@pytest.mark.parametrize("method", ["sfp", "fsdp"])
+def test_training_methods_distil_in_their_own_fit(tmp_path, method):
+    from prunekit.cli import main
+
+    run = tmp_path / "run"
+    args = _job_args(run, "--distill", "--distill-weight", "0.4")
+    at = args.index("--criterion")
+    del args[at:at + 2]
+    at = args.index("--allocation")
+    args[at:at + 2] = ["--method", method]
+    assert main(args) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["distill"]["weight"] == 0.4
+    last = torch.load(run / "finetune" / "last.pt", weights_only=True)
+    assert last["distill"] == {k: report["distill"][k] for k in ("temperature", "weight",
+                                                                 "teacher")}

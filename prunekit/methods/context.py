@@ -45,6 +45,7 @@ class MethodContext:
     criterion: Criterion | str | None = None
     stage: Callable[[str], ContextManager] = field(default=lambda name: nullcontext())
     leaf_modules: tuple = ()
+    distill: object | None = None   # a prunekit.train.Distillation for every fine-tuning fit
     _graph: ChannelGraph | None = field(default=None, repr=False)
 
     def graph(self, model: nn.Module) -> ChannelGraph:

@@ -269,7 +269,7 @@ class FractionalStepPruning(SoftPruning):
 
 
 def fsdp_prune(model: nn.Module, train_set, val_set, config, out_dir, *, example_inputs,
-               calibration, resume: bool = True, graph=None, **options):
+               calibration, resume: bool = True, graph=None, distill=None, **options):
     """Train ``model`` with :class:`FractionalStepPruning` (``options``: its keyword
     arguments; ``epochs`` is the config's), then remove the last mask physically. Returns
     ``(model, PruningResult, fit summary, hook)``."""
@@ -278,7 +278,8 @@ def fsdp_prune(model: nn.Module, train_set, val_set, config, out_dir, *, example
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     hook = FractionalStepPruning(graph, model=model, example_inputs=example_inputs,
                                  calibration=calibration, epochs=config.epochs, **options)
-    summary = fit(model, train_set, val_set, config, out_dir, hooks=[hook], resume=resume)
+    summary = fit(model, train_set, val_set, config, out_dir, hooks=[hook], resume=resume,
+                  distill=distill)
     return model, hook.finalize(model), summary, hook
 
 
@@ -326,7 +327,8 @@ class FSDP(PruningMethod):
                 model, data.train_set(), data.val_set(), context.finetune,
                 context.out_dir / "finetune", example_inputs=context.example_inputs,
                 calibration=calibration, cs_criterion=criterion, **self.config.to_dict(),
-                ignore=context.target.ignore, graph=context.graph(model), **targets)
+                ignore=context.target.ignore, graph=context.graph(model),
+                distill=context.distill, **targets)
         return MethodResult(plan=result.plan, trained=True, summary=summary,
                             extras={"fsdp": {"history": hook.history}},
                             group_sizes=result.group_sizes)

@@ -313,7 +313,8 @@ def lfpc_prune(model: nn.Module, train_set, val_set, search_config, sfp_config, 
                ratios: dict[str, float] | None = None,
                criteria: Sequence[str] = ("l1", "l2", "fpgm"), train_weights: bool = True,
                mask_grads: bool = False, ignore: Sequence = (), leaf_modules: Sequence = (),
-               resume: bool = True, graph: ChannelGraph | None = None, **search_options):
+               resume: bool = True, graph: ChannelGraph | None = None, distill=None,
+               **search_options):
     """LFPC end to end: criteria search, SFP with the learned per-group criteria, removal.
 
     ``search_config`` / ``sfp_config``: :class:`prunekit.train.TrainConfig` (or dicts) of the
@@ -362,7 +363,7 @@ def lfpc_prune(model: nn.Module, train_set, val_set, search_config, sfp_config, 
                        criterion=PerGroupCriterion(choices, default="l2"), keep=counts,
                        mask_grads=mask_grads, ignore=ignore, leaf_modules=leaf_modules)
     sfp_summary = fit(model, train_set, val_set, sfp_config, out_dir / "sfp", hooks=[hook],
-                      resume=resume)
+                      resume=resume, distill=distill)  # the search phase learns alone
     result = hook.finalize(model)
     result.criterion = "lfpc"
     info = {"choices": search.report(), "search_history": search.history,

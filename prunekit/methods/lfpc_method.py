@@ -75,7 +75,7 @@ class LFPC(PruningMethod):
                 context.out_dir / "lfpc", example_inputs=context.example_inputs,
                 criteria=c.criteria, train_weights=c.train_weights, mask_grads=c.mask_grads,
                 ignore=context.target.ignore, graph=context.graph(model), **c.sampler,
-                **targets)
+                distill=context.distill, **targets)
         plot_choices(info["choices"], context.out_dir / "lfpc_choices.png")
         extras = {"lfpc": {k: info[k] for k in ("choices", "criteria", "search_history")}}
         return MethodResult(plan=result.plan, trained=True, summary=info["sfp"], extras=extras,

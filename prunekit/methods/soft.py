@@ -368,7 +368,8 @@ def finalize(model: nn.Module, graph: ChannelGraph, hook, example_inputs=None):
 
 
 def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, example_inputs=None,
-               resume: bool = True, graph: ChannelGraph | None = None, **options):
+               resume: bool = True, graph: ChannelGraph | None = None, distill=None,
+               **options):
     """Soft-prune ``model`` during :func:`prunekit.train.fit`, then remove the last mask.
 
     ``options``: :class:`SoftPruning`'s keyword arguments (``criterion``, ``ratio``,
@@ -386,6 +387,7 @@ def soft_prune(model: nn.Module, train_set, val_set, config, out_dir, *, example
         raise ValueError("soft_prune needs example_inputs (e.g. torch.randn(1, 3, 32, 32))")
     hook = SoftPruning(graph, model=model, example_inputs=example_inputs, epochs=config.epochs,
                        **options)
-    summary = fit(model, train_set, val_set, config, out_dir, hooks=[hook], resume=resume)
+    summary = fit(model, train_set, val_set, config, out_dir, hooks=[hook], resume=resume,
+                  distill=distill)
     result = hook.finalize(model)
     return model, result, summary

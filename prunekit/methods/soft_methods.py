@@ -87,7 +87,7 @@ class _SoftMethod(PruningMethod):
                 context.out_dir / "finetune", criterion=context.criterion_or(self.default_criterion),
                 **{k: getattr(c, k) for k in _SOFT_OPTIONS},
                 example_inputs=context.example_inputs, ignore=context.target.ignore,
-                graph=context.graph(model), **targets)
+                graph=context.graph(model), distill=context.distill, **targets)
         return MethodResult(plan=result.plan, trained=True, summary=summary,
                             group_sizes=result.group_sizes)
 

@@ -60,7 +60,8 @@ class SWP(PruningMethod):
                                   penalty_epochs=c.penalty_epochs, ignore=context.target.ignore)
         with context.stage("skeleton_training"):
             summary = fit(model, data.train_set(), data.val_set(), context.finetune,
-                          context.out_dir / "skeleton", hooks=[skeleton])
+                          context.out_dir / "skeleton", hooks=[skeleton],
+                          distill=context.distill)
         extras = {"stripes_alive": skeleton.stripe_fraction(),
                   "stripes_alive_history": skeleton.history}
         with context.stage("stripe_prune"):

@@ -61,10 +61,10 @@ class _Job:
         if self.method.trains and epochs < 1:
             raise ConfigError(f"method {self.method.name} trains while it prunes: give "
                               "--finetune-epochs >= 1")
-        if config.distill and self.method.trains:
-            raise ConfigError(f"--distill teaches the fine-tuning after a one-shot cut; method "
-                              f"{self.method.name} trains inside itself and takes no teacher "
-                              "yet: drop --distill (or use --method oneshot)")
+        if config.distill and not (config.model.get("weights") or config.model.get("path")):
+            raise ConfigError("--distill learns from the model the run starts from, which has "
+                              "no trained weights here (no --weights): give trained weights "
+                              "or drop --distill")
         if config.distill and epochs < 1:
             raise ConfigError("--distill teaches the fine-tuning: give --finetune-epochs >= 1")
         self.out = Path(config.out)
@@ -171,7 +171,8 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
     with timer("load"):
         model = load_model(config.model).eval()
     # The unpruned network teaches the fine-tuning; a rerun loads it again, the same weights
-    teacher = copy.deepcopy(model) if config.distill else None
+    distill = (Distillation(copy.deepcopy(model), **config.distill) if config.distill
+               else None)
     preprocessing = run_preprocessing(config.model, model, kind,
                                       config.preprocessing_overrides())
     run_data = open_run_data(kind, root, preprocessing, limit=config.limit,
@@ -189,7 +190,7 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
 
     context = MethodContext(example_inputs=(example,), target=job.target,
                             finetune=job.finetune, out_dir=out, data=run_data,
-                            criterion=job.criterion, stage=timer)
+                            criterion=job.criterion, stage=timer, distill=distill)
     pruned_path = out / "pruned.safetensors"
     if not job.method.trains and pruned_path.exists():
         with timer("load_pruned"):
@@ -201,6 +202,8 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
             io.save(model, pruned_path, method=job.described_method(), plan=result.plan,
                     recipe=config.recipe, preprocessing=preprocessing)
     report["plan"] = result.plan
+    if distill is not None:
+        report["distill"] = {**distill.state(), "teacher_model": "the unpruned model of this run"}
     if result.group_sizes is not None:
         report["group_sizes"] = result.group_sizes
     report.update(result.extras)
@@ -215,13 +218,9 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
             report["pruned"] = job.measure(model, run_data, example)
         if job.finetune_epochs > 0:
             with timer("finetune"):
-                distill = (Distillation(teacher, **config.distill) if teacher is not None
-                           else None)
                 report["finetune"] = fit(model, run_data.train_set(), run_data.val_set(),
                                          job.finetune, out / "finetune", distill=distill)
-                if distill is not None:
-                    report["distill"] = {**distill.state(), "teacher_model": "the unpruned "
-                                         "model of this run"}
+
             with timer("measure_finetuned"):
                 report["finetuned"] = job.measure(model, run_data, example)
 
