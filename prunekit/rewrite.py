@@ -115,7 +115,10 @@ def _checked(model: nn.Module, rewrite: Rewrite) -> list[tuple[torch.Tensor, tor
 def apply_rewrites(model: nn.Module, rewrites: list[Rewrite], heldout=None) -> list[dict]:
     """Write every rewrite into the pruned ``model`` (in place) and return the log, one entry
     per rewrite: group, what, applied, and for gated ones the held-out top-1 without and with
-    it. Every rewrite is checked (names, shapes, finite values) before any is written.
+    it. Every rewrite is checked (names, shapes, finite values) before any is written. They
+    are written in order, so when two rewrites set the same tensor (a layer that reads one
+    rewritten group and produces another) the later one's value is the one kept: a criterion
+    gives the final value in the last rewrite that touches it.
     Gated rewrites are tried one at a time in the given order, each kept only if top-1 on
     ``heldout`` does not drop (a RewriteError if ``heldout`` is None)."""
     checked = [(r, _checked(model, r)) for r in rewrites]
