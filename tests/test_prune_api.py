@@ -356,3 +356,11 @@ def test_prune_twice(shortcut, prune_and_compare, assert_module_metadata):
     model.train()
     model(X).sum().backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_a_bad_macs_target_says_it_is_a_fraction_of_macs():
+    from prunekit.plan import PlanError, check_ratio
+    with pytest.raises(PlanError, match=r"fraction of MACs removed"):
+        check_ratio(1.5, "--macs-reduction")
+    with pytest.raises(PlanError, match=r"fraction of channels removed"):
+        check_ratio(-0.1, "ratio")

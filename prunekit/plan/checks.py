@@ -18,6 +18,7 @@ def check_ratio(ratio: float, what: str = "ratio") -> float:
     # numbers.Real covers numpy scalars (np.float32(0.5)); a bool is not a ratio.
     if not isinstance(ratio, numbers.Real) or isinstance(ratio, (bool, np.bool_)) \
             or not 0 <= ratio < 1:
-        raise PlanError(f"{what} must be a number in [0, 1) (the fraction of channels removed); "
-                        f"got {ratio!r}")
+        removed = "MACs" if "macs" in what.replace("-", "_").lower() else "channels"
+        raise PlanError(f"{what} must be a number in [0, 1) (the fraction of {removed} "
+                        f"removed); got {ratio!r}")
     return float(ratio)
