@@ -51,7 +51,7 @@ MAP_COMBINE = ("mean", "sum", "first", "last")
 
 
 class _MapStats:
-    """Running per-channel sum of a per-image statistic of one feature map."""
+    """Running per-channel sum of a per-image statistic of one map; ``result()``: the mean."""
 
     __slots__ = ("total", "images", "ndim")
 
@@ -60,12 +60,12 @@ class _MapStats:
         self.images = 0
         self.ndim = ndim
 
-    def add(self, per_image: torch.Tensor) -> None:
+    def add(self, per_image: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         part = per_image.detach().double().sum(dim=0)
         self.total = part if self.total is None else self.total + part
         self.images += per_image.shape[0]
 
-    def mean(self) -> np.ndarray:
+    def result(self) -> np.ndarray:
         return (self.total / self.images).cpu().numpy()
 
 
@@ -78,6 +78,7 @@ class ActivationCriterion(Criterion):
     """
 
     needs_data = True
+    needs_labels = False  # True: per-image statistics accumulate with the batch's labels
     map_ndims: tuple[int, ...] = (4,)
 
     def __init__(self, combine: str = "mean", *, max_batches: int | None = None, device=None,
@@ -101,16 +102,24 @@ class ActivationCriterion(Criterion):
         raise NotImplementedError
 
     def finish(self, mean: np.ndarray) -> np.ndarray:
-        """Score from the per-channel mean over images (higher = kept)."""
+        """Score (higher = kept) from :meth:`statistics`' ``result()`` (default: the mean)."""
         return mean
+
+    def statistics(self, ndim: int):
+        """A fresh accumulator of one map: ``add(per_image, labels)``, ``result()``."""
+        return _MapStats(ndim)
+
+    def checked_labels(self, targets, batch_size: int, index: int) -> torch.Tensor:
+        """Batch ``index``'s labels as :meth:`statistics` takes them (``needs_labels``)."""
+        raise NotImplementedError
 
     def prepare(self) -> None:
         """Called once before the calibration pass (e.g. to import what per_image needs)."""
 
     # -------------------------------------------------------------------------------------------
     def score_group(self, group, model):
-        raise TypeError(f"'{self.name}' needs calibration data; call "
-                        "score(graph, model, calibration)")
+        data = "labelled calibration data" if self.needs_labels else "calibration data"
+        raise TypeError(f"'{self.name}' needs {data}; call score(graph, model, calibration)")
 
     def score(self, graph: ChannelGraph, model: nn.Module, calibration=None
               ) -> dict[str, np.ndarray]:
@@ -145,7 +154,7 @@ class ActivationCriterion(Criterion):
                     groups_of.setdefault(n, []).append(name)
         batch = [0]
 
-        def consume(node: str, x) -> None:
+        def consume(node: str, x, targets=None) -> None:
             if any(src in stats for src in further.get(node, ())):
                 return  # a map before the pooling is used instead (computed earlier)
             if not isinstance(x, torch.Tensor):
@@ -158,9 +167,12 @@ class ActivationCriterion(Criterion):
             if x.shape[cdim] != width[node]:
                 skipped[node] = f"{x.shape[cdim]} channels, the graph expects {width[node]}"
                 return
-            stats.setdefault(node, _MapStats(x.dim())).add(self._checked_per_image(
+            per_image = self._checked_per_image(
                 x, model, f"feature map '{node}' (group(s) {', '.join(groups_of.get(node, []))}) on "
-                   f"calibration batch {batch[0]} (counting from 0)"))
+                          f"calibration batch {batch[0]} (counting from 0)")
+            labels = (self.checked_labels(targets, x.shape[0], batch[0]) if self.needs_labels
+                      else None)
+            stats.setdefault(node, self.statistics(x.dim())).add(per_image, labels)
 
         def on_batch(index: int) -> None:
             batch[0] = index
@@ -169,8 +181,9 @@ class ActivationCriterion(Criterion):
             self.prepare()
             run_calibration(graph, model, calibration, channel_dim, consume,
                             max_batches=self.max_batches, device=self.device,
-                            progress=self.progress, desc=self.name, on_batch=on_batch)
-        means = {node: self.finish(st.mean()) for node, st in stats.items()}
+                            progress=self.progress, desc=self.name, on_batch=on_batch,
+                            with_targets=self.needs_labels)
+        means = {node: self.finish(st.result()) for node, st in stats.items()}
 
         def best(node: str, pos: np.ndarray) -> str | None:
             """The 4-D map before any pooling/flattening of the consumed map, else the consumed

@@ -15,8 +15,8 @@ unweighted between-class scatter of the class means
 
 (Var the population variance over classes). Filters whose maximal response does not tell the
 classes apart score low and are pruned first. Computed in one streaming pass of labelled
-calibration data (:func:`prunekit.criteria.calibration.run_calibration` with
-``with_targets=True``), vectorised: per map and batch the class sums are
+calibration data (:class:`.activation.ActivationCriterion`'s pass, which hands the batch's
+labels to the statistic for a criterion with ``needs_labels``), vectorised: per map and batch the class sums are
 ``one_hot(y)^T @ X`` ([C, B] @ [B, F]); the reference runs a Python loop over layers and
 filters per batch. A batch without labels raises
 :class:`~prunekit.criteria.calibration.CalibrationLabelsError`.
@@ -44,19 +44,13 @@ map with the same channels (``relu -> mean -> linear`` before a classifier) is r
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..graph import ChannelGraph
-from .activation import ActivationCriterion, _pooled_sources
-from .base import (ScoreError, combine_scores, nonfinite_cause, register_criterion,
-                   require_calibration)
-from .calibration import CalibrationLabelsError, run_calibration
-from .weight import L1Norm
+from .activation import ActivationCriterion
+from .base import ScoreError, register_criterion
+from .calibration import CalibrationLabelsError
 
 __all__ = ["ClassSeparability", "class_separability", "global_max"]
 
@@ -102,6 +96,10 @@ class _ClassSums:
             counts += F.pad(self.counts, (0, grow))
         self.sums, self.counts = sums, counts
 
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(class sums [classes, F], class counts [classes]) for :func:`class_separability`."""
+        return self.sums.cpu().numpy(), self.counts.cpu().numpy()
+
 
 def _checked_labels(targets: torch.Tensor, batch_size: int, index: int, what: str
                     ) -> torch.Tensor:
@@ -131,80 +129,24 @@ class ClassSeparability(ActivationCriterion):
     needs_data = True
     needs_labels = True
 
-    # combine / max_batches / device / progress and options(): ActivationCriterion's
+    map_ndims = (2, 4)  # a 2-D map [B, C] is its own per-image "max"
 
-    def score_group(self, group, model):
-        raise TypeError(f"'{self.name}' needs labelled calibration data; call "
-                        "score(graph, model, calibration)")
+    # combine / max_batches / device / progress, options() and the streaming pass over the
+    # group's maps: ActivationCriterion's; what is class separability's:
 
-    def score(self, graph: ChannelGraph, model: nn.Module, calibration=None
-              ) -> dict[str, np.ndarray]:
-        require_calibration(self, calibration)
-        groups = graph.prunable_groups()
-        maps = {g.name: g.feature_maps() for g in groups}
-        fx_nodes = {n.name: n for n in graph.traced.graph.nodes}
-        sources = {node: _pooled_sources(fx_nodes, node, model)
-                   for fm in maps.values() for node, _ in fm}
-        width: dict[str, int] = {}  # every map and its 4-D sources, with its channel count
-        for fm in maps.values():
-            for node, pos in fm:
-                for n in [node, *sources[node]]:
-                    width.setdefault(n, len(pos))
-        groups_of = {n: [g for g, fm in maps.items() if any(n in [m, *sources[m]] for m, _ in fm)]
-                     for n in width}
-        stats: dict[str, _ClassSums] = {}
-        skipped: dict[str, str] = {}
-        batch = [0]
+    def per_image(self, x: torch.Tensor) -> torch.Tensor:
+        return global_max(x)
 
-        def consume(node: str, x, targets: torch.Tensor) -> None:
-            if not isinstance(x, torch.Tensor):
-                skipped[node] = f"output is a {type(x).__name__}"
-                return
-            if x.dim() not in (2, 4) or x.shape[1] != width[node]:
-                skipped[node] = f"{x.dim()}-D map of shape {list(x.shape)}"
-                return
-            where = (f"feature map '{node}' (group(s) {', '.join(groups_of[node])}) on "
-                     f"calibration batch {batch[0]} (counting from 0)")
-            if x.is_floating_point() and not torch.isfinite(x).all():
-                raise ScoreError(f"{self.name}: {where} holds NaN/inf value(s): "
-                                 f"{nonfinite_cause(model)}")
-            labels = _checked_labels(targets, x.shape[0], batch[0], self.name)
-            stats.setdefault(node, _ClassSums(x.dim())).add(global_max(x), labels)
+    def statistics(self, ndim: int) -> "_ClassSums":
+        return _ClassSums(ndim)
 
-        def on_batch(index: int) -> None:
-            batch[0] = index
+    def checked_labels(self, targets, batch_size: int, index: int) -> torch.Tensor:
+        return _checked_labels(targets, batch_size, index, self.name)
 
-        if width:
-            run_calibration(graph, model, calibration, width, consume,
-                            max_batches=self.max_batches, device=self.device,
-                            progress=self.progress, desc=self.name, on_batch=on_batch,
-                            with_targets=True)
-        scores = {}
-        for node, st in stats.items():
-            present = int((st.counts > 0).sum())
-            if present < 2:
-                raise ScoreError(f"{self.name}: the calibration labels hold {present} class; "
-                                 "class separability needs images of at least two classes")
-            scores[node] = class_separability(st.sums.cpu().numpy(), st.counts.cpu().numpy())
-
-        def best(node: str, pos: np.ndarray) -> str | None:
-            """The 4-D map before any pooling of ``node``, else ``node`` if usable."""
-            fits = [n for n in sources[node][::-1] + [node]
-                    if n in scores and len(scores[n]) == len(pos)]
-            four_d = [n for n in fits if stats[n].ndim == 4]
-            return (four_d or fits[-1:] or [None])[0]
-
-        result = {}
-        for g in groups:
-            chosen = [(best(node, pos), pos) for node, pos in maps[g.name]]
-            parts = [(pos, scores[n]) for n, pos in chosen if n is not None]
-            values = combine_scores(g.size, parts, self.combine, uncovered="max",
-                                    where=f"{self.name}, group '{g.name}'")
-            if values is None:
-                why = "; ".join(f"{n}: {skipped[n]}" for n, _ in maps[g.name] if n in skipped)
-                warnings.warn(f"{self.name}: group '{g.name}' has no usable feature map"
-                              f"{' (' + why + ')' if why else ''}; scoring it by l1",
-                              stacklevel=2)
-                values = L1Norm().score_group(g, model)
-            result[g.name] = values
-        return result
+    def finish(self, class_sums) -> np.ndarray:
+        sums, counts = class_sums
+        present = int((counts > 0).sum())
+        if present < 2:
+            raise ScoreError(f"{self.name}: the calibration labels hold {present} class; "
+                             "class separability needs images of at least two classes")
+        return class_separability(sums, counts)
