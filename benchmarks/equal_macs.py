@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import prunekit  # noqa: E402
 from prunekit import data, measure, models  # noqa: E402
 from prunekit.criteria import Criterion, get_criterion  # noqa: E402
-from prunekit.files import atomic_write_json, atomic_write_text  # noqa: E402
+from prunekit.files import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from prunekit.pipeline import calibration_batches  # noqa: E402
 from prunekit.plan import PlanTarget  # noqa: E402
 from prunekit.train import TrainConfig, fit  # noqa: E402
@@ -374,10 +374,8 @@ def _plot(results, png: Path, split: str) -> None:
     ax.set_xlabel(f"top-1 % on {split} (ResNet-56, 47% fewer MACs)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(png, lambda stream: fig.savefig(stream, format="png", dpi=120))
     plt.close(fig)
-    tmp.replace(png)
 
 
 def _write_table(results, md: Path, splits) -> None:

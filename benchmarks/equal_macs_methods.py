@@ -31,7 +31,7 @@ import torch
 import prunekit
 from prunekit import data, measure, models
 from prunekit.criteria import get_criterion, list_criteria
-from prunekit.files import atomic_write_json, atomic_write_text
+from prunekit.files import atomic_write, atomic_write_json, atomic_write_text
 from prunekit.methods import soft_prune
 from prunekit.pipeline import calibration_batches
 from prunekit.plan import PlanTarget, resolve_counts
@@ -265,7 +265,5 @@ def plot(results, png: Path) -> None:
                   "fewer MACs)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(png, lambda stream: fig.savefig(stream, format="png", dpi=120))
     plt.close(fig)
-    tmp.replace(png)
