@@ -124,11 +124,10 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
         raise error from exc
 
 
-def _prune(model, example_inputs, criterion, target, ignore, calibration, leaf_modules,
+def _prune(model, example_inputs, crit, target, ignore, calibration, leaf_modules,
            graph, progress, sensitivity_data, heldout_data) -> PruningResult:
     if graph is None:
         graph = build_graph(model, example_inputs, leaf_modules=leaf_modules, ignore=ignore)
-    crit = get_criterion(criterion)
     macs_before, params_before = count_macs(model, example_inputs), count_params(model)
     if target.kind == "plan":
         kept = resolve_plan(graph, model, target)

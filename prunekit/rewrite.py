@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import PrunekitError
 from .graph import ChannelGraph, kept_positions
-from .measure.context import eval_mode
+from .measure.evaluation import evaluate
 from .surgery import tensor_by_name
 
 __all__ = ["Rewrite", "RewriteError", "apply_rewrites", "heldout_top1", "surviving"]
@@ -71,26 +71,17 @@ def surviving(graph: ChannelGraph, plan: dict[str, list[int]], tensor: str, dim:
     return np.arange(size) if found is None else found
 
 
-@torch.no_grad()
 def heldout_top1(model: nn.Module, batches) -> float:
     """Top-1 accuracy (fraction) of ``model`` in eval mode on labelled ``(inputs, labels)``
-    batches, the measure a gated rewrite must not lower."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    correct = total = 0
-    with eval_mode(model):
-        for batch in batches:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2
-                    and all(isinstance(t, torch.Tensor) for t in batch)):
-                raise RewriteError("a gated rewrite compares held-out top-1 accuracy: give "
-                                   "heldout_data as labelled (inputs, labels) batches")
-            inputs, labels = (t.to(device) for t in batch)
-            out = model(inputs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            correct += int((out.argmax(1) == labels).sum())
-            total += int(labels.numel())
-    if not total:
+    batches (:func:`prunekit.measure.evaluate`), the measure a gated rewrite must not lower."""
+    batches = list(batches)
+    if not all(isinstance(b, (tuple, list)) and len(b) == 2
+               and all(isinstance(t, torch.Tensor) for t in b) for b in batches):
+        raise RewriteError("a gated rewrite compares held-out top-1 accuracy: give "
+                           "heldout_data as labelled (inputs, labels) batches")
+    if not batches:
         raise RewriteError("heldout_data holds no batch: give a few labelled held-out batches")
-    return correct / total
+    return evaluate(model, batches, progress=False, desc="held-out check")["top1"] / 100
 
 
 def _checked(model: nn.Module, rewrite: Rewrite) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -220,7 +220,6 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
             with timer("finetune"):
                 report["finetune"] = fit(model, run_data.train_set(), run_data.val_set(),
                                          job.finetune, out / "finetune", distill=distill)
-
             with timer("measure_finetuned"):
                 report["finetuned"] = job.measure(model, run_data, example)
 
