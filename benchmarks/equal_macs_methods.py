@@ -35,13 +35,12 @@ from prunekit.files import atomic_write, atomic_write_json, atomic_write_text
 from prunekit.methods import soft_prune
 from prunekit.pipeline import calibration_batches
 from prunekit.plan import PlanTarget, resolve_counts
-from prunekit.train import TrainConfig, fit
+from prunekit.train import TrainConfig
 
-from equal_macs import _evaluate, _recalibrated  # the same evaluation and BN re-estimation
+# the same evaluation, BN re-estimation and fine-tuning budget as the criteria table
+from equal_macs import FINETUNE, _evaluate, _recalibrated, finetune_one_epoch
 
 X = torch.randn(1, 3, 32, 32)
-FINETUNE = dict(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-                batch_size=128, seed=0)
 
 #: Row name -> how it is made. ``oneshot``: criterion (+ options) on the common counts or its
 #: own target; ``soft``: soft_prune options on the common counts; ``unpruned``.
@@ -72,12 +71,6 @@ ROWS = {
                                                            "decay": "exponential"}},
     "fsdp": {"kind": "method", "method": "fsdp"},  # FSDP's defaults: cs_ratio 0.1, tau 10
 }
-
-
-def _finetune(model, root, work: Path):
-    fit(model, data.CIFAR10(root, split="train", train_augment=True),
-        data.CIFAR10(root, split="val"), TrainConfig(**FINETUNE), work, resume=True)
-    return model.eval()
 
 
 def common_counts(base, reduction: float) -> dict[str, int]:
@@ -178,14 +171,14 @@ def run_methods(root: Path, out: Path, reduction: float, splits, bn_batches: int
         if spec["kind"] == "unpruned":
             model, info = copy.deepcopy(base), {}
             row.update(top1=_evaluate(model, splits, root))
-            row["top1_ft"] = _evaluate(_finetune(model, root, workdir), splits, root)
+            row["top1_ft"] = _evaluate(finetune_one_epoch(model, root, workdir), splits, root)
         elif spec["kind"] == "oneshot":
             model, info = _oneshot(base, spec, counts, reduction, calib, held_out)
             row.update(top1=_evaluate(model, splits, root))
             model = _recalibrated(model, root, bn_batches)
             row["top1_bn"] = _evaluate(model, splits, root)
             if spec.get("finetune", True):
-                row["top1_ft"] = _evaluate(_finetune(model, root, workdir), splits, root)
+                row["top1_ft"] = _evaluate(finetune_one_epoch(model, root, workdir), splits, root)
         else:
             maker = _soft if spec["kind"] == "soft" else _method
             extra = (calib,) if spec["kind"] == "method" else ()
