@@ -9,6 +9,7 @@
 from .version import __version__
 
 from . import models
+from .deployment import deploy
 from .errors import PrunekitError
 from .graph import ChannelGraph, build_graph, explain
 from .masking import zero_removed_channels
@@ -18,5 +19,5 @@ from .pruning import PruningResult, prune
 from .surgery import apply_plan
 
 __all__ = ["ChannelGraph", "PlanError", "PlanTarget", "PrunekitError", "PruningResult",
-           "__version__", "apply_plan", "build_graph", "count_macs", "count_params", "explain",
-           "models", "prune", "zero_removed_channels"]
+           "__version__", "apply_plan", "build_graph", "count_macs", "count_params", "deploy",
+           "explain", "models", "prune", "zero_removed_channels"]

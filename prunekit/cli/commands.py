@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import data, io, measure, models
+from ..deployment import DEPLOY_ATTR, deploy
 from ..errors import ConfigError
 from ..graph import explain
 from ..models.sources import model_preprocessing
@@ -39,6 +40,8 @@ def add_inspect_parsers(sub) -> None:
     ev.add_argument("--latency-runs", type=count(1), default=RUN_DEFAULTS["latency_runs"])
     ev.add_argument("--threads", type=count(1), default=None, help="CPU threads for timing")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.add_argument("--deploy", action="store_true",
+                    help="evaluate and time the deployed model (prunekit.deploy)")
     ev.set_defaults(func=cmd_eval)
 
     exp = sub.add_parser("export", help="export a saved model to ONNX and/or TorchScript")
@@ -48,6 +51,8 @@ def add_inspect_parsers(sub) -> None:
     exp.add_argument("--out", default=None, help="output path stem (default: next to the model)")
     exp.add_argument("--input-size", type=count(1), default=None,
                      help="example input size (default: the model's)")
+    exp.add_argument("--deploy", action="store_true",
+                     help="export the deployed model (prunekit.deploy: BatchNorm folded)")
     add_trust_arg(exp)
     exp.set_defaults(func=cmd_export)
 
@@ -76,6 +81,8 @@ def cmd_export(args) -> int:
     stem = Path(args.out) if args.out else source.with_suffix("")
     if not (args.onnx or args.torchscript):
         raise ConfigError("choose --onnx and/or --torchscript")
+    if args.deploy:
+        model = deploy(model, example, channels_last=False)  # the exporters' layout is NCHW
     if args.onnx:
         print(f"wrote {io.export_onnx(model, stem.with_suffix('.onnx'), example)} "
               "(onnxruntime output checked against PyTorch)")
@@ -105,6 +112,8 @@ def cmd_eval(args) -> int:
     run_data = open_run_data(kind, root, preprocessing, limit=args.limit)
     example = torch.randn(*preprocessing.input_shape(), device=device)
     check_outputs_fit_data(model, example, run_data.num_classes, run_data.name)
+    if args.deploy:
+        model = deploy(model, example)
     dataset = run_data.eval_set(args.split)
     loader = data.build_loader(dataset, batch_size=args.batch_size, shuffle=False,
                                num_workers=args.workers)
@@ -126,6 +135,7 @@ def cmd_eval(args) -> int:
         "latency_ms": {str(b): ms for b, ms in latency.median_ms.items()} if latency else {},
         "latency": latency.as_dict() if latency else None,
         "device": str(device), "eval_seconds": eval_seconds,
+        "deployed": getattr(model, DEPLOY_ATTR, None) if args.deploy else None,
     }
     if args.json:
         print(json.dumps(report))
@@ -153,6 +163,14 @@ def _table(r: dict) -> str:
                                              f"{b['runs']} runs)"))
         rows.append(("timed on", f"{lat['device_name']}, {lat['num_threads']} threads, "
                                  f"torch {lat['torch_version']}"))
+        if lat.get("warnings"):
+            rows.append(("UNRELIABLE", "; ".join(lat["warnings"])))
+    if r.get("deployed"):
+        d = r["deployed"]
+        rows.append(("deployed", f"{len(d['folded_bn'])} BatchNorms folded, "
+                                 f"{len(d.get('stripe_relu', []))} stripe ReLUs and "
+                                 f"{len(d.get('stripe_residual', []))} residual adds fused, "
+                                 f"channels_last {d['channels_last']['channels_last']}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -55,6 +55,9 @@ def add_prune_parser(sub) -> None:
                     help="softmax temperature T of --distill (default 4)")
     pr.add_argument("--distill-weight", type=float, default=None,
                     help="weight w of the teacher's term, in [0, 1] (default 0.5)")
+    pr.add_argument("--deploy", action="store_true", default=None,
+                    help="the final before/after latency compares both models deployed "
+                         "(prunekit.deploy: BatchNorm folded, epilogues fused)")
     pr.add_argument("--out", required=True, help="run directory (rerun to resume)")
     add_train_args(pr, prefix="finetune-")
     add_common_run_args(pr)
@@ -151,6 +154,8 @@ def cmd_prune(args) -> int:
     options["finetune"] = {**FINETUNE_DEFAULTS, **(options.get("finetune") or {}),
                            **train_overrides(args)}
     options.update(run_options(args), out=args.out, recipe=recipe_name)
+    if args.deploy:
+        options["deploy"] = True
     distill = _distill_section(args, options)
     if distill is not None:
         options["distill"] = distill

@@ -2,7 +2,9 @@
 
 * :mod:`.counting` -- MACs and parameters; its docstring states the counting conventions
   (read it before comparing numbers with papers).
-* :mod:`.latency` -- timed forward passes per batch size.
+* :mod:`.latency` -- timed forward passes per batch size, with how they were measured.
+* :mod:`.interleaved` -- several models timed in one interleaved run (before/after speed-ups).
+* :mod:`.machine_load` -- the machine's load during a timing; when a figure is unreliable.
 * :mod:`.evaluation` -- accuracy and loss over a loader; batch-norm recalibration.
 * :mod:`.comparison` -- before/after factors from two measurements.
 * :mod:`.context` -- device, dtype, eval mode and example inputs shared by the above.
@@ -12,7 +14,8 @@ from .comparison import speedup
 from .context import eval_mode, resolve_device
 from .counting import MAC_CONVENTIONS, count_macs, count_params, macs_by_module, profile
 from .evaluation import NonFiniteWarning, evaluate, first_nonfinite, recalibrate_bn
-from .latency import BatchLatency, LatencyResult, measure_latency
+from .interleaved import InterleavedLatency, interleaved_latency
+from .latency import BatchLatency, LatencyResult, LatencyWarning, measure_latency
 
 __all__ = [
     "count_macs",
@@ -22,6 +25,9 @@ __all__ = [
     "BatchLatency",
     "LatencyResult",
     "measure_latency",
+    "InterleavedLatency",
+    "interleaved_latency",
+    "LatencyWarning",
     "evaluate",
     "first_nonfinite",
     "NonFiniteWarning",

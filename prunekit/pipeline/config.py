@@ -42,7 +42,8 @@ class RunConfig:
     data's (CIFAR-10: test and test-lossless; an image folder: test); ``distill``:
     ``{"temperature", "weight"}`` (over :data:`prunekit.train.distill.DISTILL_DEFAULTS`) makes
     the fine-tuning learn from the unpruned model too (:class:`prunekit.train.Distillation`);
-    the rest says how to measure.
+    ``deploy``: the final interleaved before/after latency measurement compares both models
+    as :func:`prunekit.deploy` makes them; the rest says how to measure.
     """
 
     model: dict[str, Any]
@@ -58,6 +59,7 @@ class RunConfig:
     eval_splits: list[str] | None = None
     latency_batches: tuple[int, ...] = (1, 64)
     latency_runs: int = 30
+    deploy: bool = False  # the final before/after latency compares both models deployed
     limit: int | None = None
     input_size: int | None = None
     mean: tuple[float, ...] | None = None
@@ -85,6 +87,8 @@ class RunConfig:
             raise ConfigError(f"unknown dataset {self.dataset!r}; valid: "
                               f"{', '.join(DATASET_KINDS)}")
         self.limit = data.check_limit(self.limit)
+        if not isinstance(self.deploy, bool):
+            raise ConfigError(f"deploy takes true or false, got {self.deploy!r}")
         if self.distill is not None:
             self.distill = check_distill_options(dict(self.distill))
         # Checked here (not when data is opened): the values must be usable before any work.

@@ -25,7 +25,7 @@ from ..models.weights import WeightsLoadError
 from ..plan import PlanError, PlanTarget
 from ..train import Distillation, TrainConfig, fit
 from .config import RunConfig
-from .measuring import StageTimer, measure_model
+from .measuring import StageTimer, measure_model, paired_speedup
 from .model_setup import check_outputs_fit_data, load_model, run_preprocessing
 from .run_data import open_run_data, resolve_dataset
 from .run_dir import RunLock, check_out_dir, is_secondary_rank
@@ -187,6 +187,8 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
     report["options"]["method"] = job.method.describe()
     with timer("measure_before"):
         report["before"] = job.measure(model, run_data, example)
+    # kept for the final interleaved before/after latency measurement
+    unpruned = copy.deepcopy(model) if config.latency_batches else None
 
     context = MethodContext(example_inputs=(example,), target=job.target,
                             finetune=job.finetune, out_dir=out, data=run_data,
@@ -229,5 +231,13 @@ def _run(job: _Job, kind: str, root: Path) -> dict:
             metrics={s: a["top1"] for s, a in final["accuracy"].items()})
     report["stage_seconds"] = timer.seconds
     report["speedup"] = measure.speedup(report["before"], final)
+    if unpruned is not None:
+        with timer("measure_speedup"):
+            paired = paired_speedup(unpruned, model.eval(), example,
+                                    latency_batches=config.latency_batches,
+                                    latency_runs=config.latency_runs, deploy=config.deploy)
+        report["speedup"]["latency_x_separate"] = report["speedup"]["latency_x"]
+        report["speedup"]["latency_x"] = paired["latency_x"]
+        report["speedup"]["latency_measurement"] = paired
     atomic_write_json(out / "report.json", report, indent=1, default=str)
     return report

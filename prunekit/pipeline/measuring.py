@@ -1,13 +1,19 @@
 """Measuring a model for the job's report (accuracy per split, MACs, params, latency), the
-stage timer, and the readable before / pruned / fine-tuned table."""
+before/after speed-up from one interleaved measurement of both models (optionally both
+deployed), the stage timer, and the readable before / pruned / fine-tuned table."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 
 from .. import data, measure
+from ..deployment import DEPLOY_ATTR, deploy as deploy_model
 
-__all__ = ["StageTimer", "measure_model", "summary_table"]
+__all__ = ["StageTimer", "measure_model", "paired_speedup", "summary_table"]
+
+# The interleaved before/after measurement: this many rounds share the run's latency_runs.
+PAIRED_ROUNDS = 5
 
 
 class StageTimer:
@@ -44,6 +50,31 @@ def measure_model(model, run_data, splits, *, example, latency_batches=(1, 64),
     return result
 
 
+def paired_speedup(unpruned, final, example, *, latency_batches=(1, 64), latency_runs=30,
+                   deploy: bool = False) -> dict:
+    """Speed-up of ``final`` over ``unpruned`` from ONE interleaved measurement of both
+    (:func:`prunekit.measure.interleaved_latency`), ``deploy``: both deployed first
+    (:func:`prunekit.deploy`), the comparison a user shipping either would see. The models
+    themselves are left as they were."""
+    device = next((t.device for t in final.parameters()), example.device)
+    unpruned = unpruned.to(device).eval()
+    example = example.to(device)
+    models = {"unpruned": unpruned, "final": final}
+    records = {}
+    if deploy:
+        models = {name: deploy_model(m, example) for name, m in models.items()}
+        records = {name: getattr(m, DEPLOY_ATTR) for name, m in models.items()}
+    runs = max(2, math.ceil(latency_runs / PAIRED_ROUNDS))
+    measured = measure.interleaved_latency(models, example, batch_sizes=latency_batches,
+                                           rounds=PAIRED_ROUNDS, runs=runs)
+    out = measured.as_dict(before="unpruned", after="final")
+    out["deployed"] = bool(deploy)
+    if records:
+        out["deploy"] = {name: {k: (len(v) if isinstance(v, list) else v)
+                                for k, v in record.items()} for name, record in records.items()}
+    return out
+
+
 def summary_table(report: dict) -> str:
     """A readable before / pruned / fine-tuned table."""
     columns = [("before", report["before"]), ("pruned", report["pruned"])]
@@ -63,6 +94,12 @@ def summary_table(report: dict) -> str:
     lat = ", ".join(f"bs={k}: {v:.2f}x" for k, v in (sp.get("latency_x") or {}).items())
     lines.append(f"MACs speed-up {sp['macs_x']:.2f}x; measured latency speed-up "
                  f"{lat or 'not measured'}")
+    paired = sp.get("latency_measurement")
+    if paired:
+        how = "deployed, " if paired["deployed"] else ""
+        trust = f"; UNRELIABLE: {'; '.join(paired['warnings'])}" if paired["warnings"] else ""
+        lines.append(f"  (one interleaved measurement of both models, {how}"
+                     f"{paired['rounds']} rounds x {paired['runs_per_round']} runs{trust})")
     model, data_info = report.get("model") or {}, report.get("data") or {}
     if model:
         if model.get("path"):

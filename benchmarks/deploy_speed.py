@@ -1,0 +1,147 @@
+"""Deployed unpruned vs deployed pruned latency, side by side in one interleaved run per row.
+
+    python benchmarks/deploy_speed.py [--rows N] [--rounds 5] [--runs 10] [--out FILE]
+
+Rows: (model, batch 1 | 64, threads 1 | 2) for
+  * ``r56_l1_macs50``: cifar_resnet56 (pretrained) with L1 at 50% of its MACs removed
+    (``prunekit.prune(criterion="l1", macs_reduction=0.5)``, the run of
+    results/l1_r56_macs50_report.json), 32 px;
+  * ``resnet18_macs50``: torchvision resnet18 (random init: latency does not depend on the
+    weights) with L1 at 50% of its MACs removed, 224 px;
+  * ``swp56``: a trained stripe-pruned ResNet-56 (a ``*.safetensors`` holding StripeConv2d
+    layers under benchmarks/ or runs/); when none is found, one row says so.
+Both models of a row are deployed with ``prunekit.deploy`` (BatchNorm folded, epilogues fused,
+channels_last measured) and timed by ``prunekit.measure.interleaved_latency``; a row records
+the latency speed-up, the MACs speed-up, their ratio (the issue's targets: >= 0.9 for channel
+pruning, >= 0.8 for stripes), the per-round range and the machine-load verdict.
+Resumable: every finished row is written at once (atomically) and skipped on a rerun.
+Do not trust rows whose ``warnings`` are not empty (another process was busy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit import io, measure, models
+from prunekit.files import atomic_write_json
+from prunekit.nn.stripe import StripeConv2d
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "results" / "deploy_speed.json"
+BATCHES, THREADS = (1, 64), (1, 2)
+
+
+def _r56_l1():
+    base = models.create("cifar_resnet56", weights="pretrained").eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned = models.create("cifar_resnet56", weights="pretrained").eval()
+    prunekit.prune(pruned, x, criterion="l1", macs_reduction=0.5)
+    return base, pruned, x, "channels"
+
+
+def _resnet18():
+    import torchvision
+
+    x = torch.randn(1, 3, 224, 224)
+    base = torchvision.models.resnet18().eval()
+    pruned = torchvision.models.resnet18().eval()
+    pruned.load_state_dict(base.state_dict())
+    prunekit.prune(pruned, x, criterion="l1", macs_reduction=0.5, ignore=("fc",))
+    return base, pruned, x, "channels"
+
+
+def _find_swp() -> Path | None:
+    for folder in (ROOT / "benchmarks", ROOT / "runs"):
+        for path in sorted(folder.rglob("*.safetensors")) if folder.exists() else []:
+            if "swp" not in str(path.relative_to(ROOT)).lower():
+                continue
+            try:
+                model = io.load(path)
+            except Exception:  # noqa: BLE001 - an unreadable candidate is skipped
+                continue
+            if any(isinstance(m, StripeConv2d) for m in model.modules()):
+                return path
+    return None
+
+
+def _swp():
+    path = _find_swp()
+    if path is None:
+        return None
+    return (models.create("cifar_resnet56", weights="pretrained").eval(), io.load(path).eval(),
+            torch.randn(1, 3, 32, 32), "stripes")
+
+
+MODELS = {"r56_l1_macs50": _r56_l1, "resnet18_macs50": _resnet18, "swp56": _swp}
+TARGET = {"channels": 0.9, "stripes": 0.8}
+
+
+def _row(name, pair, batch, threads, rounds, runs) -> dict:
+    base, pruned, x, kind = pair
+    macs_x = measure.count_macs(base, x) / measure.count_macs(pruned, x)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the layout decision is timed (and cached) per threads
+    try:
+        example = x.expand(batch, *x.shape[1:]).contiguous()
+        deployed = {"unpruned": prunekit.deploy(base, example),
+                    "pruned": prunekit.deploy(pruned, example)}
+    finally:
+        torch.set_num_threads(previous)
+    measured = measure.interleaved_latency(deployed, x, batch_sizes=(batch,), rounds=rounds,
+                                           runs=runs, threads=threads)
+    latency_x = measured.speedup("unpruned", "pruned")[batch]
+    return {"model": name, "kind": kind, "batch": batch, "threads": threads,
+            "unpruned_ms": measured.results["unpruned"].median_ms[batch],
+            "pruned_ms": measured.results["pruned"].median_ms[batch],
+            "latency_x": latency_x, "macs_x": macs_x, "ratio_to_macs": latency_x / macs_x,
+            "target_ratio": TARGET[kind], "met": latency_x / macs_x >= TARGET[kind],
+            "round_range": list(measured.speedup_range("unpruned", "pruned")[batch]),
+            "warnings": measured.warnings, "machine": measured.machine,
+            "channels_last": {n: getattr(m, "prunekit_deploy")["channels_last"]["channels_last"]
+                              for n, m in deployed.items()},
+            "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=None, help="stop after this many new rows")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--out", default=str(OUT))
+    args = p.parse_args()
+    out = Path(args.out)
+    done = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    have = {(r["model"], r.get("batch"), r.get("threads")) for r in done["rows"]}
+    new = 0
+    for name in [m for m in args.models.split(",") if m]:
+        todo = [(b, t) for b in BATCHES for t in THREADS if (name, b, t) not in have]
+        if not todo or (args.rows is not None and new >= args.rows):
+            continue
+        pair = MODELS[name]()
+        if pair is None:
+            if (name, None, None) not in have:
+                done["rows"].append({"model": name, "batch": None, "threads": None,
+                                     "note": "no trained stripe-pruned ResNet-56 found under "
+                                             "benchmarks/ or runs/ (train one with the "
+                                             "README's SWP command)"})
+                atomic_write_json(out, done, indent=1)
+            continue
+        for batch, threads in todo:
+            if args.rows is not None and new >= args.rows:
+                break
+            row = _row(name, pair, batch, threads, args.rounds, args.runs)
+            done["rows"].append(row)
+            atomic_write_json(out, done, indent=1)  # per row: a killed run keeps its rows
+            new += 1
+            print(json.dumps({k: row[k] for k in ("model", "batch", "threads", "latency_x",
+                                                  "macs_x", "ratio_to_macs", "warnings")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The deployment transform: :func:`deploy` turns a (pruned) model into the inference network a
+user would ship, so latency is compared as deployed (deployed pruned vs deployed unpruned).
+
+* :mod:`.passes` -- BatchNorm folding, identity/dropout removal, epilogue fusion (fx graph);
+* :mod:`.fused` -- :class:`FusedStripeConv2d`, what is fused where;
+* :mod:`.layout` -- channels_last for dense convs, measured on this machine and cached.
+
+BatchNorm folding is the standard inference rewrite (e.g. Jacob et al., "Quantization and
+Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", arXiv:1712.05877,
+section 3.2, for the conv/BN case); the stripe case folds BN's per-filter scale into each kept
+stripe's row of a StripeConv2d (SWP, Meng et al., NeurIPS 2020, arXiv:2009.14410) -- exact,
+because every stripe belongs to exactly one output filter.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import ConfigError, PrunekitError
+from ..measure.context import ExampleInputs, prepare_inputs
+from .fused import FusedStripeConv2d
+from .layout import choose_channels_last
+from .passes import DeployTracer, drop_identities, fold_batchnorms, fuse_epilogues
+
+__all__ = ["DEPLOY_ATTR", "DeployCheckError", "FusedStripeConv2d", "deploy"]
+
+# The deployed module records what deploy() did under this attribute (a JSON-ready dict).
+DEPLOY_ATTR = "prunekit_deploy"
+# Deployed vs original on the example: rtol, and atol relative to the outputs' scale
+# (folding reorders float32 rounding: a few ulps per layer).
+CHECK_RTOL, CHECK_ATOL = 1e-4, 1e-5
+
+
+class DeployCheckError(PrunekitError, RuntimeError):
+    """The deployed model does not compute what the original computes (a bug: report it)."""
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = DeployTracer().trace(model)
+    except Exception as exc:  # fx raises many types; the message says what to do
+        raise ConfigError(
+            f"prunekit.deploy needs a torch.fx trace of the model and {type(model).__name__} "
+            f"could not be traced ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+            "deploy a model whose forward has no data-dependent Python control flow") from None
+    name = model.__class__.__name__
+    return fx.GraphModule(model, graph, class_name=f"Deployed{name}")
+
+
+def _first_output(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _first_output(item)]
+    return []
+
+
+def _check(original: nn.Module, deployed: nn.Module, inputs: tuple) -> float:
+    """Largest output difference on ``inputs``; DeployCheckError beyond the tolerance."""
+    with torch.no_grad():
+        want, got = _first_output(original(*inputs)), _first_output(deployed(*inputs))
+    if len(want) != len(got):
+        raise DeployCheckError(f"the deployed model returns {len(got)} outputs, the original "
+                               f"{len(want)}")
+    worst = 0.0
+    for w, g in zip(want, got):
+        if w.shape != g.shape:
+            raise DeployCheckError(f"deployed output shape {tuple(g.shape)} != original "
+                                   f"{tuple(w.shape)}")
+        if not w.is_floating_point():
+            continue
+        scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
+        diff = float((g - w).abs().max()) if w.numel() else 0.0
+        worst = max(worst, diff)
+        if not torch.allclose(g, w, rtol=CHECK_RTOL, atol=CHECK_ATOL * scale):
+            raise DeployCheckError(f"the deployed model differs from the original by up to "
+                                   f"{diff:.3g} (output scale {scale:.3g}); pass check=False to "
+                                   "get it anyway, and please report the model")
+    return worst
+
+
+def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
+           channels_last: str | bool = "auto", fold_bn: bool = True, fuse: bool = True,
+           drop: bool = True, check: bool = True, cache: bool | None = None) -> fx.GraphModule:
+    """A deployed copy of ``model`` for inference (the model itself is left as it was).
+
+    ``example_inputs`` (a tensor, tensors, or a shape with the batch dimension) are needed for
+    ``channels_last="auto"`` (the layout is timed at that shape), for the residual-add fusion
+    (shapes must be known equal) and for ``check`` (deployed == original on them, in eval
+    mode; :class:`DeployCheckError` otherwise). Without them the layout stays NCHW, residual
+    adds are not fused and nothing is checked. ``channels_last``: ``"auto"`` (measured, cached
+    per device, threads, dtype, input shape and model structure; ``cache=False`` or
+    ``PRUNEKIT_DEPLOY_CACHE=0`` skips the cache), ``True`` or ``False``. ``fold_bn`` /
+    ``fuse`` / ``drop`` switch the three rewrites of :mod:`.passes`.
+
+    Returns a ``torch.fx.GraphModule`` in eval mode with gradients off; what was done is in its
+    ``prunekit_deploy`` attribute. It is for inference and export (``prunekit.io.export_onnx``);
+    save the undeployed model with ``prunekit.io.save``.
+    """
+    if not (isinstance(channels_last, bool) or channels_last == "auto"):
+        raise ConfigError(f"channels_last must be 'auto', True or False, not {channels_last!r}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"deploy takes an nn.Module, got {type(model).__name__}")
+    inputs = prepare_inputs(model, example_inputs) if example_inputs is not None else None
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        work = copy.deepcopy(model).eval()
+        work.requires_grad_(False)
+        gm = _trace(work)
+        record: dict[str, Any] = {"dropped": drop_identities(gm) if drop else [],
+                                  "folded_bn": [list(p) for p in fold_batchnorms(gm)]
+                                  if fold_bn else []}
+        gm.graph.lint()
+        gm.recompile()
+        record.update(fuse_epilogues(gm, inputs) if fuse else {})
+        gm.eval()
+        record["channels_last"] = _layout(gm, inputs, channels_last, cache)
+        if check and inputs is not None:
+            record["check_max_abs_diff"] = _check(model, gm, inputs)
+    finally:
+        for module, flag in was_training.items():
+            module.training = flag
+    setattr(gm, DEPLOY_ATTR, record)
+    return gm
+
+
+def _layout(gm: fx.GraphModule, inputs, channels_last, cache) -> dict:
+    has_dense = any(type(m) is nn.Conv2d for m in gm.modules())
+    if channels_last is False or not has_dense:
+        return {"channels_last": False, "source": "option" if channels_last is False
+                else "no dense convolutions"}
+    if channels_last is True:
+        gm.to(memory_format=torch.channels_last)
+        return {"channels_last": True, "source": "option"}
+    if inputs is None or not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in inputs):
+        warnings.warn("deploy(channels_last='auto') without a 4-D example input cannot time "
+                      "the layouts; kept NCHW (give example_inputs, or channels_last=True)",
+                      stacklevel=3)
+        return {"channels_last": False, "source": "no example input"}
+    decision = choose_channels_last(gm, inputs, cache=cache)
+    if decision["channels_last"]:
+        gm.to(memory_format=torch.channels_last)
+    return decision
