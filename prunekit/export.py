@@ -24,11 +24,15 @@ from .measure import eval_mode
 from .utils import as_tuple
 
 
-__all__ = ["ExportCheckError", "export_onnx", "export_torchscript"]
+__all__ = ["ExportCheckError", "ExportError", "export_onnx", "export_torchscript"]
 
 
 class ExportCheckError(PrunekitError, RuntimeError):
     """An exported model does not compute what the PyTorch model computes."""
+
+
+class ExportError(PrunekitError, ValueError):
+    """A model holds a module that cannot be exported; nothing was written."""
 
 
 def export_onnx(
@@ -52,6 +56,7 @@ def export_onnx(
     The file is written next to ``path`` and renamed into place only once it passed its checks:
     a failed export leaves ``path`` as it was.
     """
+    _refuse_unexportable(model, "ONNX")
     onnx = _require("onnx")
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'auto', 'torchscript' or 'dynamo', not {exporter!r}")
@@ -80,6 +85,7 @@ def export_torchscript(
     example and on a batch of another size (tracing can bake the batch size in). A failed
     check leaves ``path`` as it was.
     """
+    _refuse_unexportable(model, "TorchScript")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = _example_args(example_input)
@@ -116,6 +122,16 @@ def _written_into_place(path: Path):
         temp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def _refuse_unexportable(model: nn.Module, what: str) -> None:
+    """ExportError before any file is written if a module's class declares, in
+    ``prunekit_unexportable``, why it cannot be exported (e.g. HASTE's HashConv2d)."""
+    for name, module in model.named_modules():
+        reason = getattr(type(module), "prunekit_unexportable", None)
+        if reason:
+            raise ExportError(f"cannot export to {what}: module '{name or '<root>'}' is a "
+                              f"{type(module).__name__}. {reason}")
 
 
 def _require(module: str):

@@ -25,6 +25,9 @@ from .soft import (SOFT_SCHEDULES, SoftPruning, asymptotic_rate, finalize, soft_
                    zero_masked_channels)
 from . import oneshot, soft_methods, lfpc_method, swp_method  # noqa: F401,E402  (register)
 from .fsdp import FractionalStepPruning, fsdp_prune  # noqa: E402  (registers fsdp)
+from . import haste  # noqa: F401,E402  (registers haste)
+from . import ccep  # noqa: F401,E402  (registers ccep)
+from . import kdfs  # noqa: F401,E402  (registers kdfs)
 
 __all__ = ["SOFT_SCHEDULES", "FractionalStepPruning", "fsdp_prune", "CriteriaSampler", "CriteriaSearch", "MethodConfig",
            "MethodContext", "MethodResult", "PerGroupCriterion", "PruningMethod", "RunData",
