@@ -231,7 +231,9 @@ def test_method_keeps_the_given_counts_and_fine_tunes_the_compact_model(tmp_path
     x = torch.randn(2, 3, 16, 16)
     graph = build_graph(model, (x[:1],))
     counts = {n: 5 for n in gated_groups(graph)}
-    result = get_method("kdfs")().run(model, _context(tmp_path, {"counts": counts}))
+    stem = graph.by_name["conv1"].size  # an ungated stream named at its full size is accepted
+    result = get_method("kdfs")().run(model, _context(tmp_path, {"counts": {**counts,
+                                                                           "conv1": stem}}))
     assert {n: len(v) for n, v in result.plan.items()} == counts and result.trained
     assert model.layer1[0].conv1.out_channels == 5 and model(x).shape == (2, 10)
     info = result.extras["kdfs"]
