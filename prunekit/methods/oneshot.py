@@ -13,7 +13,19 @@ from ..pruning import prune
 from .context import MethodContext
 from .registry import MethodConfig, MethodResult, PruningMethod, option, register_method
 
-__all__ = ["OneShot"]
+__all__ = ["OneShot", "reset_batchnorms"]
+
+
+@torch.no_grad()
+def reset_batchnorms(model: nn.Module) -> list[str]:
+    """Put every BatchNorm layer of ``model`` at its fresh state (weight 1, bias 0, running
+    mean 0, var 1, no batches tracked); returns their names."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_parameters()  # running stats, then affine weight 1 and bias 0
+            names.append(name)
+    return names
 
 
 @register_method
@@ -22,7 +34,16 @@ class OneShot(PruningMethod):
     channels for the target, remove the rest physically. Fine-tuning follows as a separate
     stage of the job, so the pruned model is saved (and a rerun resumes from it). Right after
     the cut, the BatchNorm statistics are re-estimated on a few training batches
-    (``bn_recalibration_batches``; 0 turns it off)."""
+    (``bn_recalibration_batches``; 0 turns it off).
+
+    ``copy_bn`` (default True): the pruned model keeps its BatchNorm layers' weight, bias and
+    running statistics for the kept channels. ``False`` resets every BatchNorm layer of the
+    pruned model (stem, each block's bn1 and bn2, projection shortcuts, a classifier's
+    BatchNorm1d) to weight 1, bias 0, running mean 0, running var 1, as CHIP's CIFAR code does
+    (Sui et al., NeurIPS 2021, arXiv 2110.13981; ``prune_finetune_cifar.py``:
+    ``load_resnet_model`` copies only conv and linear weights, ``load_vgg_model`` only conv
+    weights, into a freshly built narrow model; methods.md 1.4 and 1.6 pitfall 1). The reset
+    comes before the BN recalibration, which then re-estimates the statistics."""
 
     name = "oneshot"
     summary = "score once with --criterion, remove, then fine-tune (default)"
@@ -46,8 +67,14 @@ class OneShot(PruningMethod):
                                           "merges) are accepted",
                                           flag="--sensitivity-batches")
         sensitivity_batch_size: int = option(128, "images per sensitivity batch")
+        copy_bn: bool = option(True, "keep the BatchNorm weights and statistics of the kept "
+                               "channels (False / --reset-bn: reset every BatchNorm to weight "
+                               "1, bias 0, mean 0, var 1, as CHIP's CIFAR transfer)",
+                               flag="--reset-bn", invert=True)
 
         def validate(self) -> None:
+            if not isinstance(self.copy_bn, bool):
+                raise ConfigError(f"copy_bn must be true or false, got {self.copy_bn!r}")
             for name in ("bn_recalibration_batches", "bn_recalibration_batch_size",
                          "sensitivity_batches", "sensitivity_batch_size"):
                 value = getattr(self, name)
@@ -85,6 +112,8 @@ class OneShot(PruningMethod):
                                      "batch_size": c.sensitivity_batch_size, "split": "val"}
         if result.rewrites:
             extras["rewrites"] = result.rewrites
+        if not c.copy_bn:
+            extras["bn_reset"] = {"layers": len(reset_batchnorms(model))}
         if c.bn_recalibration_batches and context.data is not None:
             with context.stage("bn_recalibration"):
                 torch.manual_seed(context.finetune.seed)

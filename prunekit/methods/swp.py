@@ -1,5 +1,5 @@
 """SWP: stripe-wise pruning with a learnable Filter Skeleton ("Pruning Filter in Filter",
-Meng, Cheng, Zhou, Zhao, Tang, NeurIPS 2020; methods.md section 3).
+Meng, Cheng, Zhou, Zhao, Tang, NeurIPS 2020, arXiv 2009.14410; methods.md section 3).
 
 Training (:class:`FilterSkeleton`, a :func:`prunekit.train.fit` hook): every chosen conv
 ``W ∈ R^{N×C×K×K}`` gets a skeleton ``I ∈ R^{N×K×K}`` initialised to ones and computes with
@@ -9,17 +9,22 @@ does: ``I.grad += sr * sign(I)`` before each step. Stripes with ``|I| <= thresho
 are hard-zeroed before every step together with their gradient *and* their optimiser
 momentum (the reference leaves the momentum, which can push a zeroed stripe back above the
 threshold), so a removed stripe stays exactly zero. A filter with no live stripe has its
-bias and the affine weight and bias of the norm layer reading it zeroed too (the reference's
-``BatchNorm.update_mask``), which makes its output channel exactly zero.
+bias zeroed and, by ``mask_norms`` (:mod:`prunekit.methods.swp_parts`), the affine weight and
+bias of the norm reading it: ``"reference"`` only after a conv that is its channels' single
+producer (each block's bn1, as the reference's ``BatchNorm.update_mask``), ``"all"``
+(prunekit's addition, the default) also after convs writing a residual stream (bn2, the stem's
+bn1), which makes such a filter's output channel exactly zero.
 
 Pruning (:func:`swp_prune`): the skeleton is baked into the weights (``W ← W ⊙ I``); channels
 that are exactly zero everywhere (every producer's rows and biases zero, every norm's weight
 and bias zero) are removed through the channel graph with their consumers; a residual
 :class:`~prunekit.models.cifar_resnet.BasicBlock` whose conv1 or conv2 lost every stripe is
 replaced by its shortcut plus the constant its branch still adds (``bn2`` of zeros, which the
-reference drops); the remaining partial filters become
+reference drops together with the block's ReLU: ``empty_blocks="reference"``); the remaining partial filters become
 :class:`~prunekit.nn.StripeConv2d` modules (``executor="stripe"``) or stay dense convolutions
-with zero stripes (``executor="dense"``). Every step is exact in eval mode.
+with zero stripes (``executor="dense"``). Every step is exact in eval mode. The result reports
+MACs and, beside them, FLOPs as the reference counts them
+(not yet: a ``reference_flops`` helper is planned), the basis of the paper's percentages.
 """
 from __future__ import annotations
 
@@ -34,10 +39,10 @@ from torch.nn.utils import parametrize
 from ..errors import PrunekitError
 from ..graph import build_graph
 from ..measure import count_macs, count_params
-from ..models.cifar_resnet import BasicBlock
 from ..nn import ShortcutBlock, StripeConv2d
 from ..pruning import reduction
 from ..utils import as_tuple, first_output, set_submodule
+from .swp_parts import norms_reading, replace_empty_blocks
 
 __all__ = ["FilterSkeleton", "SWPExactnessError", "SWPResult", "ShortcutBlock", "SkeletonMask",
            "swp_prune"]
@@ -88,7 +93,8 @@ class FilterSkeleton:
     def __init__(self, model: nn.Module, example_inputs, *, sr: float = 1e-5,
                  threshold: float = 0.01, modules: Sequence[str] | None = None,
                  ignore: Sequence[str] = (), lr_scale: float = 1.0,
-                 weight_decay: float | None = None, penalty_epochs: int | None = None):
+                 weight_decay: float | None = None, penalty_epochs: int | None = None,
+                 mask_norms: str = "all"):
         if not sr >= 0:
             raise ValueError(f"sr (alpha) must be >= 0, got {sr!r}")
         if penalty_epochs is not None and (not isinstance(penalty_epochs, int)
@@ -116,7 +122,7 @@ class FilterSkeleton:
         self.model, self.sr, self.threshold = model, float(sr), float(threshold)
         self.penalty_epochs, self.penalising = penalty_epochs, True
         self.names = list(modules)
-        self.norms = _norms_reading(model, example_inputs, self.names)
+        self.norms = norms_reading(model, example_inputs, self.names, mask_norms)
         self.optimizer: torch.optim.Optimizer | None = None
         # every 50 steps: step, live stripe fraction and the 10/50/90% quantiles of |I|
         self.history: list[dict[str, float]] = []
@@ -215,19 +221,6 @@ class FilterSkeleton:
         return masks
 
 
-def _norms_reading(model: nn.Module, example_inputs, names: Sequence[str]) -> dict[str, list[str]]:
-    """For each conv, the norm layers that normalise its output directly."""
-    graph = build_graph(model, example_inputs)
-    node_of = {m.module: m.node for m, _ in graph.tensor_members() if m.role == "out"}
-    out: dict[str, list[str]] = {name: [] for name in names}
-    for m, _ in graph.tensor_members():
-        if m.role == "norm" and m.tensor.endswith(".weight"):
-            for name in names:
-                if node_of.get(name) == m.input_node:
-                    out[name].append(m.module)
-    return out
-
-
 @dataclass
 class SWPResult:
     """What :func:`swp_prune` did."""
@@ -258,7 +251,8 @@ class SWPExactnessError(PrunekitError, RuntimeError):
 
 @torch.no_grad()
 def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
-              executor: str = "stripe", check_atol: float = 1e-4) -> SWPResult:
+              executor: str = "stripe", check_atol: float = 1e-4,
+              empty_blocks: str = "exact") -> SWPResult:
     """Turn a skeleton-trained ``model`` into its stripe-pruned form, in place (eval mode).
 
     The output on ``example_inputs`` before (skeleton baked) and after every structural change
@@ -280,7 +274,9 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
     masks = skeleton.remove()
     reference = first_output(model(*example_inputs)).clone()
     stripes_before = sum(m.numel() for m in masks.values())
-    replaced = _replace_empty_blocks(model, masks, example_inputs)
+    replaced = replace_empty_blocks(model, masks, example_inputs, empty_blocks)
+    if empty_blocks == "reference" and replaced:  # a deliberate change: check the rest
+        reference = first_output(model(*example_inputs)).clone()
     plan, removed = _zero_channel_plan(model, example_inputs)
     if plan:
         prune(model, example_inputs, plan=plan)
@@ -307,40 +303,6 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
         replaced_blocks=replaced, stripe_convs=stripe_convs, macs_before=macs_before,
         macs_after=count_macs(model, example_inputs), params_before=params_before,
         params_after=count_params(model), plan=plan)
-
-
-def _replace_empty_blocks(model: nn.Module, masks: dict[str, torch.Tensor],
-                          example_inputs) -> list[str]:
-    """Replace each BasicBlock whose conv1 or conv2 lost every stripe by its shortcut plus the
-    branch's constant output, when that output is spatially constant (no conv bias feeding a
-    zero-padded conv); otherwise the block stays."""
-    blocks = {name: b for name, b in model.named_modules() if isinstance(b, BasicBlock)
-              and any(not bool(masks.get(f"{name}.{c}", torch.ones(1, dtype=torch.bool)).any())
-                      for c in ("conv1", "conv2"))}
-    if not blocks:
-        return []
-    shapes: dict[str, torch.Size] = {}
-
-    def recorder(name):
-        def record(module, args):
-            shapes.setdefault(name, args[0].shape)  # returns None: the input is unchanged
-        return record
-    handles = [b.register_forward_pre_hook(recorder(name)) for name, b in blocks.items()]
-    try:
-        model(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    replaced = []
-    for name, block in blocks.items():
-        zeros = torch.zeros((1, *shapes[name][1:]), device=block.bn2.weight.device)
-        branch = block.bn2(block.conv2(block.relu1(block.bn1(block.conv1(zeros)))))
-        constant = branch[:, :, :1, :1]
-        if not torch.equal(branch, constant.expand_as(branch)):
-            continue
-        set_submodule(model, name, ShortcutBlock(block.shortcut, constant.flatten()))
-        replaced.append(name)
-    return replaced
 
 
 def _zero_channel_plan(model: nn.Module, example_inputs

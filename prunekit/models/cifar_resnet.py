@@ -39,6 +39,7 @@ from .registry import check_positive_int, register_model
 from .weights import PretrainedWeights
 
 __all__ = [
+    "INITS",
     "SHORTCUTS",
     "BasicBlock",
     "CifarResNet",
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 SHORTCUTS = ("A", "A_append", "B")
+INITS = ("kaiming", "swp")
 STAGE_WIDTHS = (16, 32, 64)
 STAGE_STRIDES = (1, 2, 2)
 
@@ -234,12 +236,19 @@ class CifarResNet(nn.Module):
         chip_stem_crop: give the first block a lossy channel-mapping shortcut so that the
             stem and stage 1's stream can be pruned to different widths, as CHIP's code does
             (a reproduction option; it changes what the pruned network computes).
+        init: ``"kaiming"`` (default: conv kaiming-normal fan_out, BN weight 1, PyTorch's
+            Linear init) or ``"swp"``, the from-scratch init of SWP's reference code
+            (fxmeng/Pruning-Filter-in-Filter ``models/stripe.py``): PyTorch's default conv init,
+            every BN weight 0.5 (bias 0), Linear weight N(0, 0.01) (bias PyTorch's default).
     """
 
     def __init__(self, depth: int, num_classes: int = 10, shortcut: str = "A",
                  mid_channels: Sequence[int] | None = None,
-                 out_channels: Sequence[int] | None = None, chip_stem_crop: bool = False):
+                 out_channels: Sequence[int] | None = None, chip_stem_crop: bool = False,
+                 init: str = "kaiming"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; valid options: {', '.join(INITS)}")
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(
                 f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, ...), got {depth}"
@@ -272,11 +281,16 @@ class CifarResNet(nn.Module):
             self.layer1[0].shortcut = ZeroPadShortcut(out[0], out[1], 1, lossy=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out[-1], num_classes)
-        self._init_weights()
+        self._init_weights(init)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, init: str = "kaiming") -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if init == "swp":  # the modules' own init is PyTorch's default
+                if isinstance(m, nn.BatchNorm2d):
+                    nn.init.constant_(m.weight, 0.5)
+                elif isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0.0, 0.01)
+            elif isinstance(m, nn.Conv2d):
                 # fan_out as torchvision's ResNet; akamaster used fan_in. Either keeps the
                 # activations' scale stable; it only matters when training from scratch.
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
