@@ -195,9 +195,11 @@ FINETUNE = dict(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="co
                 batch_size=128, seed=0)
 
 
-def finetune_one_epoch(model, root, work: Path):
+def finetune_one_epoch(model, root, work: Path, distill=None):
+    """The shared budget; ``distill``: an optional :class:`prunekit.train.Distillation`."""
     fit(model, data.CIFAR10(root, split="train", train_augment=True),
-        data.CIFAR10(root, split="val"), TrainConfig(**FINETUNE), work, resume=True)
+        data.CIFAR10(root, split="val"), TrainConfig(**FINETUNE), work, resume=True,
+        distill=distill)
     return model.eval()
 
 

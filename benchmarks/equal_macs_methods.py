@@ -14,6 +14,12 @@ One protocol for every row:
 * soft rows (SFP, ASFP, GHFP, decaying SFP, FSDP) prune *while* training: they get the same
   1 epoch with their masks and the same counts, and only the model removed at its end is
   evaluated (no "right after" value exists);
+* method rows (FSDP, KDFS, CCEP, HBFP): the registered method run as the prune job runs it,
+  with its default options, the common counts as its target and the same 1 epoch as its whole
+  training budget (search and fine-tuning together);
+* "+ distillation" rows: the one-shot row fine-tuned with knowledge distillation from the
+  unpruned pretrained network (Hinton et al. 2015; temperature 4, weight 0.5, prunekit's
+  defaults) instead of the task loss alone;
 * the unpruned network given the same epoch.
 
 Rows resume: a row whose values are stored is not run again; results are written after every
@@ -36,6 +42,7 @@ from prunekit.methods import soft_prune
 from prunekit.pipeline import calibration_batches
 from prunekit.plan import PlanTarget, resolve_counts
 from prunekit.train import TrainConfig
+from prunekit.train.distill import DISTILL_DEFAULTS, Distillation
 
 # the same evaluation, BN re-estimation and fine-tuning budget as the criteria table
 from equal_macs import FINETUNE, _evaluate, _recalibrated, finetune_one_epoch
@@ -49,6 +56,9 @@ ROWS = {
     "l1": {"kind": "oneshot", "criterion": "l1"},
     "fpgm": {"kind": "oneshot", "criterion": "fpgm"},
     "chip": {"kind": "oneshot", "criterion": "chip"},
+    # fine-tuned with knowledge distillation from the unpruned pretrained network (T 4, w 0.5)
+    "l1 + distillation": {"kind": "oneshot", "criterion": "l1", "distill": True},
+    "chip + distillation": {"kind": "oneshot", "criterion": "chip", "distill": True},
     "hrank": {"kind": "oneshot", "criterion": "hrank"},
     "random": {"kind": "oneshot", "criterion": "random"},
     "epruner": {"kind": "oneshot", "criterion": "epruner", "options": {"beta": 0.52}},
@@ -58,6 +68,9 @@ ROWS = {
                                               "options": {"beta": 0.76}, "own": "counts_from",
                                               "finetune": False},
     "filtersketch": {"kind": "oneshot", "criterion": "filtersketch"},
+    # what the reference's BN reset (and unit-Frobenius consumer scaling) cost at this budget
+    "filtersketch (bn_reset off)": {"kind": "oneshot", "criterion": "filtersketch",
+                                    "options": {"bn_reset": False}},
     "central_filter": {"kind": "oneshot", "criterion": "central_filter"},
     "pfp": {"kind": "oneshot", "criterion": "pfp"},
     "pfp own counts (one error level)": {"kind": "oneshot", "criterion": "pfp",
@@ -70,6 +83,9 @@ ROWS = {
     "sfp decay (exponential)": {"kind": "soft", "options": {"criterion": "l2",
                                                            "decay": "exponential"}},
     "fsdp": {"kind": "method", "method": "fsdp"},  # FSDP's defaults: cs_ratio 0.1, tau 10
+    "kdfs": {"kind": "method", "method": "kdfs"},
+    "ccep": {"kind": "method", "method": "ccep"},
+    "hbfp": {"kind": "method", "method": "hbfp"},
 }
 
 
@@ -91,6 +107,11 @@ def _available(spec) -> str | None:
         if spec["method"] not in list_methods():
             return f"method '{spec['method']}' not registered"
     return None
+
+
+def _teacher(base, spec):
+    """Knowledge distillation from (a copy of) the unpruned network for rows that ask for it."""
+    return Distillation(copy.deepcopy(base), **DISTILL_DEFAULTS) if spec.get("distill") else None
 
 
 def _oneshot(base, spec, counts, reduction, calib, held_out):
@@ -122,18 +143,26 @@ def _soft(base, spec, counts, root, work: Path):
     return model.eval(), {"options": spec["options"], "counts": "common"}
 
 
-def _method(base, spec, counts, root, work: Path, calib):
-    """FSDP (a training method with its own hook) on the common counts, its default options,
-    the same 1-epoch budget; class separability scored on the calibration batches."""
-    from prunekit.methods.fsdp import FSDP, fsdp_prune
+def _method(base, spec, counts, root, work: Path, distill=None):
+    """A registered training or search method (FSDP, KDFS, CCEP, HBFP, ...) run as the prune
+    job runs it: its default options (plus the row's), the common counts as its target, the
+    same 1-epoch budget as its ``finetune``, CIFAR-10 as its data (calibration 5 x 128
+    augmented train images, seed 0, as the one-shot rows)."""
+    from prunekit.methods import MethodContext, get_method
+    from prunekit.pipeline.run_data import CifarRunData
 
-    options = {**FSDP.Config().to_dict(), **spec.get("options", {})}
+    method = get_method(spec["method"])(spec.get("options", {}))
     model = copy.deepcopy(base)
-    model, _, _, hook = fsdp_prune(
-        model, data.CIFAR10(root, split="train", train_augment=True),
-        data.CIFAR10(root, split="val"), TrainConfig(**FINETUNE), work, example_inputs=X,
-        calibration=calib, cs_criterion="class_separability", keep=counts, **options)
-    return model.eval(), {"options": options, "counts": "common"}
+    context = MethodContext(example_inputs=(X,), target=PlanTarget(counts=counts),
+                            finetune=TrainConfig(**FINETUNE), out_dir=work,
+                            data=CifarRunData(root, calibration={"batches": 5,
+                                                                 "batch_size": 128}),
+                            criterion=spec.get("criterion"), distill=distill)
+    result = method.run(model, context)
+    if not result.trained:  # a search (CCEP): the job would fine-tune its result; so do we
+        finetune_one_epoch(model, root, work / "finetune", distill)
+    return model.eval(), {"options": method.config.to_dict(), "counts": "common",
+                          "trained_by_method": result.trained}
 
 
 def run_methods(root: Path, out: Path, reduction: float, splits, bn_batches: int,
@@ -178,12 +207,16 @@ def run_methods(root: Path, out: Path, reduction: float, splits, bn_batches: int
             model = _recalibrated(model, root, bn_batches)
             row["top1_bn"] = _evaluate(model, splits, root)
             if spec.get("finetune", True):
-                row["top1_ft"] = _evaluate(finetune_one_epoch(model, root, workdir), splits, root)
+                row["top1_ft"] = _evaluate(finetune_one_epoch(model, root, workdir,
+                                                              _teacher(base, spec)), splits, root)
         else:
-            maker = _soft if spec["kind"] == "soft" else _method
-            extra = (calib,) if spec["kind"] == "method" else ()
-            model, info = maker(base, spec, counts, root, workdir, *extra)
+            if spec["kind"] == "soft":
+                model, info = _soft(base, spec, counts, root, workdir)
+            else:
+                model, info = _method(base, spec, counts, root, workdir, _teacher(base, spec))
             row["top1_ft"] = _evaluate(model, splits, root)
+        if spec.get("distill"):
+            info["distill"] = dict(DISTILL_DEFAULTS, teacher="the unpruned pretrained network")
         macs = measure.count_macs(model, X)
         row.update(kind=spec["kind"], **info, macs=macs, params=measure.count_params(model),
                    macs_reduction=1 - macs / macs_before,
