@@ -139,3 +139,17 @@ def test_swp_empty_blocks_exact_keeps_the_output_reference_drops_the_relu(mode):
         assert torch.equal(out, block.shortcut(shortcut_in["x"]))  # bare shortcut, no ReLU
     with pytest.raises(ValueError, match="empty_blocks"):
         replace_empty_blocks(model, masks, (x[:1],), "neither")
+
+
+def test_swp_method_exposes_the_reference_options_and_the_paper_recipe_uses_them():
+    from prunekit.recipes import load_recipe
+
+    method = get_method("swp")({"mask_norms": "reference", "empty_blocks": "reference"})
+    assert (method.config.mask_norms, method.config.empty_blocks) == ("reference", "reference")
+    default = get_method("swp")()
+    assert (default.config.mask_norms, default.config.empty_blocks) == ("all", "exact")
+    with pytest.raises(ConfigError, match="mask_norms"):
+        get_method("swp")({"mask_norms": "bn2"})
+    recipe = load_recipe("swp_resnet56")
+    assert recipe["method"]["mask_norms"] == recipe["method"]["empty_blocks"] == "reference"
+    assert recipe["model"]["kwargs"]["init"] == "swp"

@@ -276,9 +276,10 @@ def test_cli_swp_paper_recipe_trains_from_scratch(tmp_path):
                  "50", "--latency-batches", "1", "--latency-runs", "2", "--out", str(run)]) == 0
     report = json.loads((run / "report.json").read_text())
     assert report["options"]["model"] == {"name": "cifar_resnet56", "weights": None,
-                                          "kwargs": {"shortcut": "B"}}
+                                          "kwargs": {"shortcut": "B", "init": "swp"}}
     method = report["options"]["method"]
     assert (method["name"], method["sr"], method["threshold"]) == ("swp", 1e-5, 0.01)
+    assert (method["mask_norms"], method["empty_blocks"]) == ("reference", "reference")
     assert report["options"]["finetune"]["lr"] == 0.1
     assert report["swp"]["stripes_before"] == 18288  # every 3x3 conv carries a skeleton
     loaded = pio.load(run / "model.safetensors").eval()

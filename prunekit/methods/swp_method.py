@@ -46,6 +46,14 @@ class SWP(PruningMethod):
         executor: str = option("stripe", "run pruned convs as StripeConv2d or as dense "
                                "convs with zero stripes", flag="--stripe-executor",
                                choices=("stripe", "dense"))
+        mask_norms: str = option("all", "norms a dead filter zeroes in training: 'all' "
+                                 "(prunekit: also the norms writing residual streams) or "
+                                 "'reference' (only a block's bn1, as the reference code)",
+                                 choices=("all", "reference"))
+        empty_blocks: str = option("exact", "a block whose conv lost every stripe becomes "
+                                   "'exact' (its shortcut + the branch's constant, ReLU kept) "
+                                   "or 'reference' (the bare shortcut, as the reference code)",
+                                   choices=("exact", "reference"))
 
         def validate(self) -> None:
             if self.bn_recalibration_batches < 0:
@@ -57,7 +65,8 @@ class SWP(PruningMethod):
         skeleton = FilterSkeleton(model, context.example_inputs, sr=c.sr, threshold=c.threshold,
                                   lr_scale=c.skeleton_lr_scale,
                                   weight_decay=c.skeleton_weight_decay,
-                                  penalty_epochs=c.penalty_epochs, ignore=context.target.ignore)
+                                  penalty_epochs=c.penalty_epochs, ignore=context.target.ignore,
+                                  mask_norms=c.mask_norms)
         with context.stage("skeleton_training"):
             summary = fit(model, data.train_set(), data.val_set(), context.finetune,
                           context.out_dir / "skeleton", hooks=[skeleton],
@@ -65,7 +74,8 @@ class SWP(PruningMethod):
         extras = {"stripes_alive": skeleton.stripe_fraction(),
                   "stripes_alive_history": skeleton.history}
         with context.stage("stripe_prune"):
-            result = swp_prune(model, skeleton, context.example_inputs, executor=c.executor)
+            result = swp_prune(model, skeleton, context.example_inputs, executor=c.executor,
+                               empty_blocks=c.empty_blocks)
         extras["swp"] = result.to_dict()
         if c.bn_recalibration_batches:
             with context.stage("bn_recalibration"):
