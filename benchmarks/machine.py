@@ -1,27 +1,17 @@
 """What the benchmarks record about the machine they ran on (shared by the scripts here)."""
 from __future__ import annotations
 
-import os
-import platform
 import time
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from prunekit.measure.machine_load import cpu_model_name
+    return cpu_model_name()
 
 
 def load_avg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
+    from prunekit.measure.machine_load import load_average
+    return load_average()
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:
@@ -42,22 +32,20 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
 
 def interleaved_latency(nets: dict, example, *, rounds: int = 5, runs: int = 30,
                         batch_sizes=(1, 64), memory_formats: dict | None = None) -> dict:
-    """Median latency (ms) per model and batch size, timing every model once per round, back
-    to back, so load from other processes hits all models alike. ``memory_formats`` maps a
-    model name to the layout of its inputs (default: contiguous NCHW)."""
+    """Median over rounds of each round's median latency (ms) per model and batch size, from
+    :func:`prunekit.measure.interleaved_latency` (every model timed once per round, back to
+    back, so load from other processes hits all models alike). ``example``: a tensor or a
+    shape with a batch dimension; ``memory_formats`` maps a model name to its inputs' layout."""
     import statistics
 
     import torch
 
     from prunekit import measure
 
-    samples = {name: {bs: [] for bs in batch_sizes} for name in nets}
-    for _ in range(rounds):
-        for name, net in nets.items():
-            fmt = (memory_formats or {}).get(name, torch.contiguous_format)
-            lat = measure.measure_latency(net, example, batch_sizes=batch_sizes, runs=runs,
-                                          memory_format=fmt)
-            for bs, ms in lat.median_ms.items():
-                samples[name][bs].append(ms)
+    if not isinstance(example, torch.Tensor):
+        example = torch.randn(*example)
+    measured = measure.interleaved_latency(nets, example, batch_sizes=batch_sizes,
+                                           rounds=rounds, runs=runs, warmup=10,
+                                           memory_formats=memory_formats)
     return {name: {str(bs): statistics.median(v) for bs, v in per.items()}
-            for name, per in samples.items()}
+            for name, per in measured.round_medians_ms.items()}

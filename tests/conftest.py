@@ -187,6 +187,14 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """prunekit's cache directory (PRUNEKIT_CACHE) inside the test's tmp_path, so cached
+    measurements neither come from nor reach the user's cache."""
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture(scope="session")
 def randomize_norms():
     """``randomize_norms(model, seed=0)``: random BN statistics/affine parameters."""

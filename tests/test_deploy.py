@@ -15,13 +15,7 @@ from prunekit.errors import ConfigError
 from prunekit.nn.stripe import StripeConv2d, stripe_prune_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread", "private_cache")
 
 
 def _close(a, b):

@@ -23,13 +23,7 @@ from prunekit.pipeline.measuring import paired_speedup, summary_table
 HAS_PROC_STAT = Path("/proc/stat").exists()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread", "private_cache")
 
 
 def test_spread_and_percentiles_are_computed_from_the_runs():
