@@ -187,6 +187,13 @@ def test_stripe_pruned_resnet56_equals_masked_dense(pruned56, batch):
     assert result.stripes_after < 0.5 * result.stripes_before
     assert result.macs_after < 0.5 * result.macs_before
     assert result.params_after < result.params_before
+    # SWP's own FLOPs count (2 x MACs + BN + fc bias), beside the MACs, as the paper reports
+    from prunekit.measure import reference_flops
+    assert result.reference_flops_before == 2 * result.macs_before + 2 * 532480 + 10
+    assert result.reference_flops_after == reference_flops(model, X)
+    assert 2 * result.macs_after < result.reference_flops_after < 2.1 * result.macs_after
+    assert result.to_dict()["reference_flops_reduction"] == pytest.approx(
+        1 - result.reference_flops_after / result.reference_flops_before)
 
 
 def test_stripe_pruned_model_save_load_and_export_round_trip(pruned56, tmp_path):

@@ -24,7 +24,8 @@ reference drops together with the block's ReLU: ``empty_blocks="reference"``); t
 :class:`~prunekit.nn.StripeConv2d` modules (``executor="stripe"``) or stay dense convolutions
 with zero stripes (``executor="dense"``). Every step is exact in eval mode. The result reports
 MACs and, beside them, FLOPs as the reference counts them
-(not yet: a ``reference_flops`` helper is planned), the basis of the paper's percentages.
+(:func:`prunekit.measure.reference_flops`: 2 x MACs + BN + linear biases, no ReLU or pooling
+for its ResNet), the basis of the paper's percentages.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import PrunekitError
 from ..graph import build_graph
-from ..measure import count_macs, count_params
+from ..measure import count_macs, count_params, reference_flops
 from ..nn import ShortcutBlock, StripeConv2d
 from ..pruning import reduction
 from ..utils import as_tuple, first_output, set_submodule
@@ -235,14 +236,20 @@ class SWPResult:
     params_before: int
     params_after: int
     plan: dict[str, list[int]] = field(default_factory=dict)
+    reference_flops_before: int | None = None   # SWP flops.py's convention, same inputs
+    reference_flops_after: int | None = None
 
     macs_reduction = property(lambda self: reduction(self.macs_before, self.macs_after))
+    reference_flops_reduction = property(lambda self: None if self.reference_flops_after is None
+                                         else reduction(self.reference_flops_before,
+                                                        self.reference_flops_after))
     params_reduction = property(lambda self: reduction(self.params_before, self.params_after))
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
         return {**asdict(self), "macs_reduction": self.macs_reduction,
-                "params_reduction": self.params_reduction}
+                "params_reduction": self.params_reduction,
+                "reference_flops_reduction": self.reference_flops_reduction}
 
 
 class SWPExactnessError(PrunekitError, RuntimeError):
@@ -266,6 +273,7 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
     example_inputs = as_tuple(example_inputs)
     model.eval()
     macs_before, params_before = count_macs(model, example_inputs), count_params(model)
+    flops_before = reference_flops(model, example_inputs)
     if skeleton.stripe_fraction() == 0:
         raise ValueError("every stripe of every skeletonised conv is at or below the threshold, "
                          "so nothing of the network would remain: lower sr (alpha), lower the "
@@ -302,7 +310,8 @@ def swp_prune(model: nn.Module, skeleton: FilterSkeleton, example_inputs, *,
         stripes_before=stripes_before, stripes_after=stripes_after, removed_channels=removed,
         replaced_blocks=replaced, stripe_convs=stripe_convs, macs_before=macs_before,
         macs_after=count_macs(model, example_inputs), params_before=params_before,
-        params_after=count_params(model), plan=plan)
+        params_after=count_params(model), plan=plan, reference_flops_before=flops_before,
+        reference_flops_after=reference_flops(model, example_inputs))
 
 
 def _zero_channel_plan(model: nn.Module, example_inputs

@@ -86,6 +86,11 @@ def summary_table(report: dict) -> str:
                                           for _, m in columns]))
     rows.append(("MACs", [f"{m['macs'] / 1e6:.2f}M" for _, m in columns]))
     rows.append(("params", [f"{m['params'] / 1e6:.3f}M" for _, m in columns]))
+    swp = report.get("swp") or {}
+    if swp.get("reference_flops_after") is not None:  # the paper's percentages use this count
+        flops = [swp["reference_flops_before"], swp["reference_flops_after"]]
+        rows.append(("FLOPs (SWP count)", [f"{f / 1e6:.2f}M" for f in flops] +
+                     [""] * (len(columns) - 2)))
     for bs in report["before"].get("latency_ms", {}):
         rows.append((f"latency bs={bs}", [f"{m['latency_ms'][bs]:.2f} ms" for _, m in columns]))
     sp = report["speedup"]
