@@ -17,106 +17,50 @@ every unverified choice is an option with the reconstruction's default:
   the producer's output where no norm follows) are multiplied by ``sum_k s_gk * M_gk``, where
   ``M_gk`` is the 0/1 keep-mask criterion ``k`` selects at the group's rate on the *current*
   weights. All groups are sampled in the same forward, so the loss sees every choice at once.
-  Masking the output after BN equals removing the filter (BN's shift cannot keep it alive).
+  Masking the output after BN equals removing the filter (BN's shift cannot keep it alive);
+  ``mask_position="before_bn"`` masks the conv output as the re-implementation does
+  (:mod:`~prunekit.methods.lfpc_sampler`).
 * Criteria backward: on every training step the weights take a step on a training batch (the
   sample detached), then the logits take an Adam step (lr 1e-4, betas (0.5, 0.999), wd 1e-3) on
   the loss of a batch of a held-out *validation* split (never the test set), the weights
-  fixed; ``train_weights=False`` freezes the weights and only optimises the logits.
+  fixed; ``train_weights=False`` freezes the weights and only optimises the logits;
+  ``search_split="half"`` cuts the train split 50/50 instead (:mod:`.lfpc_split`).
 * After the search each group takes its most likely criterion (``argmax alpha_g``), and the
   network is trained with SFP (:class:`prunekit.methods.SoftPruning`) using
   :class:`PerGroupCriterion`, then pruned physically.
 
-Groups, not layers, carry the choice: prunekit prunes coupled channels (e.g. a residual stream)
-with one index set, so a coupled group is one "layer" of the paper. Groups that lose no channel
-are left out of the sampler (every criterion keeps all of their channels).
+By default groups, not layers, carry the choice (``sampler_scope="group"``): prunekit prunes
+coupled channels (e.g. a residual stream) with one index set, so a coupled group is one "layer"
+of the paper. ``sampler_scope="conv"`` gives every conv its own row, as the re-implementation
+does, and a documented vote turns the convs' choices into one per group
+(:func:`~prunekit.methods.lfpc_sampler.combine_conv_choices`). Groups that lose no channel are
+left out of the sampler (every criterion keeps all of their channels). The target is a MACs
+reduction or ratios, or ``conv_rate``: every conv at one rate as in SFP, with the papers' FLOPs
+count reported next to the physical MACs (:mod:`~prunekit.methods.lfpc_rate`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..criteria import PerGroupCriterion, get_criterion
+from ..errors import ConfigError
 from ..files import atomic_write
 from ..graph import ChannelGraph, build_graph
-from ..plan import make_plan
 from ..train import DivergenceError, TrainConfig, fit
 from ..utils import as_tuple, first_output
+from .lfpc_rate import paper_flops, sfp_rate_counts
+from .lfpc_sampler import CriteriaSampler, MaskSites, combine_conv_choices, linear_temperature
+from .lfpc_split import search_sets
 from .soft import SoftPruning
 
 __all__ = ["CriteriaSampler", "CriteriaSearch", "PerGroupCriterion", "lfpc_prune",
            "linear_temperature"]
-
-
-def linear_temperature(progress: float, tau_max: float = 5.0, tau_min: float = 0.1) -> float:
-    """Gumbel temperature at ``progress`` in [0, 1] of the search: linear ``tau_max -> tau_min``."""
-    progress = min(max(float(progress), 0.0), 1.0)
-    return tau_max - (tau_max - tau_min) * progress
-
-
-class CriteriaSampler(nn.Module):
-    """LFPC's differentiable criteria sampler: logits ``alpha`` of shape (groups, criteria).
-
-    :meth:`sample` draws a Gumbel-softmax sample at temperature ``tau`` (lfpc.md R1): soft by
-    default, a straight-through one-hot with ``hard=True`` (forward one-hot, backward the soft
-    sample's gradient).
-    """
-
-    def __init__(self, groups: Sequence[str], criteria: Sequence[str], *, init_std: float = 0.01,
-                 hard: bool = False, seed: int = 0):
-        super().__init__()
-        if not groups:
-            raise ValueError("the criteria sampler needs at least one group that loses channels")
-        if len(criteria) < 2:
-            raise ValueError(f"LFPC chooses among criteria: give at least two, got {list(criteria)}")
-        self.groups, self.criteria, self.hard = list(groups), list(criteria), bool(hard)
-        generator = torch.Generator().manual_seed(seed)
-        self.alpha = nn.Parameter(torch.randn(len(groups), len(criteria), generator=generator)
-                                  * init_std)
-        self.tau = 5.0
-
-    def probabilities(self) -> torch.Tensor:
-        return self.alpha.detach().softmax(-1)
-
-    def sample(self) -> torch.Tensor:
-        return F.gumbel_softmax(self.alpha, tau=self.tau, hard=self.hard, dim=-1)
-
-    def most_likely(self) -> torch.Tensor:
-        """One-hot of ``argmax alpha`` per group (the choice after the search)."""
-        return F.one_hot(self.alpha.detach().argmax(-1), len(self.criteria)).to(self.alpha.dtype)
-
-    def choices(self) -> dict[str, str]:
-        index = self.alpha.detach().argmax(-1).tolist()
-        return {g: self.criteria[i] for g, i in zip(self.groups, index)}
-
-
-class _MaskedOutput:
-    """Where one group's channels leave a module: forward-hooked, multiplied by the weights."""
-
-    def __init__(self, module: str, dim: int, roots: np.ndarray):
-        self.module, self.dim, self.roots = module, dim, roots
-        self.group_index: torch.Tensor | None = None  # sampler row per position (G: unsampled)
-        self.keep: torch.Tensor | None = None          # (positions, criteria) 0/1
-
-
-def _masked_outputs(graph: ChannelGraph) -> list[_MaskedOutput]:
-    """Every norm layer's output, and every producer's output that no norm of the same channels
-    reads: the places where masking a channel is the same as removing its filter."""
-    members = graph.tensor_members()
-    normalised = {m.input_node for m, _ in members if m.role == "norm"}
-    outputs: dict[str, _MaskedOutput] = {}
-    for member, roots in members:
-        if member.module in outputs or member.blocks > 1:
-            continue
-        if member.role == "norm" or (member.role == "out" and member.tensor.endswith("weight")
-                                     and member.node not in normalised):
-            outputs[member.module] = _MaskedOutput(member.module, 1, np.asarray(roots))
-    return list(outputs.values())
 
 
 class CriteriaSearch:
@@ -129,7 +73,9 @@ class CriteriaSearch:
     steps; each training forward uses a fresh detached sample; ``after_step`` takes one
     sampler step on a validation batch. In eval mode (fit's validation) every group uses its
     most likely criterion, so the val accuracy ``fit`` logs is that of the currently chosen
-    pruned network. Call :meth:`remove` when done (``search`` does).
+    pruned network (with ``sampler_scope="conv"``: every conv its own, a masked network that
+    removal cannot build; the history's ``choices`` are then per conv). ``sampler_scope`` and
+    ``mask_position``: :mod:`~prunekit.methods.lfpc_sampler`. Call :meth:`remove` when done.
     """
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, keep: dict[str, int], val_set, *,
@@ -137,7 +83,8 @@ class CriteriaSearch:
                  tau_max: float = 5.0, tau_min: float = 0.1, hard: bool = False,
                  alpha_lr: float = 1e-4, alpha_betas: tuple[float, float] = (0.5, 0.999),
                  alpha_weight_decay: float = 1e-3, init_std: float = 0.01, batch_size: int = 128,
-                 mask_every: int = 1, seed: int = 0):
+                 mask_every: int = 1, sampler_scope: str = "group",
+                 mask_position: str = "after_bn", seed: int = 0):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps!r}")
         if mask_every < 1:
@@ -152,7 +99,8 @@ class CriteriaSearch:
             if getattr(crit, "needs_data", False):
                 raise ValueError(f"criterion '{crit.name}' needs calibration data; LFPC's "
                                  "criteria are recomputed from the weights at every step")
-        self.sampler = CriteriaSampler(list(self.keep), [c.name for c in self.criteria],
+        self.sites = MaskSites(graph, self.keep, scope=sampler_scope, position=mask_position)
+        self.sampler = CriteriaSampler(self.sites.rows, [c.name for c in self.criteria],
                                        init_std=init_std, hard=hard, seed=seed)
         self.optimizer = torch.optim.Adam(self.sampler.parameters(), lr=alpha_lr,
                                           betas=alpha_betas, weight_decay=alpha_weight_decay)
@@ -160,8 +108,7 @@ class CriteriaSearch:
         self.batch_size, self.mask_every, self.seed = int(batch_size), int(mask_every), int(seed)
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        self._outputs = _masked_outputs(graph)
-        self._index_groups()
+        self._outputs = self.sites.sites
         self._train_weights: list[torch.Tensor | None] = [None] * len(self._outputs)
         self._val_batches = None
         self._sampling = False  # True while sampler_step runs (also with a frozen eval model)
@@ -169,34 +116,14 @@ class CriteriaSearch:
                          for i, o in enumerate(self._outputs)]
 
     # ------------------------------------------------------------------ masks and weights
-    def _index_groups(self) -> None:
-        row = {name: i for i, name in enumerate(self.sampler.groups)}
-        unsampled = len(row)
-        root_row = {}
-        for group in self.graph.groups:
-            for r in group.channels:
-                root_row[int(r)] = row.get(group.name, unsampled)
-        for out in self._outputs:
-            out.group_index = torch.as_tensor([root_row.get(int(r), unsampled) for r in out.roots])
-        # outputs with no sampled channel (e.g. the classifier) need no hook
-        self._outputs = [o for o in self._outputs if bool((o.group_index < unsampled).any())]
-
     @torch.no_grad()
     def refresh_masks(self) -> None:
-        """Every criterion's keep-mask at every group's rate, from the current weights."""
-        removed = []
-        for crit in self.criteria:
-            plan = make_plan(self.graph, crit.score(self.graph, self.model), {}, counts=self.keep)
-            removed.append(np.fromiter(self.graph.removed_roots(plan), dtype=np.int64))
-        for out in self._outputs:
-            keep = np.stack([~np.isin(out.roots, gone) for gone in removed], axis=1)
-            out.keep = torch.as_tensor(keep, dtype=torch.float32)
+        """Every criterion's keep-mask at every group's count, from the current weights (per
+        group, or per conv with ``sampler_scope="conv"``)."""
+        self.sites.refresh(self.criteria, self.model)
 
-    def _channel_weights(self, sample: torch.Tensor, out: _MaskedOutput) -> torch.Tensor:
-        # an extra row [1, 0, ...] for unsampled channels, whose keep rows are all ones
-        extra = F.one_hot(torch.zeros(1, dtype=torch.long), sample.shape[1]).to(sample)
-        rows = torch.cat([sample, extra])[out.group_index.to(sample.device)]
-        return (rows * out.keep.to(sample)).sum(-1)
+    def _channel_weights(self, sample: torch.Tensor, out) -> torch.Tensor:
+        return self.sites.channel_weights(sample, out)
 
     def _set_sample(self, sample: torch.Tensor) -> None:
         self._train_weights = [self._channel_weights(sample, o) for o in self._outputs]
@@ -296,15 +223,29 @@ class CriteriaSearch:
         self.step, self.history = int(state["step"]), list(state["history"])
         self._val_batches = None
 
+    def group_choices(self) -> dict[str, str]:
+        """The criterion of every sampled group: its row's argmax, or with
+        ``sampler_scope="conv"`` the probability-averaged vote of its convs
+        (:func:`~prunekit.methods.lfpc_sampler.combine_conv_choices`)."""
+        return {r["group"]: r["choice"] for r in self.report()}
+
     def report(self) -> list[dict[str, Any]]:
-        """Per group: size, kept channels, each criterion's probability, the choice."""
+        """Per group: size, kept channels, each criterion's probability, the choice (with
+        ``sampler_scope="conv"``: the mean over its convs, and ``convs``: each conv's choice)."""
         probs = self.sampler.probabilities().cpu()
+        names = self.sampler.criteria
+        if self.sites.scope == "conv":
+            combined = combine_conv_choices(self.sites.row_groups, probs, names)
+        else:
+            combined = {g: {"probabilities": {c: float(v) for c, v in zip(names, probs[i])}}
+                        for i, g in enumerate(self.sampler.groups)}
         rows = []
-        for i, name in enumerate(self.sampler.groups):
-            p = {c: float(v) for c, v in zip(self.sampler.criteria, probs[i])}
+        for name, entry in combined.items():
+            p = entry["probabilities"]
             rows.append({"group": name, "size": self.graph.by_name[name].size,
                          "kept": self.keep[name], "probabilities": p,
-                         "choice": max(p, key=p.get)})
+                         "choice": entry.get("choice", max(p, key=p.get)),
+                         **({"convs": entry["convs"]} if "convs" in entry else {})})
         return rows
 
 
@@ -314,7 +255,8 @@ def lfpc_prune(model: nn.Module, train_set, val_set, search_config, sfp_config, 
                criteria: Sequence[str] = ("l1", "l2", "fpgm"), train_weights: bool = True,
                mask_grads: bool = False, ignore: Sequence = (), leaf_modules: Sequence = (),
                resume: bool = True, graph: ChannelGraph | None = None, distill=None,
-               **search_options):
+               conv_rate: float | None = None, conv_rate_rounding: str = "removed",
+               search_split: str = "val", **search_options):
     """LFPC end to end: criteria search, SFP with the learned per-group criteria, removal.
 
     ``search_config`` / ``sfp_config``: :class:`prunekit.train.TrainConfig` (or dicts) of the
@@ -326,10 +268,20 @@ def lfpc_prune(model: nn.Module, train_set, val_set, search_config, sfp_config, 
     its ``last.pt`` under ``out_dir``. With ``train_weights=False`` the search only optimises
     the logits (model in eval mode, ``search_config.epochs`` passes over ``val_set``).
     ``graph``: the model's ChannelGraph if already built (same ``ignore``); else it is traced.
+    ``conv_rate``: the SFP-style target instead (every convolution at that rate, rounded by
+    ``conv_rate_rounding``; :mod:`~prunekit.methods.lfpc_rate`), exclusive with the others.
+    ``search_split``: ``"val"`` or ``"half"`` (:mod:`~prunekit.methods.lfpc_split`).
 
     Returns ``(model, PruningResult, info)``; ``info`` holds ``choices`` (one row per group:
-    size, kept, probabilities, choice), the search history and both phases' fit summaries.
+    size, kept, probabilities, choice; per-conv choices with ``sampler_scope="conv"``), the
+    search history, both phases' fit summaries and ``flops``: the SFP/LFPC papers' FLOPs
+    reduction (at the kept counts, and at ``conv_rate`` itself) next to the physical MACs'.
     """
+    given = [k for k, v in (("macs_reduction", macs_reduction), ("ratio", ratio),
+                            ("ratios", ratios)) if v is not None]
+    if conv_rate is not None and given:
+        raise ConfigError(f"LFPC's conv_rate is a target of its own (every conv at one rate); "
+                          f"drop the {', '.join(given)} target or conv_rate")
     out_dir = Path(out_dir)
     search_config = _config(search_config, TrainConfig)
     sfp_config = _config(sfp_config, TrainConfig)
@@ -338,27 +290,35 @@ def lfpc_prune(model: nn.Module, train_set, val_set, search_config, sfp_config, 
         raise ValueError("lfpc_prune needs example_inputs (e.g. torch.randn(1, 3, 32, 32))")
     if graph is None:
         graph = build_graph(model, example_inputs, leaf_modules=leaf_modules, ignore=ignore)
-    counts = SoftPruning(graph, model=model, example_inputs=example_inputs, criterion="l2",
-                         ratio=ratio, ratios=ratios, macs_reduction=macs_reduction).target_keep
+    if conv_rate is not None:
+        counts = sfp_rate_counts(graph, model, conv_rate, conv_rate_rounding)
+    else:
+        counts = SoftPruning(graph, model=model, example_inputs=example_inputs, criterion="l2",
+                             ratio=ratio, ratios=ratios,
+                             macs_reduction=macs_reduction).target_keep
+    flops = {"paper": paper_flops(graph, model, example_inputs, counts=counts)}
+    if conv_rate is not None:
+        flops["paper_at_rate"] = paper_flops(graph, model, example_inputs, rate=conv_rate)
+    search_train, search_val = search_sets(train_set, val_set, search_split, search_config.seed)
     if train_weights:
-        steps_per_epoch = -(-len(train_set) // search_config.batch_size)
+        steps_per_epoch = -(-len(search_train) // search_config.batch_size)
         if search_config.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, search_config.max_steps_per_epoch)
     else:
-        steps_per_epoch = -(-len(val_set) // search_options.get("batch_size", 128))
-    search = CriteriaSearch(model, graph, counts, val_set, criteria=criteria,
+        steps_per_epoch = -(-len(search_val) // search_options.get("batch_size", 128))
+    search = CriteriaSearch(model, graph, counts, search_val, criteria=criteria,
                             steps=search_config.epochs * steps_per_epoch,
                             seed=search_config.seed, **search_options)
     try:
         if train_weights:
-            search_summary = fit(model, train_set, val_set, search_config, out_dir / "search",
+            search_summary = fit(model, search_train, val_set, search_config, out_dir / "search",
                                  hooks=[search], resume=resume)
         else:
             search_summary = _search_frozen(model, search, search_config, out_dir / "search",
                                             resume)
     finally:
         search.remove()
-    choices = search.sampler.choices()
+    choices = search.group_choices()
     hook = SoftPruning(graph, model=model, example_inputs=example_inputs,
                        criterion=PerGroupCriterion(choices, default="l2"), keep=counts,
                        mask_grads=mask_grads, ignore=ignore, leaf_modules=leaf_modules)
@@ -366,8 +326,9 @@ def lfpc_prune(model: nn.Module, train_set, val_set, search_config, sfp_config, 
                       resume=resume, distill=distill)  # the search phase learns alone
     result = hook.finalize(model)
     result.criterion = "lfpc"
+    flops["physical_macs_reduction"] = result.macs_reduction
     info = {"choices": search.report(), "search_history": search.history,
-            "search": search_summary, "sfp": sfp_summary,
+            "search": search_summary, "sfp": sfp_summary, "flops": flops,
             "criteria": [c.name for c in search.criteria]}
     return model, result, info
 
