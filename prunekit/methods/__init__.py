@@ -28,6 +28,7 @@ from .fsdp import FractionalStepPruning, fsdp_prune  # noqa: E402  (registers fs
 from . import haste  # noqa: F401,E402  (registers haste)
 from . import ccep  # noqa: F401,E402  (registers ccep)
 from . import kdfs  # noqa: F401,E402  (registers kdfs)
+from . import hbfp  # noqa: F401,E402  (registers hbfp)
 
 __all__ = ["SOFT_SCHEDULES", "FractionalStepPruning", "fsdp_prune", "CriteriaSampler", "CriteriaSearch", "MethodConfig",
            "MethodContext", "MethodResult", "PerGroupCriterion", "PruningMethod", "RunData",
