@@ -85,7 +85,7 @@ ROWS = {
     "fsdp": {"kind": "method", "method": "fsdp"},  # FSDP's defaults: cs_ratio 0.1, tau 10
     "kdfs": {"kind": "method", "method": "kdfs"},
     "ccep": {"kind": "method", "method": "ccep"},
-    "hbfp": {"kind": "method", "method": "hbfp"},
+    "hbfp": {"kind": "method", "method": "hbfp", "options": {"record_every": 16}},
 }
 
 

@@ -52,6 +52,8 @@ def parse_args(argv=None):
     ap.add_argument("--models", default="cifar_resnet56,cifar_resnet20")
     ap.add_argument("--hyperplanes", default="16,12,10,8,6", help="L values (comma list)")
     ap.add_argument("--patch", default="4", help="patch sizes (comma list)")
+    ap.add_argument("--centring", default="patch_mean", help="centrings (comma list; "
+                    "prunekit.nn.hashconv CENTRINGS)")
     ap.add_argument("--splits", default="test-lossless", help="comma list; the first one is "
                     "where MACs are measured")
     ap.add_argument("--limit", type=int, default=None, help="at most N images per split")
@@ -104,7 +106,8 @@ def run_row(name, base, dense_macs, setting, loaders, images, args) -> dict:
     model = copy.deepcopy(base)
     row = {"model": name, "setting": setting}
     if setting != "dense":
-        swap = hash_convolutions(model, hyperplanes=setting["L"], patch=setting["patch"])
+        swap = hash_convolutions(model, hyperplanes=setting["L"], patch=setting["patch"],
+                                 centring=setting.get("centring", "patch_mean"))
         row["swapped"], row["skipped"] = len(swap.swapped), swap.skipped
     row["top1"] = {}
     for i, (split, loader) in enumerate(loaders.items()):
@@ -159,7 +162,8 @@ def write_md(result: dict, path: Path) -> None:
         return f"{e['median_ms']:.1f} [{e['min_ms']:.1f}..{e['max_ms']:.1f}]"
     for row in rows.values():
         s = row["setting"]
-        label = "dense" if s == "dense" else f"P={s['patch']} L={s['L']}"
+        label = "dense" if s == "dense" else f"P={s['patch']} L={s['L']}" + (
+            f" {s['centring']}" if "centring" in s else "")
         m = row["macs"]
         lines.append(f"| {row['model']} | {label} | " +
                      " | ".join(f"{row['top1'].get(sp, float('nan')):.2f}" for sp in splits) +
@@ -217,8 +221,10 @@ def main(argv=None) -> None:
         loaders[split] = data.build_loader(ds, batch_size=100, shuffle=False)
         if images is None:
             images = torch.stack([ds[i][0] for i in range(64)])
-    settings = ["dense"] + [{"patch": p, "L": L} for p in _ints(args.patch)
-                            for L in _ints(args.hyperplanes)]
+    # a setting names its centring only when it is not the default, so older rows still match
+    settings = ["dense"] + [{"patch": p, "L": L, **({} if c == "patch_mean" else {"centring": c})}
+                            for c in args.centring.split(",") if c
+                            for p in _ints(args.patch) for L in _ints(args.hyperplanes)]
     todo = [(name, s) for name in args.models.split(",") for s in settings]
     for name, setting in tqdm(todo, desc="rows"):
         if key(name, setting) in result["rows"]:
