@@ -110,3 +110,22 @@ def test_unknown_recipe_lists_known_ones(tmp_path):
     bad.write_text(yaml.safe_dump({"model": "cifar_resnet56"}))
     with pytest.raises(RecipeError, match="'model' must be a mapping"):
         load_recipe(str(bad))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_expected_numbers_cite_their_source(name):
+    """An ``expected`` block is the paper's numbers: the comment right above it says where each
+    comes from (paper table, README, abstract, a later paper quoting it)."""
+    lines = (RECIPE_DIR / f"{name}.yaml").read_text().splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith("expected:")]
+    if not at:
+        return
+    comment = []
+    for line in reversed(lines[:at[0]]):
+        if not line.startswith("#"):
+            break
+        comment.append(line)
+    text = " ".join(comment).lower()
+    assert comment, f"{name}: no source comment above expected"
+    assert any(word in text for word in ("table", "readme", "abstract", "quoted")), \
+        f"{name}: the comment above expected names no source: {text!r}"
