@@ -231,3 +231,16 @@ def assert_matches_zeroed():
 def assert_outputs_close():
     """``assert_outputs_close(actual, expected, what)`` with a tolerance relative to scale."""
     return _assert_outputs_close
+
+
+class TinyRunData:
+    """A method's RunData with tiny random train and val splits (seeds 1 and 2)."""
+
+    def __init__(self, size=8, n=48):
+        self.size, self.n = size, n
+
+    def train_set(self):
+        return tiny_data(self.n, size=self.size, seed=1)
+
+    def val_set(self):
+        return tiny_data(self.n, size=self.size, seed=2)

@@ -19,7 +19,7 @@ from prunekit.methods.ccep_search import (choose, evolve, initial_population, lo
 from prunekit.plan import PlanTarget
 from prunekit.train import TrainConfig
 
-from conftest import SHARED, TinyNet, needs_shared, tiny_data
+from conftest import SHARED, TinyNet, TinyRunData as Data, needs_shared, tiny_data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -139,17 +139,6 @@ def test_crossover_and_exact_search():
     out = evolve(10, fitness_of, np.random.default_rng(0), generations=3, crossover_rate=1.0,
                  prune_limitation=0.7)
     assert calls and all(c.sum() >= 7 for c in calls) and out["bits"].sum() >= 7
-
-
-class Data:
-    def __init__(self, size=8, n=48):
-        self.size, self.n = size, n
-
-    def train_set(self):
-        return tiny_data(self.n, size=self.size, seed=1)
-
-    def val_set(self):
-        return tiny_data(self.n, size=self.size, seed=2)
 
 
 def context(tmp_path, x, **target):

@@ -22,7 +22,7 @@ from prunekit.methods.hbfp_history import (IterationPairs, NormHistory, PairRegu
 from prunekit.plan import MacsTargetWarning, PlanTarget
 from prunekit.train import TrainConfig, fit
 
-from conftest import SHARED, TinyNet, needs_shared, tiny_data
+from conftest import SHARED, TinyNet, TinyRunData as Data, needs_shared, tiny_data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -213,17 +213,6 @@ def test_schedules_and_budget():
     assert phase_steps(3, 3, 1) == (1, 1, [1])
     with pytest.raises(ConfigError, match="budget"):
         phase_steps(10, 10, 1, history_epochs=1)
-
-
-class Data:
-    def __init__(self, size=8, n=48):
-        self.size, self.n = size, n
-
-    def train_set(self):
-        return tiny_data(self.n, size=self.size, seed=1)
-
-    def val_set(self):
-        return tiny_data(self.n, size=self.size, seed=2)
 
 
 def context(tmp_path, x, epochs=2, **target):
