@@ -30,15 +30,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import cpu_busy, cpu_name, interleaved_latency  # benchmarks/machine.py
+from machine import cpu_busy, cpu_name, interleaved_latency, load_avg  # benchmarks/machine.py
 from torch import nn
 
 from prunekit import io, measure, models
+from prunekit.files import atomic_write_text
 from prunekit.nn import StripeConv2d, stripe_native
 
 RESULTS = Path(__file__).parent / "results"
@@ -93,10 +96,21 @@ def random_mask(out: int, removed: float, seed: int) -> torch.Tensor:
     return mask.view(out, 3, 3)
 
 
+def layer_latency(nets: dict, shape, args) -> tuple[dict, dict]:
+    """Median latency (ms) per candidate and batch, and every round's median (for per-round
+    ratios), from prunekit.measure.interleaved_latency (candidates timed back to back)."""
+    measured = measure.interleaved_latency(
+        nets, torch.randn(*shape), batch_sizes=BATCHES, rounds=args.rounds, runs=args.runs,
+        warmup=10, memory_formats={"dense-cl": torch.channels_last})
+    rounds = measured.round_medians_ms
+    return ({n: {str(bs): statistics.median(v) for bs, v in per.items()}
+             for n, per in rounds.items()}, rounds)
+
+
 def layer_rows(args) -> list[dict]:
     rows = []
     for cin, cout, size, stride in LAYERS:
-        for removed in REMOVED:
+        for removed in args.removed:
             torch.manual_seed(0)
             conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False).eval()
             mask = random_mask(cout, removed, seed=cin + cout + stride)
@@ -111,9 +125,7 @@ def layer_rows(args) -> list[dict]:
                 for name, net in nets.items():  # every candidate computes the same thing
                     torch.testing.assert_close(net(x), conv(x), rtol=1e-4, atol=1e-4,
                                                msg=lambda m, name=name: f"{name}: {m}")
-            lat = interleaved_latency(nets, (1, cin, size, size), rounds=args.rounds,
-                                      runs=args.runs, batch_sizes=BATCHES,
-                                      memory_formats={"dense-cl": torch.channels_last})
+            lat, rounds = layer_latency(nets, (1, cin, size, size), args)
             for batch in BATCHES:
                 b = str(batch)
                 best = min(lat["dense"][b], lat["dense-cl"][b])
@@ -122,6 +134,13 @@ def layer_rows(args) -> list[dict]:
                        "best_dense_ms": best}
                 row.update({f"{n}_speedup": best / lat[n][b]
                             for n in ("native", "torch", "reference")})
+                # the same ratio within each round (candidates timed back to back), so that
+                # load from other processes cancels: median and range over rounds
+                per_round = [min(d, c) / n for d, c, n in zip(
+                    rounds["dense"][batch], rounds["dense-cl"][batch], rounds["native"][batch])]
+                row["native_speedup_rounds"] = per_round
+                row["native_speedup_round_median"] = statistics.median(per_round)
+                row["native_speedup_round_range"] = [min(per_round), max(per_round)]
                 row["native_speedup_vs_nchw"] = lat["dense"][b] / lat["native"][b]
                 row["macs_speedup"] = 1 / (1 - removed)
                 rows.append(row)
@@ -187,15 +206,20 @@ def tables(layers, net, net_meta) -> str:
     out = ["Per layer (1 thread; speed-up = best dense latency / candidate latency, best dense ="
            " the faster of NCHW and channels_last; `native x NCHW` is against NCHW dense):", "",
            "| layer | stripes removed | batch | dense ms | dense-cl ms | native ms | torch ms "
-           "| reference ms | native x | native x NCHW | torch x | reference x | MACs x |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| reference ms | native x | native x per round: median [range] | native x NCHW "
+           "| torch x | reference x | MACs x |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in layers:
         out.append(f"| {r['layer']} | {int(100 * r['removed'])}% | {r['batch']} | "
                    f"{r['dense_ms']:.3f} | {r['dense-cl_ms']:.3f} | {r['native_ms']:.3f} | "
                    f"{r['torch_ms']:.3f} | {r['reference_ms']:.3f} | "
-                   f"**{r['native_speedup']:.2f}** | {r['native_speedup_vs_nchw']:.2f} | "
+                   f"**{r['native_speedup']:.2f}** | {r['native_speedup_round_median']:.2f} "
+                   f"[{r['native_speedup_round_range'][0]:.2f}, "
+                   f"{r['native_speedup_round_range'][1]:.2f}] | {r['native_speedup_vs_nchw']:.2f} | "
                    f"{r['torch_speedup']:.2f} | {r['reference_speedup']:.2f} | "
                    f"{r['macs_speedup']:.2f} |")
+    if not net:
+        return "\n".join(out) + "\n"
     out += ["", f"Whole ResNet-56 ({net_meta['source']}; MACs "
             f"{net_meta['macs']['dense'] / 1e6:.2f}M -> {net_meta['macs']['stripe-native'] / 1e6:.2f}M):",
             "", "| executor | threads | batch | dense ms | dense-cl ms | pruned ms | latency x "
@@ -231,8 +255,40 @@ def plot(layers, path: Path) -> None:
     axes[0].set_ylabel("speed-up over the faster dense conv (1 thread)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)  # atomic
+
+
+def pool(paths: list[str], out: str) -> str:
+    """Pool the per-round native speed-ups of several runs (same code) per layer, batch and
+    pruning level: on a shared machine one run's median moves by tens of percent."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    groups: dict = {}
+    for run in runs:
+        for r in run["layers"]:
+            groups.setdefault((r["layer"], r["removed"], r["batch"]), []).append(r)
+    loads = ", ".join(f"{r['meta'].get('load_avg_before')} -> {r['meta'].get('load_avg_after')}"
+                      for r in runs)
+    lines = [f"Native speed-up over the best dense conv, per round (candidates timed back to "
+             f"back), pooled over {len(runs)} runs ({', '.join(paths)}); load average during "
+             f"the runs: {loads}.", "",
+             "| layer | stripes removed | batch | pooled median | p25 | p75 | per-run medians |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    pooled = []
+    for (layer, removed, batch), rows in groups.items():
+        rounds = [x for r in rows for x in r["native_speedup_rounds"]]
+        q = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else [rounds[0]] * 3
+        med = statistics.median(rounds)
+        per_run = [r["native_speedup_round_median"] for r in rows]
+        pooled.append({"layer": layer, "removed": removed, "batch": batch, "median": med,
+                       "p25": q[0], "p75": q[2], "per_run": per_run})
+        lines.append(f"| {layer} | {int(100 * removed)}% | {batch} | **{med:.2f}** | {q[0]:.2f} "
+                     f"| {q[2]:.2f} | {', '.join(f'{x:.2f}' for x in per_run)} |")
+    atomic_write_text(f"{out}.json", json.dumps({"runs": paths, "layers": pooled}, indent=1))
+    atomic_write_text(f"{out}.md", "\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -240,23 +296,40 @@ def main() -> None:
     p.add_argument("--swp-model", default=None, help="a stripe-pruned ResNet-56 .safetensors")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--net-threads", default="1,2")
+    p.add_argument("--net-threads", default="1,2", help="'' skips the whole-network part")
+    p.add_argument("--removed", default=",".join(str(r) for r in REMOVED),
+                   help="fractions of stripes removed, comma-separated")
     p.add_argument("--out", default=str(RESULTS / "stripe_speed"))
+    p.add_argument("--pool", default=None, help="comma-separated results .json of earlier runs: "
+                   "pool their per-round speed-ups into --out (no measuring)")
     args = p.parse_args()
-    args.net_threads = [int(t) for t in args.net_threads.split(",")]
+    if args.pool:
+        print(pool(args.pool.split(","), args.out))
+        return
+    args.net_threads = [int(t) for t in args.net_threads.split(",") if t]
+    args.removed = [float(r) for r in args.removed.split(",")]
     if stripe_native.library() is None:
         raise SystemExit(f"the native kernel is unavailable: {stripe_native.unavailable_reason()}")
     busy = cpu_busy()
     torch.set_num_threads(1)
-    layers = layer_rows(args)
-    net, net_meta = network_rows(args)
     meta = {"cpu": cpu_name(), "torch": torch.__version__, "cpu_busy_before": busy,
-            "cpu_busy_after": cpu_busy(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "rounds": args.rounds, "runs": args.runs, "layer_threads": 1}
-    Path(f"{args.out}.json").write_text(json.dumps(
-        {"meta": meta, "layers": layers, "network": net, "network_meta": net_meta}, indent=1))
-    Path(f"{args.out}.md").write_text(tables(layers, net, net_meta))
+            "load_avg_before": load_avg(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "rounds": args.rounds, "runs": args.runs, "layer_threads": 1,
+            "kernel": {"vector_floats": stripe_native.library().prunekit_stripe_vl(),
+                       "filters_per_chunk": stripe_native.library().prunekit_stripe_chunk()}}
+
+    def write(layers, net, net_meta):  # after each part, atomically: a killed run keeps results
+        meta.update(cpu_busy_after=cpu_busy(0.2), load_avg_after=load_avg())
+        atomic_write_text(f"{args.out}.json", json.dumps(
+            {"meta": meta, "layers": layers, "network": net, "network_meta": net_meta}, indent=1))
+        atomic_write_text(f"{args.out}.md", tables(layers, net, net_meta)
+                          + f"\nMachine: {meta}\n")
+
+    layers = layer_rows(args)
+    write(layers, [], {})
     plot(layers, Path(f"{args.out}.png"))
+    net, net_meta = network_rows(args) if args.net_threads else ([], {})
+    write(layers, net, net_meta)
     print(tables(layers, net, net_meta))
 
 

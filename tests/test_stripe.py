@@ -425,3 +425,140 @@ def test_copy_and_pickle_after_a_native_forward():
         torch.testing.assert_close(restored(x), expected)
         torch.testing.assert_close(clone(x) - clone.bias.view(1, -1, 1, 1),
                                    2 * (expected - sconv.bias.view(1, -1, 1, 1)))
+
+
+# ------------------------------------------------- padded phase planes, tiles, multi-tap chunks
+@needs_native
+@pytest.mark.parametrize("seed", range(6))
+def test_native_kernel_on_random_geometries(seed, monkeypatch):
+    """Random shapes against the dense conv on the masked weights: odd and vector-multiple
+    widths (partial and full output vectors), strides 1-3, padding 0-2, dilation 1-2, channel
+    counts that give every chunk width 1..FC and chunks of one or several taps, batch 1 / 3 /
+    64 (several groups), all stripes kept and every stripe removed."""
+    import random
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    spy = _Spy(monkeypatch)
+    cases = 0
+    for _ in range(12):
+        k, s, d = rng.choice([1, 3, 3, 5]), rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2])
+        p = rng.choice([0, 1, 2])
+        cin, cout = rng.choice([1, 3, 8, 16, 17]), rng.choice([1, 2, 5, 16, 33])
+        reach = d * (k - 1) + 1 - 2 * p
+        h, w = rng.randint(max(1, reach), 19), rng.choice([max(1, reach), 8, 16, 17, 32, 33])
+        w = max(w, reach)
+        n = rng.choice([1, 3, 64]) if cin * h * w <= 4096 else rng.choice([1, 3])
+        removed = rng.choice([0.0, 0.3, 0.5, 0.8, 1.0])
+        conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, bias=rng.random() < 0.5)
+        sconv = StripeConv2d.from_dense(conv, _random_mask(cout, k, removed, gen))
+        x = torch.randn(n, cin, h, w, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(sconv(x), _masked_reference(conv, sconv.stripe_mask, x),
+                                       rtol=1e-4, atol=1e-4)
+        cases += 1
+    assert spy.calls == cases
+
+
+@needs_native
+@pytest.mark.parametrize("cout", [1, 5, 16, 64])
+def test_native_chunks_cover_every_kept_stripe_once(cout):
+    """Chunks (filters, taps): every filter of a chunk keeps all of its taps, at most FC
+    filters, each kept stripe in exactly one chunk; a one-tap chunk split is near-equal."""
+    gen = torch.Generator().manual_seed(cout)
+    sconv = StripeConv2d.from_dense(nn.Conv2d(4, cout, 3, padding=1),
+                                    _random_mask(cout, 3, 0.5, gen))
+    fc = stripe_native.library().prunekit_stripe_chunk()
+    chunks = stripe_native._chunks(sconv.segments, sconv.out_index, fc)
+    covered = [(f, t) for filters, taps in chunks for f in filters for t in taps]
+    kept = {(f, (i, j)) for f, i, j in sconv.stripe_mask.nonzero().tolist()}
+    assert len(covered) == len(set(covered)) and set(covered) == kept
+    assert all(1 <= len(filters) <= fc for filters, _ in chunks)
+    for tap in {t for _, taps in chunks for t in taps}:
+        sizes = [len(f) for f, taps in chunks if taps == [tap]]
+        assert not sizes or max(sizes) - min(sizes) <= 1
+    if cout == 64:  # 32 of 64 filters per tap: pairs of taps share plenty
+        assert any(len(taps) > 1 for _, taps in chunks)
+
+
+def _fake_compiler(tmp_path, reject: str) -> str:
+    """A compiler that fails whenever its arguments include `reject`, else runs the real one."""
+    real = stripe_native._compiler()
+    script = tmp_path / "cc-without"
+    script.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "{reject}" ] && '
+                      f'{{ echo "unsupported {reject}" >&2; exit 1; }}; done\nexec {real} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+@needs_native
+def test_native_build_falls_back_to_fewer_flags(tmp_path, monkeypatch, private_cache):
+    """A compiler without OpenMP (or without -march=native) still builds the kernel: the
+    variants are tried in turn, and the kernel computes the same result."""
+    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.setenv("CC", _fake_compiler(tmp_path, "-fopenmp"))
+    lib = stripe_native.library()
+    assert lib is not None and stripe_native.unavailable_reason() is None
+    assert [f for f in stripe_native._flag_variants()[1] if f == "-fopenmp"] == []
+    gen = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    sconv = StripeConv2d.from_dense(conv, _random_mask(10, 3, 0.5, gen))
+    x = torch.randn(3, 6, 13, 11, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(sconv(x), _masked_reference(conv, sconv.stripe_mask, x),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_native_failed_compile_warns_and_falls_back(tmp_path, monkeypatch, private_cache):
+    """Every compile failing (here: a compiler that rejects every source) gives a warning
+    naming the reason, and StripeConv2d computes with the torch formulation."""
+    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.setenv("CC", _fake_compiler(tmp_path, "-shared"))
+    with pytest.warns(RuntimeWarning, match="torch formulation"):
+        assert stripe_native.library() is None
+    assert "unsupported -shared" in stripe_native.unavailable_reason()
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    sconv = StripeConv2d.from_dense(conv, torch.rand(4, 3, 3) < 0.5)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(sconv(x), _masked_reference(conv, sconv.stripe_mask, x), **TOL)
+
+
+@needs_native
+def test_native_kernel_without_avx_builds_and_matches(monkeypatch, private_cache):
+    """Any x86-64: a build for the baseline ISA (SSE2 only: 4-float vectors, other tile
+    shapes) computes the same as the dense conv."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    monkeypatch.setattr(stripe_native, "FLAGS", [
+        "-march=x86-64" if f == "-march=native" else f for f in stripe_native.FLAGS])
+    monkeypatch.setattr(stripe_native, "_state", {})
+    lib = stripe_native.library()
+    assert lib is not None, stripe_native.unavailable_reason()
+    assert lib.prunekit_stripe_vl() == 4
+    gen = torch.Generator().manual_seed(11)
+    for k, s, cin, cout, (h, w) in [(3, 1, 16, 16, (12, 13)), (3, 2, 5, 33, (15, 16)),
+                                    (1, 1, 3, 9, (4, 5))]:
+        conv = nn.Conv2d(cin, cout, k, stride=s, padding=k // 2)
+        sconv = StripeConv2d.from_dense(conv, _random_mask(cout, k, 0.5, gen))
+        x = torch.randn(3, cin, h, w, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(sconv(x), _masked_reference(conv, sconv.stripe_mask, x),
+                                       rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_native_kernel_compiles_for_avx512(tmp_path):
+    """The 32-register variant (AVX-512: 8 filters a chunk, other tiles) at least compiles
+    (it cannot run on a CPU without AVX-512)."""
+    import subprocess
+
+    compiler, march = stripe_native._compiler(), "skylake-avx512"
+    flags = [f"-march={march}" if f == "-march=native" else f for f in stripe_native.FLAGS]
+    result = subprocess.run([compiler, *flags, str(stripe_native.SOURCE), "-o",
+                             str(tmp_path / "k.so")], capture_output=True, text=True)
+    if "march" in result.stderr and result.returncode != 0:
+        pytest.skip(f"{compiler} does not know -march={march}")
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -63,7 +63,7 @@ So this pure-torch formulation, with half the MACs, is ~1.6-3.5x *slower* than t
 dense oneDNN convolution (per-position copies of the shifted input and K*K small GEMMs +
 scatters dominate). It stays the path for autograd, tracing, ONNX export and non-CPU
 devices; CPU float32 inference runs the fused C kernel instead (``stripe_native.py``,
-``stripe_kernel.c``: exact-grid packing, register-blocked FMAs over the kept stripes only),
+``stripe_kernel.c``: padded phase planes, register-blocked FMAs over the kept stripes only),
 which is faster than dense; measured in ``benchmarks/results/stripe_speed.md``.
 """
 

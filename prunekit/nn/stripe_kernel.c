@@ -1,71 +1,111 @@
-/* Sparse direct convolution over kept stripes (SWP), CPU, float32.
+/* Sparse direct convolution over kept stripes (SWP, "Pruning Filter in Filter", Meng et al.,
+ * NeurIPS 2020: out[f] = sum over kept stripes (f, i, j) of W[f, :, i, j] . x shifted by
+ * (i*d, j*d)), CPU, float32.
  *
  * Compiled on first use by prunekit/nn/stripe_native.py (cc -O3 -march=native
- * -ffp-contract=fast -fopenmp) and called through ctypes; no Python or torch headers, so it
- * builds in well under a second.
+ * -ffp-contract=fast [-fopenmp]) and called through ctypes; no Python or torch headers.
+ * Portable C (GCC/clang vector extensions, no intrinsics): 8-float vectors where the CPU has
+ * AVX (AVX2, AVX-512: ymm registers), 4-float ones elsewhere (SSE2, NEON, scalar splits).
  *
- * Layout ("exact grid"): a kernel tap (i, j) reads input row s*oh + i*d - p and column
- * s*ow + j*d - p. Writing i*d - p = s*u + a and j*d - p = s*v + b (0 <= a, b < s), the input is
- * repacked into planes, one per (a, b, v) that a kept tap uses, each of R = Ho + u_max - u_min
- * rows of exactly Wo columns:  P[(a,b,v)][c][r][ow] = x[c][s*(r + u_min) + a][s*(ow + v) + b]
- * (zero outside the image). Output position q = oh*Wo + ow is then the output's own NCHW index,
- * and every tap reads P[(a,b,v)][c][q + (u - u_min)*Wo]: a constant offset per tap, no
- * padding columns computed and dropped, and column shifts never wrap into the next row
- * because the shift is baked into the plane. A 3x3 stride-1 conv packs 3 shifted copies of
- * its input, a stride-2 one 6 phase planes of a quarter size.
+ * Layout ("padded phase planes"): the zero-padded input xp[h][w] = x[h - p][w - p] is split by
+ * the stride s into phase planes P[(a, b)][r][q] = xp[s*r + a][s*q + b], each Hq x Wq =
+ * ceil((H + 2p) / s) x ceil((W + 2p) / s), one per phase (a, b) that a kept tap uses. Writing
+ * the tap's offset i*d = s*u + a and j*d = s*v + b, output (oh, ow) of tap (i, j) reads
+ * P[(a, b)][oh + u][ow + v]: one constant offset per tap into one plane, for any stride,
+ * padding and dilation. So a stride-1 conv packs ONE padded copy of its input (not three
+ * shifted ones) and a stride-2 conv four quarter-size phase planes (one copy in all, not 1.5).
+ * Packed order [image][phase][channel][Hq][Wq] for a group of G images.
  *
- * Work: per image, output positions in blocks of BL = 64 (CIFAR maps: 1024, 256 and 64
- * positions, so no block is partial); per block, the kept stripes are processed tap-major in
- * chunks of FC filters that all keep that tap, so every loaded input vector feeds FC * NV
- * fused multiply-adds held in registers; a tap's last, partly filled chunk runs a variant with
- * fewer filters instead of multiplying padding. The batch is processed in groups of images
- * small enough that a group's planes are still in L2 when they are convolved.
+ * Work: the outputs of a group are a list of vectors (VL consecutive positions of one output
+ * row; the last of a row is partial when VL does not divide Wo), each with its input offset
+ * (in a plane), output offset and lane count. They are processed in blocks of BV vectors
+ * (chosen by stripe_native.py so that a block's inputs and outputs stay in L1); within a
+ * block, the kept stripes run in chunks: up to FC filters and one or more taps, every filter
+ * keeping every tap of its chunk (stripe_native._chunks), so a tile sums over taps x channels
+ * before it adds into the outputs. A chunk of `live` filters sweeps the block in tiles of
+ * NV(live) vectors, NV chosen so that live * NV accumulators plus the operands fill the
+ * vector registers (REGS) whatever `live` is: every loaded input vector feeds `live` fused
+ * multiply-adds and every broadcast weight NV. Tiles are specialised for every (live, nv) at
+ * compile time. Outputs accumulate into a block buffer (F x BV vectors, contiguous) that is
+ * copied out lane by lane; accumulating straight into the NCHW output (P->direct, where VL
+ * divides Wo) is kept as an option, off by default (slower: filter rows 4 KB apart collide in
+ * L1). The batch is processed in groups small enough that a group's planes are still in L2
+ * when they are convolved.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
 #include <omp.h>
-
-#ifndef VL
-#define VL 16           /* floats per vector; split by the compiler where the CPU has fewer */
+#else
+static int omp_get_thread_num(void) { return 0; }
 #endif
+
+#if defined(__AVX__)
+#define VL 8            /* floats per vector: ymm (also on AVX-512: no frequency drop) */
+#else
+#define VL 4            /* SSE2, NEON; the compiler splits or scalarises elsewhere */
+#endif
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define REGS 32         /* vector registers */
+#define FC 8            /* filters per chunk */
+#else
+#define REGS 16         /* AVX2, SSE */
+#define FC 4
+#endif
+#define ACC (REGS * 3 / 4)  /* accumulators per tile, about (the block size is a multiple) */
+#define NVMAX 12        /* vectors per tile at most (each needs a pointer register) */
+#define BVMAX 96        /* vectors per block at most */
+
 typedef float vec __attribute__((vector_size(4 * VL)));
-#ifndef NV
-#define NV 4            /* vectors per block */
-#endif
-#define BL (VL * NV)    /* output positions per block */
-#ifndef FC
-#define FC 4            /* filters per chunk */
-#endif
-
 static inline vec vload(const float* p) { vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float* p, vec v) { memcpy(p, &v, sizeof v); }
-typedef float vec8 __attribute__((vector_size(32)));
-typedef int32_t ivec8 __attribute__((vector_size(32)));
-static inline void vstore8(float* p, vec8 v) { memcpy(p, &v, sizeof v); }
-/* p[0], p[2], ..., p[14]: one stride-2 row segment */
-static inline vec8 even8(const float* p) {
-    vec8 a, b;
-    memcpy(&a, p, sizeof a);
-    memcpy(&b, p + 8, sizeof b);
-    return __builtin_shuffle(a, b, (ivec8){0, 2, 4, 6, 8, 10, 12, 14});
+/* (vec){0} + f would keep the scalar addition (0 + -0.0 is +0.0): a plain broadcast instead */
+static inline vec splat(float f) {
+#if VL == 8
+    return (vec){f, f, f, f, f, f, f, f};
+#else
+    return (vec){f, f, f, f};
+#endif
 }
 
-int prunekit_stripe_block(void) { return BL; }
+/* Keep the (unaligned) input vector in a register: left alone, gcc re-loads it as a memory
+ * operand of every FMA, `live` times per channel. The constraint names a register class that
+ * holds a vector of this width on this architecture; elsewhere no hint. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__AVX512F__)
+#define KEEP(x) __asm__("" : "+v"(x))
+#elif (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
+#define KEEP(x) __asm__("" : "+x"(x))
+#elif defined(__aarch64__)
+#define KEEP(x) __asm__("" : "+w"(x))
+#else
+#define KEEP(x) ((void)0)
+#endif
+
+int prunekit_stripe_vl(void) { return VL; }
 int prunekit_stripe_chunk(void) { return FC; }
+int prunekit_stripe_acc(void) { return ACC; }
+int prunekit_stripe_max_block(void) { return BVMAX; }
 
 /* Everything about one (conv, input shape) pair that does not change between calls; built once
- * by stripe_native.py, so each forward is a single call. The batch is processed in groups of G
- * images (N % G == 0); within a group, plane = G * R * Wo floats per channel, set k's planes
- * start at k * C * plane, image n's rows at n * R * Wo. sets[3k .. 3k+2] = (a, b, v) of set k.
- * Chunk k: input offset chunk_off[k] (set, channel 0, row shift), FC filter indices
- * chunk_filt[k * FC + j] (F = padding), weights chunk_w[(k * C + c) * FC + j]. */
+ * by stripe_native.py, so each forward is a single call. Group of G images (N % G == 0): image
+ * n's planes at n * img, phase k's at k * C * plane, channel c's at c * plane; phases[2k],
+ * phases[2k + 1] = (a, b). vecs[3m .. 3m + 2] = input offset (image, row, column in phase 0,
+ * channel 0), output offset (in the group's NCHW output) and lanes of vector m of a group.
+ * Chunk k: live[k] filters chunk_filt[k * FC + j] that all keep the taps e = chunk_tap0[k] ..
+ * chunk_tap0[k + 1] - 1; tap e's input offset chunk_off[e] (phase, row shift u, column shift
+ * v), its weights chunk_w[(e * C + c) * FC + j]. */
 typedef struct {
-    int64_t N, C, H, W, s, Ho, Wo, G, R, u_min, plane, nsets;
-    const int64_t* sets;
+    int64_t N, C, H, W, s, p, Ho, Wo, G, Hq, Wq, plane, img, nphases;
+    const int64_t* phases;
+    int64_t nvec;
+    const int64_t* vecs;
+    int64_t direct, BV;
     const float* chunk_w;
     const int64_t* chunk_off;
     const int32_t* chunk_filt;
+    const int32_t* chunk_live;
+    const int32_t* chunk_tap0;
     int64_t nchunks;
     const float* bias;
     int64_t F, packed_end, length;
@@ -75,198 +115,295 @@ typedef struct {
  * older stripe_native.py must not drive a newer kernel with a different layout. */
 int64_t prunekit_stripe_plan_size(void) { return (int64_t)sizeof(stripe_plan); }
 
-/* Ask for the next input plane while this one is copied: packing is a pure copy, so without
- * this every cache miss on x stalls it. */
-static inline void prefetch_plane(const float* plane, int64_t floats, int exists) {
-    if (!exists) return;
-    for (int64_t k = 0; k < floats; k += 16) __builtin_prefetch(plane + k, 0, 3);
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+/* p[0], p[2], ..., p[14]: 8 columns of a stride-2 phase (gcc's own loop for row[2 * q] is
+ * scalar) */
+static inline vec8 even8(const float* p) {
+    vec8 a, b;
+    memcpy(&a, p, sizeof a);
+    memcpy(&b, p + 8, sizeof b);
+    return __builtin_shuffle(a, b, (ivec8){0, 2, 4, 6, 8, 10, 12, 14});
 }
 
-/* Pack images [0, G) of x (already offset to the group) into B. Zeros are written inline: a
- * libc call per short row costs more than the row. */
+#if defined(__GNUC__) && !defined(__clang__)
+/* rows are short (9 to 34 floats): a memset / memmove call per row, which gcc would make of
+ * the zero and copy loops, costs more than the row */
+#define NO_LIBC_LOOPS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define NO_LIBC_LOOPS
+#endif
+
+static inline void zero_floats(float* out, int64_t n) {
+    int64_t q = 0;
+    for (; q + VL <= n; q += VL) vstore(out + q, (vec){0});
+    for (; q < n; q++) out[q] = 0.0f;
+}
+
+/* Phase plane (a, b) of one channel: dst[r][q] = x[s*r + a - p][s*q + b - p], 0 outside,
+ * row by row: the zero columns, then the image's columns over them. x_end: the end of the
+ * input (a stride-2 row is read 16 floats at a time). */
+static NO_LIBC_LOOPS void pack_plane(const float* restrict src, float* restrict dst, int64_t H,
+                                     int64_t W, int64_t s, int64_t p, int64_t a, int64_t b,
+                                     int64_t Hq, int64_t Wq, const float* x_end) {
+    /* columns q with 0 <= s*q + b - p < W */
+    int64_t lo = p - b > 0 ? (p - b + s - 1) / s : 0;
+    int64_t hi = (W + p - b + s - 1) / s;
+    if (hi > Wq) hi = Wq;
+    if (lo > hi) lo = hi;
+    const int64_t shift = b - p;
+    const int edges = Wq >= VL && lo <= VL && Wq - hi <= VL;
+    for (int64_t r = 0; r < Hq; r++) {
+        float* restrict out = dst + r * Wq;
+        const int64_t h = s * r + a - p;
+        if (h < 0 || h >= H) {
+            zero_floats(out, Wq);
+            continue;
+        }
+        const float* restrict row = src + h * W + shift;  /* row[s*q] = x[h][s*q + b - p] */
+        if (edges)  /* the zero columns: one vector store at each end, no loop to mispredict */
+            vstore(out, (vec){0}), vstore(out + Wq - VL, (vec){0});
+        else
+            zero_floats(out, Wq);
+        int64_t q = lo;
+        if (s == 1) {
+            for (; q + VL <= hi; q += VL) vstore(out + q, vload(row + q));
+            for (; q < hi; q++) out[q] = row[q];
+        } else if (s == 2) {
+            for (; q + 8 <= hi && row + 2 * q + 16 <= x_end; q += 8) {
+                const vec8 e = even8(row + 2 * q);
+                memcpy(out + q, &e, sizeof e);
+            }
+            for (; q < hi; q++) out[q] = row[2 * q];
+        } else {
+            for (; q < hi; q++) out[q] = row[s * q];
+        }
+    }
+}
+
+/* Pack images [0, G) of x (already offset to the group) into B. */
 static void stripe_pack(const stripe_plan* P, const float* restrict x, float* restrict B,
                         int threads) {
-    const int64_t C = P->C, H = P->H, W = P->W, s = P->s, Wo = P->Wo, R = P->R, G = P->G;
-    const float* x_end = x + G * C * H * W;
+    const int64_t C = P->C, HW = P->H * P->W;
+    const float* x_end = x + P->G * C * HW;
+    (void)threads;
     #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if(threads > 1)
-    for (int64_t n = 0; n < G; n++)
-        for (int64_t c = 0; c < C; c++) {
-            const float* restrict src = x + (n * C + c) * H * W;
-            prefetch_plane(src + H * W, H * W, n * C + c + 1 < G * C);
-            for (int64_t k = 0; k < P->nsets; k++) {
-                const int64_t a = P->sets[3 * k], b = P->sets[3 * k + 1], v = P->sets[3 * k + 2];
-                /* columns ow with 0 <= s * (ow + v) + b < W (0 <= b < s, so ow >= -v) */
-                int64_t lo = -v;
-                int64_t hi = (W - b + s - 1) / s - v;
-                if (lo < 0) lo = 0;
-                if (hi > Wo) hi = Wo;
-                if (lo > hi) lo = hi;
-                float* restrict dst = B + k * C * P->plane + c * P->plane + n * R * Wo;
-                if (s == 1 && Wo == W) {
-                    /* same-size stride-1 conv: the plane is the image shifted by u_min rows
-                     * and v columns, so one long copy, then zero the wrapped edge columns and
-                     * the rows outside the image (a short loop per row costs more than this) */
-                    int64_t r0 = -P->u_min - a, r1 = H - P->u_min - a;
-                    if (r0 < 0) r0 = 0;
-                    if (r1 > R) r1 = R;
-                    if (r0 > r1) r0 = r1;
-                    int64_t first = r0 * W, last = r1 * W;  /* dst range, shifted by `shift` */
-                    const int64_t shift = (P->u_min + a) * W + v;
-                    if (first + shift < 0) first = -shift;
-                    if (last + shift > H * W) last = H * W - shift;
-                    for (int64_t q = 0; q < first; q++) dst[q] = 0.0f;
-                    for (int64_t q = first; q < last; q++) dst[q] = src[q + shift];
-                    for (int64_t q = last; q < R * Wo; q++) dst[q] = 0.0f;
-                    for (int64_t r = r0; r < r1; r++) {
-                        for (int64_t q = 0; q < lo; q++) dst[r * Wo + q] = 0.0f;
-                        for (int64_t q = hi; q < Wo; q++) dst[r * Wo + q] = 0.0f;
-                    }
-                    continue;
-                }
-                for (int64_t r = 0; r < R; r++) {
-                    float* restrict out = dst + r * Wo;
-                    const int64_t h = s * (r + P->u_min) + a;
-                    if (h < 0 || h >= H) {
-                        for (int64_t q = 0; q < Wo; q++) out[q] = 0.0f;
-                        continue;
-                    }
-                    const float* restrict row = src + h * W + s * v + b;  /* row[s*ow] = x[h][col] */
-                    if (s == 2 && Wo % 8 == 0 && row >= x && row + 2 * Wo <= x_end) {
-                        /* whole row at once, 8 outputs per shuffle (the compiler's loop ends
-                         * in a scalar tail for 8 or 15 outputs), then zero the columns that
-                         * fall outside the image */
-                        for (int64_t q = 0; q < Wo; q += 8) vstore8(out + q, even8(row + 2 * q));
-                        for (int64_t q = 0; q < lo; q++) out[q] = 0.0f;
-                        for (int64_t q = hi; q < Wo; q++) out[q] = 0.0f;
-                        continue;
-                    }
-                    for (int64_t q = 0; q < lo; q++) out[q] = 0.0f;
-                    if (s == 1)
-                        for (int64_t q = lo; q < hi; q++) out[q] = row[q];
-                    else if (s == 2)  /* constant strides let the compiler vectorise */
-                        for (int64_t q = lo; q < hi; q++) out[q] = row[2 * q];
-                    else
-                        for (int64_t q = lo; q < hi; q++) out[q] = row[s * q];
-                    for (int64_t q = hi; q < Wo; q++) out[q] = 0.0f;
-                }
+    for (int64_t n = 0; n < P->G; n++)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t k = 0; k < P->nphases; k++)
+                pack_plane(x + (n * C + c) * HW, B + n * P->img + (k * C + c) * P->plane,
+                           P->H, P->W, P->s, P->p, P->phases[2 * k], P->phases[2 * k + 1],
+                           P->Hq, P->Wq, x_end);
+}
+
+/* One tile: `live` filters (of this chunk) x `nv` vectors, every input channel; both are
+ * compile-time constants at every instantiation. The accumulators are named scalars r<j>_<v>
+ * (not an array, which gcc keeps in memory) and every statement is guarded by a constant
+ * condition, so only the live * nv used ones exist. Registers: live * nv accumulators plus,
+ * when live >= nv, the nv input vectors of a channel (each feeds `live` FMAs) and one weight,
+ * else the `live` broadcast weights of a channel (each feeds nv FMAs) and one input vector;
+ * tile_vectors() keeps the sum within the register file. */
+#define FOR_V(M, j) M(j, 0) M(j, 1) M(j, 2) M(j, 3) M(j, 4) M(j, 5) \
+                    M(j, 6) M(j, 7) M(j, 8) M(j, 9) M(j, 10) M(j, 11)
+#if FC > 4
+#define FOR_J(M, v) M(0, v) M(1, v) M(2, v) M(3, v) M(4, v) M(5, v) M(6, v) M(7, v)
+#define FOR_JV(M) FOR_V(M, 0) FOR_V(M, 1) FOR_V(M, 2) FOR_V(M, 3) \
+                  FOR_V(M, 4) FOR_V(M, 5) FOR_V(M, 6) FOR_V(M, 7)
+#else
+#define FOR_J(M, v) M(0, v) M(1, v) M(2, v) M(3, v)
+#define FOR_JV(M) FOR_V(M, 0) FOR_V(M, 1) FOR_V(M, 2) FOR_V(M, 3)
+#endif
+#define ACC_DECL(j, v) vec r##j##_##v = (vec){0}; (void)r##j##_##v;
+#define PTR_DECL(_, v) const float* p##v = v < nv ? xs[v] : xs[0]; (void)p##v;
+#define X_DECL(_, v) vec x##v = (vec){0}; (void)x##v;
+#define W_DECL(j, _) vec w##j = (vec){0}; (void)w##j;
+#define W_LOAD(j, _) if (j < live) { w##j = splat(wk[c * FC + j]); KEEP(w##j); }
+#define FMA_W(j, v) if (j < live) r##j##_##v += w##j * x##v;
+#define X_STEP(_, v) if (v < nv) { x##v = vload(p##v + o); KEEP(x##v); FOR_J(FMA_W, v) }
+#define X_LOAD(_, v) if (v < nv) { x##v = vload(p##v + o); KEEP(x##v); }
+#define FMA_X(j, v) if (v < nv) r##j##_##v += wj * x##v;
+#define W_STEP(j, _) if (j < live) { const float wj = wk[c * FC + j]; FOR_V(FMA_X, j) }
+#define ACC_STORE(j, v) if (j < live && v < nv) { float* d = dst[v] + (int64_t)filt[j] * fstride; \
+                                                  vstore(d, vload(d) + r##j##_##v); }
+static inline __attribute__((always_inline)) void tile(
+        const float* const* xs, float* const* dst, int64_t fstride, const float* wt,
+        const int32_t* filt, const int64_t* toff, int ntap, int64_t C, int64_t cs,
+        const int live, const int nv) {
+    FOR_JV(ACC_DECL)
+    FOR_V(PTR_DECL, _)
+    FOR_V(X_DECL, _)
+    FOR_J(W_DECL, _)
+    for (int t = 0; t < ntap; t++) {  /* the chunk's taps: one sum over taps and channels */
+        const float* wk = wt + (int64_t)t * C * FC;
+        int64_t o = toff[t];
+        for (int64_t c = 0; c < C; c++, o += cs) {
+            if (live < nv) {  /* weights in registers, input vectors streamed */
+                FOR_J(W_LOAD, _)
+                FOR_V(X_STEP, _)
+            } else {          /* input vectors in registers, weights streamed */
+                FOR_V(X_LOAD, _)
+                FOR_J(W_STEP, _)
             }
         }
+    }
+    FOR_JV(ACC_STORE)
 }
 
-/* One chunk on one block: the first `live` filters of the chunk (live <= FC, a compile-time
- * constant at every call site), every input channel, accumulated into dst + filter * stride.
- * Only real filters are ever live (the padding filter F is never the first of a chunk), so
- * dst needs no row for F. */
-static inline __attribute__((always_inline)) void chunk_fma(
-        const float* xs, const float* wk, const int32_t* filt, int64_t C, int64_t plane,
-        float* dst, int64_t stride, const int live) {
-    vec r[FC][NV];
-    for (int j = 0; j < live; j++)
-        for (int v = 0; v < NV; v++) r[j][v] = (vec){0};
-    for (int64_t c = 0; c < C; c++) {
-        vec xv[NV];
-        for (int v = 0; v < NV; v++) {
-            xv[v] = vload(xs + c * plane + VL * v);
-            /* keep the (unaligned, cache-line-splitting) input vector in a register: left
-             * alone, gcc re-loads it as a memory operand of every FMA, FC times per c */
-            __asm__("" : "+v"(xv[v]));
-        }
-        for (int j = 0; j < live; j++) {
-            const float wj = wk[c * FC + j];
-            for (int v = 0; v < NV; v++) r[j][v] += wj * xv[v];
-        }
-    }
-    for (int j = 0; j < live; j++) {
-        float* a = dst + (int64_t)filt[j] * stride;
-        for (int v = 0; v < NV; v++) vstore(a + VL * v, vload(a + VL * v) + r[j][v]);
-    }
-}
-
-/* Block `blk` of a packed group: image blk / per_image, positions q0 .. q0 + BL - 1 of it;
- * out points at the group's first image. acc: BL * F floats, private to the thread. */
-static void stripe_block(const stripe_plan* P, const float* B, int64_t blk, float* out,
-                         float* acc) {
-    const int64_t HoWo = P->Ho * P->Wo, per_image = (HoWo + BL - 1) / BL, F = P->F;
-    const int64_t n = blk / per_image, q0 = (blk % per_image) * BL;
-    const int64_t len = HoWo - q0 < BL ? HoWo - q0 : BL;
-    /* a full block accumulates straight into the output (q is its own NCHW index): filter f's
-     * BL outputs at o + f * HoWo, the padding filter F in acc; a partial block at an image's
-     * end goes through acc, whose rows are BL long, and is copied out */
-    float* o = out + n * F * HoWo + q0;
-    const int direct = len == BL;
-    float* dst = direct ? o : acc;
-    const int64_t stride = direct ? HoWo : BL;
-    for (int64_t f = 0; f < F; f++) {
-        const float bv = P->bias ? P->bias[f] : 0.0f;
-        for (int k = 0; k < BL; k++) dst[f * stride + k] = bv;
-    }
-    const float* base = B + n * P->R * P->Wo + q0;
-    for (int64_t k = 0; k < P->nchunks; k++) {
-        const int32_t* filt = P->chunk_filt + k * FC;
-        const float* xs = base + P->chunk_off[k];
-        const float* wk = P->chunk_w + k * P->C * FC;
-        int live = FC;  /* a tap's last chunk may be padded with the dummy filter F */
-        while (live > 1 && filt[live - 1] == F) live--;
-        switch (live) {  /* specialised: padded slots cost no multiply-adds */
-            case 1: chunk_fma(xs, wk, filt, P->C, P->plane, dst, stride, 1); break;
-            case 2: chunk_fma(xs, wk, filt, P->C, P->plane, dst, stride, 2); break;
-            case 3: chunk_fma(xs, wk, filt, P->C, P->plane, dst, stride, 3); break;
+typedef void (*tile_fn)(const float* const*, float* const*, int64_t, const float*,
+                        const int32_t*, const int64_t*, int, int64_t, int64_t);
+#define T(L, N) static void tile_##L##_##N(const float* const* xs, float* const* dst, \
+        int64_t fs, const float* wt, const int32_t* filt, const int64_t* toff, int ntap, \
+        int64_t C, int64_t cs) { \
+        tile(xs, dst, fs, wt, filt, toff, ntap, C, cs, L, (L) * (N) <= REGS ? (N) : 0); }
+#define ROW(L) T(L, 1) T(L, 2) T(L, 3) T(L, 4) T(L, 5) T(L, 6) \
+               T(L, 7) T(L, 8) T(L, 9) T(L, 10) T(L, 11) T(L, 12)
+#define REF(L) {tile_##L##_1, tile_##L##_2, tile_##L##_3, tile_##L##_4, tile_##L##_5, \
+                tile_##L##_6, tile_##L##_7, tile_##L##_8, tile_##L##_9, tile_##L##_10, \
+                tile_##L##_11, tile_##L##_12}
+ROW(1) ROW(2) ROW(3) ROW(4)
 #if FC > 4
-            case 4: chunk_fma(xs, wk, filt, P->C, P->plane, dst, stride, 4); break;
-            case 5: chunk_fma(xs, wk, filt, P->C, P->plane, dst, stride, 5); break;
+ROW(5) ROW(6) ROW(7) ROW(8)
+static const tile_fn tiles[FC][NVMAX] = {REF(1), REF(2), REF(3), REF(4),
+                                         REF(5), REF(6), REF(7), REF(8)};
+#else
+static const tile_fn tiles[FC][NVMAX] = {REF(1), REF(2), REF(3), REF(4)};
 #endif
-#if FC > 6
-            case 6: chunk_fma(xs, wk, filt, P->C, P->plane, dst, stride, 6); break;
-            case 7: chunk_fma(xs, wk, filt, P->C, P->plane, dst, stride, 7); break;
-#endif
-            default: chunk_fma(xs, wk, filt, P->C, P->plane, dst, stride, FC); break;
-        }
+
+/* Vectors per tile for a chunk of L filters: as many accumulators as fit next to the
+ * operands (see tile()), L * nv + min(L, nv) + 1 <= REGS: nv > L with the weights held
+ * (NV_A), else nv <= L with the input vectors held (NV_B). */
+#define NV_A(L) ((REGS - 1 - (L)) / (L) < NVMAX ? (REGS - 1 - (L)) / (L) : NVMAX)
+#define NV_B(L) ((REGS - 1) / ((L) + 1) < (L) ? (REGS - 1) / ((L) + 1) : (L))
+#define NV_OF(L) (NV_A(L) > (L) ? NV_A(L) : NV_B(L))
+
+/* A chunk of `live` filters over the nb vectors of a block: full tiles inline, the last
+ * partial one through the table. */
+static inline __attribute__((always_inline)) void chunk_sweep(
+        const int64_t* vi, int64_t nb, float* const* dst, int64_t fstride, const float* B,
+        const float* wt, const int32_t* filt, const int64_t* toff, int ntap, int64_t C,
+        int64_t cs, const int live) {
+    const int nt = NV_OF(live);
+    int64_t v0 = 0;
+    for (; v0 + nt <= nb; v0 += nt) {
+        const float* xs[NVMAX];
+        for (int t = 0; t < nt; t++) xs[t] = B + vi[3 * (v0 + t)];
+        tile(xs, dst + v0, fstride, wt, filt, toff, ntap, C, cs, live, nt);
     }
-    if (direct) return;
+    if (v0 < nb) {
+        const float* xs[NVMAX];
+        for (int t = 0; t < nb - v0; t++) xs[t] = B + vi[3 * (v0 + t)];
+        tiles[live - 1][nb - v0 - 1](xs, dst + v0, fstride, wt, filt, toff, ntap, C, cs);
+    }
+}
+#define SWEEP(L) static void sweep_##L(const int64_t* vi, int64_t nb, float* const* dst, \
+        int64_t fs, const float* B, const float* wt, const int32_t* filt, const int64_t* toff, \
+        int ntap, int64_t C, int64_t cs) { \
+        chunk_sweep(vi, nb, dst, fs, B, wt, filt, toff, ntap, C, cs, L); }
+typedef void (*sweep_fn)(const int64_t*, int64_t, float* const*, int64_t, const float*,
+                         const float*, const int32_t*, const int64_t*, int, int64_t, int64_t);
+SWEEP(1) SWEEP(2) SWEEP(3) SWEEP(4)
+#if FC > 4
+SWEEP(5) SWEEP(6) SWEEP(7) SWEEP(8)
+static const sweep_fn sweeps[FC] = {sweep_1, sweep_2, sweep_3, sweep_4,
+                                    sweep_5, sweep_6, sweep_7, sweep_8};
+#else
+static const sweep_fn sweeps[FC] = {sweep_1, sweep_2, sweep_3, sweep_4};
+#endif
+
+/* Vectors [m0, m0 + nb) of a packed group. out: the group's first image; acc: the block
+ * buffer (F * BV * VL floats, private to the thread). */
+static void stripe_block(const stripe_plan* P, const float* B, int64_t m0, int64_t nb,
+                         float* out, float* acc) {
+    const int64_t F = P->F, HoWo = P->Ho * P->Wo;
+    const int64_t* vi = P->vecs + 3 * m0;
+    float* dst[BVMAX];
+    int64_t fstride;
+    if (P->direct) {
+        for (int64_t v = 0; v < nb; v++) dst[v] = out + vi[3 * v + 1];
+        fstride = HoWo;
+    } else {
+        for (int64_t v = 0; v < nb; v++) dst[v] = acc + v * VL;
+        fstride = P->BV * VL;
+    }
     for (int64_t f = 0; f < F; f++) {
-        const float* a = acc + f * BL;
-        float* d = o + f * HoWo;
-        for (int64_t j = 0; j < len; j++) d[j] = a[j];
+        const vec bv = splat(P->bias ? P->bias[f] : 0.0f);
+        for (int64_t v = 0; v < nb; v++) vstore(dst[v] + f * fstride, bv);
     }
+    for (int64_t k = 0; k < P->nchunks; k++) {
+        const int live = P->chunk_live[k];
+        const int32_t e = P->chunk_tap0[k];
+        sweeps[live - 1](vi, nb, dst, fstride, B, P->chunk_w + e * P->C * FC,
+                         P->chunk_filt + k * FC, P->chunk_off + e, P->chunk_tap0[k + 1] - e,
+                         P->C, P->plane);
+    }
+    if (P->direct) return;
+    for (int64_t f = 0; f < F; f++)
+        for (int64_t v = 0; v < nb; v++) {
+            const float* a = acc + f * fstride + v * VL;
+            float* d = out + vi[3 * v + 1] + f * HoWo;
+            if (vi[3 * v + 2] == VL) {
+                vstore(d, vload(a));
+                continue;
+            }
+            for (int64_t l = 0; l < vi[3 * v + 2]; l++) d[l] = a[l];
+        }
+}
+
+static void group_blocks(const stripe_plan* P, const float* B, float* out, float* acc,
+                         int64_t b) {
+    const int64_t m0 = b * P->BV;
+    const int64_t nb = P->nvec - m0 < P->BV ? P->nvec - m0 : P->BV;
+    stripe_block(P, B, m0, nb, out, acc);
+}
+
+static float* block_buffer(const stripe_plan* P) {
+    size_t bytes = sizeof(float) * (size_t)(P->F * P->BV * VL);
+    bytes = (bytes + 63) / 64 * 64;  /* aligned_alloc wants a multiple of the alignment */
+    return aligned_alloc(64, bytes);
 }
 
 /* buf: threads * P->length floats when N / G >= threads (each thread packs and convolves whole
  * groups on its own), else P->length floats (the threads share each group's packing and
- * split its blocks). */
-void prunekit_stripe_forward(const stripe_plan* P, const float* x, float* buf, float* out,
-                             int threads) {
+ * split its blocks). Returns 0, or -1 when a block buffer could not be allocated. */
+int prunekit_stripe_forward(const stripe_plan* P, const float* x, float* buf, float* out,
+                            int threads) {
     const int64_t groups = P->N / P->G;
-    const int64_t blocks = P->G * ((P->Ho * P->Wo + BL - 1) / BL);
+    const int64_t blocks = (P->nvec + P->BV - 1) / P->BV;
     const int64_t in_group = P->G * P->C * P->H * P->W, out_group = P->G * P->F * P->Ho * P->Wo;
+    int failed = 0;
     if (threads < 1) threads = 1;
     if (groups >= threads) {
-        #pragma omp parallel num_threads(threads)
+        #pragma omp parallel num_threads(threads) reduction(|:failed)
         {
             float* B = buf + (int64_t)omp_get_thread_num() * P->length;
-            float* acc = aligned_alloc(64, sizeof(float) * BL * P->F);
-            /* beyond the packed planes: read only for the dropped tail of a partial block,
+            float* acc = block_buffer(P);
+            /* beyond the packed planes: read only by the dropped lanes of partial vectors,
              * zeroed so that garbage (NaN, denormals) never slows the arithmetic */
             memset(B + P->packed_end, 0, sizeof(float) * (P->length - P->packed_end));
+            if (!acc) failed = 1;
             #pragma omp for schedule(static)
             for (int64_t g = 0; g < groups; g++) {
+                if (!acc) continue;
                 stripe_pack(P, x + g * in_group, B, 1);
                 for (int64_t b = 0; b < blocks; b++)
-                    stripe_block(P, B, b, out + g * out_group, acc);
+                    group_blocks(P, B, out + g * out_group, acc, b);
             }
             free(acc);
         }
-        return;
+        return failed ? -1 : 0;
     }
     memset(buf + P->packed_end, 0, sizeof(float) * (P->length - P->packed_end));
     for (int64_t g = 0; g < groups; g++) {
         stripe_pack(P, x + g * in_group, buf, threads);
-        #pragma omp parallel num_threads(threads)
+        #pragma omp parallel num_threads(threads) reduction(|:failed)
         {
-            float* acc = aligned_alloc(64, sizeof(float) * BL * P->F);
+            float* acc = block_buffer(P);
+            if (!acc) failed = 1;
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < blocks; b++)
-                stripe_block(P, buf, b, out + g * out_group, acc);
+                if (acc) group_blocks(P, buf, out + g * out_group, acc, b);
             free(acc);
         }
     }
+    return failed ? -1 : 0;
 }

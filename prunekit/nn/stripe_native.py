@@ -1,13 +1,16 @@
 """The native CPU executor of :class:`~prunekit.nn.StripeConv2d` (``stripe_kernel.c``).
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``;
-``-O3 -march=native -ffp-contract=fast -fopenmp``, under a second) into ``$PRUNEKIT_CACHE``
-(default ``~/.cache/prunekit``), keyed by the source, compiler, flags and the CPU's
-instruction sets (a cache shared between machines never hands an AVX-512 build to a CPU
-without it), and loaded with ctypes. Without a
-compiler, or with ``PRUNEKIT_NATIVE=0``, :func:`library` returns None (the reason is in
-:func:`unavailable_reason`) and StripeConv2d runs its pure-torch formulation, which computes the
-same result.
+``-O3 -march=native -ffp-contract=fast -fopenmp``, a few seconds: every tile shape is
+specialised) into ``$PRUNEKIT_CACHE`` (default ``~/.cache/prunekit``), keyed by the source,
+compiler, flags and the CPU's instruction sets (a cache shared between machines never hands an
+AVX-512 build to a CPU without it), and loaded with ctypes. A compiler that rejects the flags
+is retried without OpenMP, then also without ``-march=native`` (:func:`_flag_variants`). The
+kernel is portable C (vector extensions, no intrinsics): 8-float vectors on any x86-64 with
+AVX (AVX2, AVX-512 machines included), 4-float ones elsewhere. Without a compiler, when every
+build fails (a RuntimeWarning says why), or with ``PRUNEKIT_NATIVE=0``, :func:`library` returns
+None (the reason is in :func:`unavailable_reason`) and StripeConv2d runs its pure-torch
+formulation, which computes the same result.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +33,15 @@ SOURCE = Path(__file__).with_name("stripe_kernel.c")
 # which halves the arithmetic throughput of the kernel
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _lock = threading.Lock()
+
+
+def _flag_variants() -> list[list[str]]:
+    """Tried in turn when a compiler rejects one: without OpenMP (the kernel then runs on one
+    thread), then also without -march=native (a compiler that does not know this CPU)."""
+    no_omp = [f for f in FLAGS if f != "-fopenmp"]
+    return [FLAGS, no_omp, [f for f in no_omp if f != "-march=native"]]
+
+
 _state: dict = {}
 
 
@@ -64,18 +77,24 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
         os.close(fd)
         try:
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp],
-                                    capture_output=True, text=True, timeout=120)
-            if result.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[:500]}")
+            errors = []
+            for flags in _flag_variants():
+                result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp],
+                                        capture_output=True, text=True, timeout=120)
+                if result.returncode == 0:
+                    break
+                errors.append(result.stderr.strip()[:400])
+            else:
+                raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[0]}")
             os.replace(tmp, target)  # atomic: concurrent builders never load a partial file
         finally:
             Path(tmp).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(target))
     p = ctypes.c_void_p
     lib.prunekit_stripe_forward.argtypes = [ctypes.POINTER(_Plan), p, p, p, ctypes.c_int]
-    lib.prunekit_stripe_forward.restype = None
-    lib.prunekit_stripe_block.restype = lib.prunekit_stripe_chunk.restype = ctypes.c_int
+    lib.prunekit_stripe_forward.restype = ctypes.c_int
+    for name in ("vl", "chunk", "acc", "max_block"):
+        getattr(lib, f"prunekit_stripe_{name}").restype = ctypes.c_int
     lib.prunekit_stripe_plan_size.restype = ctypes.c_int64
     if lib.prunekit_stripe_plan_size() != ctypes.sizeof(_Plan):
         raise RuntimeError(f"{SOURCE.name} does not match this stripe_native.py (plan struct "
@@ -88,9 +107,13 @@ class _Plan(ctypes.Structure):
     """Mirror of ``stripe_plan`` in stripe_kernel.c (same fields, same order)."""
 
     _fields_ = ([(name, ctypes.c_int64) for name in
-                 ("N", "C", "H", "W", "s", "Ho", "Wo", "G", "R", "u_min", "plane", "nsets")]
-                + [("sets", ctypes.c_void_p), ("chunk_w", ctypes.c_void_p),
-                   ("chunk_off", ctypes.c_void_p), ("chunk_filt", ctypes.c_void_p),
+                 ("N", "C", "H", "W", "s", "p", "Ho", "Wo", "G", "Hq", "Wq", "plane", "img",
+                  "nphases")]
+                + [("phases", ctypes.c_void_p), ("nvec", ctypes.c_int64), ("vecs", ctypes.c_void_p),
+                   ("direct", ctypes.c_int64), ("BV", ctypes.c_int64),
+                   ("chunk_w", ctypes.c_void_p), ("chunk_off", ctypes.c_void_p),
+                   ("chunk_filt", ctypes.c_void_p), ("chunk_live", ctypes.c_void_p),
+                   ("chunk_tap0", ctypes.c_void_p),
                    ("nchunks", ctypes.c_int64), ("bias", ctypes.c_void_p)]
                 + [(name, ctypes.c_int64) for name in ("F", "packed_end", "length")])
 
@@ -106,6 +129,9 @@ def library() -> ctypes.CDLL | None:
                     _state.update(lib=_build(), reason=None)
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                     _state.update(lib=None, reason=str(exc))
+                    warnings.warn(f"prunekit: the native stripe kernel is unavailable ({exc}); "
+                                  "StripeConv2d runs its torch formulation instead (same "
+                                  "result, slower)", RuntimeWarning, stacklevel=2)
         return _state["lib"]
 
 
@@ -118,6 +144,14 @@ def unavailable_reason() -> str | None:
 # convolved while still in cache instead of streaming the whole packed batch through memory.
 GROUP_BYTES = 256 * 1024
 _scratch_local = threading.local()
+# A block's inputs and outputs fit in this much (a share of a 32 KB L1 data cache): they are
+# read (and the outputs written) once per chunk of kept stripes.
+BLOCK_BYTES = 24 * 1024
+MIN_BLOCK = 6  # vectors: a narrower block leaves tiles too few accumulators
+# Accumulate straight into the NCHW output where every vector is full (VL divides Wo) instead
+# of into a block buffer copied out afterwards: off, measured slower (batch 64, 1 thread):
+# filter rows of a 32x32 output are 4 KB apart and collide in the L1 cache's sets.
+DIRECT_OUTPUT = False
 # Below this many multiply-adds per thread a call runs on fewer threads: a batch-1 layer
 # (~1M MACs, ~25 us) loses more to the team's fork/join and idle threads than it gains.
 MACS_PER_THREAD = 1 << 22
@@ -138,6 +172,50 @@ def _scratch(floats: int) -> int:
     return buffer.data_ptr()
 
 
+# Chunks of several taps: only for at least this many filters that keep every one of the taps
+# (a chunk of fewer filters is a narrow tile, cheaper as part of a one-tap chunk).
+MIN_SHARED = 3
+
+
+def _chunks(segments, out_index, fc: int) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Split the kept stripes into chunks (filters, taps): every filter of a chunk keeps every
+    tap of it, at most ``fc`` filters, each stripe in exactly one chunk. A chunk's tiles sum
+    over all its taps' channels before they add into the output, so a chunk of two or three
+    taps amortises a tile's fixed cost (pointers, the final read-add-write of its outputs)
+    over two or three times the multiply-adds; that matters for 16-channel layers, whose
+    one-tap tiles are short. Greedy: the pair of taps sharing the most remaining filters
+    (capped at ``fc``, at least MIN_SHARED), extended by further taps that all of those
+    filters keep; what remains goes into one-tap chunks of near-equal size (9 -> 3 + 3 + 3,
+    not 4 + 4 + 1: fewer filters, fewer accumulators to hide the FMA latency)."""
+    remaining = {(i, j): set(out_index[lo:hi].tolist()) for (i, j, lo, hi) in segments}
+    order = list(remaining)
+    result = []
+    while True:
+        best = None
+        for a, t1 in enumerate(order):
+            for t2 in order[a + 1:]:
+                common = remaining[t1] & remaining[t2]
+                if len(common) >= MIN_SHARED and (best is None or min(len(common), fc) > best[0]):
+                    best = (min(len(common), fc), t1, t2, common)
+        if best is None:
+            break
+        _, t1, t2, common = best
+        chosen = sorted(common)[:fc]
+        chunk_taps = [t1, t2] + [t for t in order if t not in (t1, t2)
+                                 and remaining[t].issuperset(chosen)]
+        for t in chunk_taps:
+            remaining[t].difference_update(chosen)
+        result.append((chosen, sorted(chunk_taps)))
+    for t in order:
+        index = sorted(remaining[t])
+        if not index:
+            continue
+        count = -(-len(index) // fc)
+        bounds = [len(index) * k // count for k in range(count + 1)]
+        result += [(index[lo:hi], [t]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return sorted(result, key=lambda chunk: chunk[1])  # tap-major: neighbours share inputs
+
+
 class NativeStripePlan:
     """Kept stripes of one conv packed for the kernel: tap-major chunks of filters."""
 
@@ -146,25 +224,33 @@ class NativeStripePlan:
         lib = library()
         self._forward = lib.prunekit_stripe_forward
         self.fc = lib.prunekit_stripe_chunk()
-        self.block = lib.prunekit_stripe_block()
+        self.vl = lib.prunekit_stripe_vl()
+        self.acc = lib.prunekit_stripe_acc()
+        self.max_block = lib.prunekit_stripe_max_block()
         self.f, self.c = int(out_channels), int(weight.shape[1])
         self.stride, self.padding, self.dilation = stride[0], padding[0], dilation[0]
         self.kernel_size = kernel_size
         w = weight.detach().float().cpu()
-        taps, filters, chunks = [], [], []
+        row = {}  # (filter, tap) -> row of `weight`
         for (i, j, lo, hi) in segments:
-            index = out_index[lo:hi].tolist()
-            for a in range(0, len(index), self.fc):
-                part = index[a:a + self.fc]
+            for k, f in enumerate(out_index[lo:hi].tolist()):
+                row[(f, (i, j))] = lo + k
+        taps, filters, chunks, live, tap0 = [], [], [], [], [0]
+        for chunk_filters, chunk_taps in _chunks(segments, out_index, self.fc):
+            for t in chunk_taps:
                 packed = torch.zeros(self.c, self.fc)
-                packed[:, :len(part)] = w[lo + a:lo + a + len(part)].t()
-                taps.append((i, j))
-                filters.append(part + [self.f] * (self.fc - len(part)))
+                packed[:, :len(chunk_filters)] = w[[row[(f, t)] for f in chunk_filters]].t()
                 chunks.append(packed)
-        self.taps = taps
+                taps.append(t)
+            filters.append(chunk_filters + [self.f] * (self.fc - len(chunk_filters)))
+            live.append(len(chunk_filters))
+            tap0.append(len(taps))
+        self.taps = taps  # every (chunk, tap) entry, in order
         self.stripes = int(out_index.numel())
         self.chunk_w = (torch.stack(chunks) if chunks else torch.zeros(0, self.c, self.fc)).contiguous()
         self.chunk_filt = torch.tensor(filters, dtype=torch.int32).reshape(-1, self.fc).contiguous()
+        self.chunk_live = torch.tensor(live, dtype=torch.int32)
+        self.chunk_tap0 = torch.tensor(tap0, dtype=torch.int32)
         self.bias = None if bias is None else bias.detach().float().cpu().contiguous()
         self._shapes: dict = {}
 
@@ -175,40 +261,67 @@ class NativeStripePlan:
             and stride[0] == stride[1] and dilation[0] == dilation[1] \
             and kernel_size[0] == kernel_size[1]
 
+    def _block_vectors(self, nvec: int, wo: int, wq: int, phases: int,
+                       row_shift: int) -> int:
+        """Output vectors per block: as many as keep a block's inputs (C channels x the
+        planes' rows it reads) and its outputs (F x BV vectors) within BLOCK_BYTES (every
+        chunk re-reads both, so they should stay in L1), at least MIN_BLOCK."""
+        per_row = -(-wo // self.vl)
+
+        def footprint(bv: int) -> int:
+            rows = -(-bv // per_row) + 1 + row_shift
+            return 4 * (self.c * phases * rows * wq + self.f * bv * self.vl)
+        bv = MIN_BLOCK
+        while bv < self.max_block and footprint(bv + 1) <= BLOCK_BYTES:
+            bv += 1
+        # the same number of blocks, of near-equal size: no short last block of narrow tiles
+        blocks = -(-nvec // bv)
+        return max(1, -(-nvec // blocks))
+
     def _layout(self, n: int, h: int, w: int) -> dict:
-        """The exact-grid packing of stripe_kernel.c for an input of n x C x h x w: one plane
-        set per (a, b, v) a kept tap uses, tap (i, j) -> offset of its set plus its row shift."""
+        """The padded-phase-plane packing of stripe_kernel.c for an input of n x C x h x w:
+        one Hq x Wq plane per phase (a, b) a kept tap uses; tap (i, j) with i*d = s*u + a,
+        j*d = s*v + b -> offset of its phase plus u rows and v columns."""
         key = (n, h, w)
         if key in self._shapes:
             return self._shapes[key]
-        s, p, d, c = self.stride, self.padding, self.dilation, self.c
+        s, p, d, c, vl = self.stride, self.padding, self.dilation, self.c, self.vl
         ho, wo = self._out_hw(h, w)
         if ho < 1 or wo < 1:
             raise ValueError(f"input {h}x{w} is smaller than the kernel's extent")
-        # tap offset i*d - p = s*u + a (0 <= a < s): Python's divmod floors, as wanted
-        rows = {t: divmod(t[0] * d - p, s) for t in self.taps}
-        cols = {t: divmod(t[1] * d - p, s) for t in self.taps}
-        sets = sorted({(rows[t][1], cols[t][1], cols[t][0]) for t in self.taps})
-        set_index = {key: i for i, key in enumerate(sets)}
-        u_min = min(u for u, _ in rows.values())
-        r_count = ho + max(u for u, _ in rows.values()) - u_min
-        g = _group_size(n, len(sets) * c * r_count * wo)
-        plane = g * r_count * wo
-        offsets = [set_index[(rows[t][1], cols[t][1], cols[t][0])] * c * plane
-                   + (rows[t][0] - u_min) * wo for t in self.taps]
-        per_image = -(-(ho * wo) // self.block)
-        packed_end = len(sets) * c * plane
-        # the furthest float any block reads: last image, last block, furthest tap, last channel
-        length = max(packed_end, (g - 1) * r_count * wo + per_image * self.block
-                     + max(offsets) + (c - 1) * plane) + 16
+        hq, wq = -(-(h + 2 * p) // s), -(-(w + 2 * p) // s)
+        plane = hq * wq
+        rows = {t: divmod(t[0] * d, s) for t in self.taps}  # (u, a)
+        cols = {t: divmod(t[1] * d, s) for t in self.taps}  # (v, b)
+        phases = sorted({(rows[t][1], cols[t][1]) for t in self.taps})
+        phase_index = {key: i for i, key in enumerate(phases)}
+        img = len(phases) * c * plane
+        g = _group_size(n, img)
+        offsets = [phase_index[(rows[t][1], cols[t][1])] * c * plane
+                   + rows[t][0] * wq + cols[t][0] for t in self.taps]
+        per_row = -(-wo // vl)
+        vecs = [(k * img + r * wq + q * vl, k * self.f * ho * wo + r * wo + q * vl,
+                 min(vl, wo - q * vl))
+                for k in range(g) for r in range(ho) for q in range(per_row)]
+        packed_end = g * img
+        # the furthest float any vector reads: last vector, furthest tap, last channel
+        length = max(packed_end, vecs[-1][0] + max(offsets) + (c - 1) * plane + vl) + 16
         tensors = {  # kept alive with the plan: the struct holds raw pointers to them
             "offsets": torch.tensor(offsets, dtype=torch.int64),
-            "sets": torch.tensor(sets, dtype=torch.int64).reshape(-1).contiguous(),
+            "phases": torch.tensor(phases, dtype=torch.int64).reshape(-1).contiguous(),
+            "vecs": torch.tensor(vecs, dtype=torch.int64).reshape(-1).contiguous(),
         }
-        plan = _Plan(N=n, C=c, H=h, W=w, s=s, Ho=ho, Wo=wo, G=g, R=r_count, u_min=u_min,
-                     plane=plane, nsets=len(sets), sets=tensors["sets"].data_ptr(),
-                     chunk_w=self.chunk_w.data_ptr(), chunk_off=tensors["offsets"].data_ptr(),
-                     chunk_filt=self.chunk_filt.data_ptr(), nchunks=len(self.taps),
+        plan = _Plan(N=n, C=c, H=h, W=w, s=s, p=p, Ho=ho, Wo=wo, G=g, Hq=hq, Wq=wq,
+                     plane=plane, img=img, nphases=len(phases),
+                     phases=tensors["phases"].data_ptr(), nvec=len(vecs),
+                     vecs=tensors["vecs"].data_ptr(), direct=int(DIRECT_OUTPUT and wo % vl == 0),
+                     BV=self._block_vectors(len(vecs), wo, wq, len(phases),
+                                            max(u for u, _ in rows.values())),
+                     chunk_w=self.chunk_w.data_ptr(),
+                     chunk_off=tensors["offsets"].data_ptr(),
+                     chunk_filt=self.chunk_filt.data_ptr(),
+                     chunk_live=self.chunk_live.data_ptr(),
+                     chunk_tap0=self.chunk_tap0.data_ptr(), nchunks=len(self.chunk_live),
                      bias=None if self.bias is None else self.bias.data_ptr(), F=self.f,
                      packed_end=packed_end, length=length)
         macs = n * ho * wo * c * self.stripes
@@ -234,6 +347,7 @@ class NativeStripePlan:
         out = torch.empty((n, self.f, lay["ho"], lay["wo"]), dtype=torch.float32)
         threads = min(torch.get_num_threads(), lay["max_threads"])
         copies = threads if lay["groups"] >= threads else 1
-        self._forward(lay["plan_ref"], x.data_ptr(), _scratch(copies * lay["length"]),
-                      out.data_ptr(), threads)
+        if self._forward(lay["plan_ref"], x.data_ptr(), _scratch(copies * lay["length"]),
+                         out.data_ptr(), threads) != 0:
+            raise MemoryError("the native stripe kernel could not allocate its block buffer")
         return out
