@@ -15,6 +15,7 @@ from .measure.context import eval_mode, prepare_inputs
 from .plan import PlanError, PlanTarget, group_ratios, resolve_plan, validate_plan
 from .plan.macs import MacsEstimator, counts_for_macs  # noqa: F401  (importable from here too)
 from .rewrite import apply_rewrites
+from .latency_target import LatencySearch
 from .sensitivity import measure_sensitivity
 from .surgery import ModelSnapshot, apply_plan
 from .utils import as_tuple
@@ -39,6 +40,7 @@ class PruningResult:
     params_after: int
     unreached_modules: list[str] = field(default_factory=list)
     rewrites: list[dict] = field(default_factory=list)  # weights rewritten after surgery
+    latency: dict | None = None  # latency_reduction: target, predicted, measured (latency_target)
 
     macs_reduction = property(lambda self: reduction(self.macs_before, self.macs_after))
     params_reduction = property(lambda self: reduction(self.params_before, self.params_after))
@@ -79,13 +81,15 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
           ignore=(), round_to: int = 1, calibration=None, leaf_modules=(),
           plan: dict[str, list[int]] | None = None, target: PlanTarget | None = None,
           graph: ChannelGraph | None = None, sensitivity_data=None,
-          heldout_data=None) -> PruningResult:
+          heldout_data=None, latency_reduction: float | None = None) -> PruningResult:
     """Physically remove channels from ``model`` (in place) and report what changed.
 
     Exactly one target: ``ratio`` (uniform fraction removed from every prunable group, in
     [0, 1)), ``ratios`` (per group or module name, fnmatch patterns allowed; may be combined
     with ``ratio`` as the default), ``macs_reduction`` (per-group counts that remove this
-    fraction of MACs, within 1%), an explicit ``plan``, or a :class:`prunekit.plan.PlanTarget`
+    fraction of MACs, within 1%), ``latency_reduction`` (that fraction of the latency removed,
+    measured on this device on the deployed model; :mod:`prunekit.latency_target`, what was
+    reached in ``PruningResult.latency``), an explicit ``plan``, or a :class:`prunekit.plan.PlanTarget`
     (any target kind, e.g. ``PlanTarget(global_ratio=0.5)`` or CHIP's strings).
     ``ignore``: modules (or names) whose output channels are kept, e.g. the classifier.
     ``calibration``: data for activation-based criteria (an iterable of input batches).
@@ -100,7 +104,8 @@ def prune(model: nn.Module, example_inputs, *, criterion="l1", ratio: float | No
     A criterion with ``rewrites(graph, model, plan)`` (FilterSketch, Central Filter) changes
     the kept weights after surgery; what it did is in ``PruningResult.rewrites``.
     """
-    target = _single_target(ratio, ratios, macs_reduction, plan, target, round_to)
+    target = _single_target(ratio, ratios, macs_reduction, plan, target, round_to,
+                            latency_reduction)
     if target.needs_sensitivity and sensitivity_data is None:
         raise ConfigError("allocation 'sensitivity' measures each group on data: pass "
                           "sensitivity_data=batches (a few held-out batches, e.g. of 'val')")
@@ -129,6 +134,7 @@ def _prune(model, example_inputs, crit, target, ignore, calibration, leaf_module
     if graph is None:
         graph = build_graph(model, example_inputs, leaf_modules=leaf_modules, ignore=ignore)
     macs_before, params_before = count_macs(model, example_inputs), count_params(model)
+    latency = None
     if target.kind == "plan":
         kept = resolve_plan(graph, model, target)
     else:
@@ -139,8 +145,10 @@ def _prune(model, example_inputs, crit, target, ignore, calibration, leaf_module
                                          ratios=target.sensitivity_ratios,
                                          metric=target.sensitivity_metric,
                                          round_to=target.round_to)
+        latency = (LatencySearch(model, example_inputs, target)
+                   if target.kind == "latency_reduction" else None)
         kept = resolve_plan(graph, model, target, scores, example_inputs,
-                            macs_before=macs_before, curves=curves)
+                            macs_before=macs_before, curves=curves, latency=latency)
     validate_plan(graph, kept)
     _check_something_removed(graph, target, kept)
     rewrites = crit.rewrites(graph, model, kept) if hasattr(crit, "rewrites") else []
@@ -160,7 +168,8 @@ def _prune(model, example_inputs, crit, target, ignore, calibration, leaf_module
         criterion=getattr(crit, "name", str(crit)), ratios=group_ratios(graph, target),
         macs_before=macs_before, macs_after=count_macs(model, example_inputs),
         params_before=params_before, params_after=count_params(model),
-        unreached_modules=graph.unreached, rewrites=rewrite_log)
+        unreached_modules=graph.unreached, rewrites=rewrite_log,
+        latency=latency.report if latency is not None else None)
 
 
 UNCHANGED = "prunekit.prune failed, so the model was left unchanged"
@@ -228,11 +237,15 @@ def _check_something_removed(graph: ChannelGraph, target: PlanTarget,
     raise PlanError(f"the {target.kind} target removes no channel: {reason}")
 
 
-def _single_target(ratio, ratios, macs_reduction, plan, target, round_to) -> PlanTarget:
+def _single_target(ratio, ratios, macs_reduction, plan, target, round_to,
+                   latency_reduction=None) -> PlanTarget:
     given = [ratio is not None or ratios is not None, macs_reduction is not None,
-             plan is not None, target is not None]
+             plan is not None, target is not None, latency_reduction is not None]
     if sum(given) != 1:
-        raise PlanError("give exactly one target: ratio/ratios, macs_reduction, plan or target")
+        raise PlanError("give exactly one target: ratio/ratios, macs_reduction, "
+                        "latency_reduction, plan or target")
+    if latency_reduction is not None:
+        return PlanTarget(latency_reduction=latency_reduction, round_to=round_to)
     if target is not None:
         return target
     if plan is not None:

@@ -25,12 +25,20 @@ def add_prune_parser(sub) -> None:
     target.add_argument("--ratio", type=float, default=None, help="uniform fraction removed")
     target.add_argument("--macs-reduction", type=float, default=None,
                         help="fraction of MACs to remove (reached within 1%%)")
+    target.add_argument("--latency-reduction", type=float, default=None,
+                        help="fraction of the latency to remove, measured on this device on "
+                             "the deployed model (reached within --latency-tolerance)")
     target.add_argument("--chip-sparsity", default=None, help="e.g. '[0.]+[0.15]*2+[0.4]*27'")
     target.add_argument("--global-ratio", type=float, default=None,
                         help="fraction of all channels removed by one global ranking")
     target.add_argument("--counts-from-criterion", action="store_true", default=None,
                         help="each layer keeps as many channels as the criterion decides "
                              "(epruner: its exemplar filters)")
+    pr.add_argument("--latency-target-batch", type=count(1), default=None,
+                    help="batch size --latency-reduction is measured at (default 1)")
+    pr.add_argument("--latency-tolerance", type=float, default=None,
+                    help="--latency-reduction: relative tolerance of the measured reduction "
+                         "(default 0.05)")
     pr.add_argument("--calibration-batches", type=count(1), default=None,
                     help="batches of training images data-driven criteria score on (CHIP, "
                          "HRank, taylor, apoz; default 5)")
@@ -95,6 +103,7 @@ DEFAULT_MACS_ALLOCATION = "sensitivity"
 def _plan_section(args, options: dict) -> dict:
     plan = dict(options.get("plan") or {})
     for key, value in (("ratio", args.ratio), ("macs_reduction", args.macs_reduction),
+                       ("latency_reduction", args.latency_reduction),
                        ("chip_sparsity", args.chip_sparsity), ("global_ratio", args.global_ratio),
                        ("counts_from", "criterion" if args.counts_from_criterion else None)):
         if value is not None:
@@ -109,6 +118,9 @@ def _plan_section(args, options: dict) -> dict:
         plan["round_to"] = args.round_to  # 0 is refused by PlanTarget, never read as 1
     if args.stream_scale is not None:
         plan["stream_scale"] = args.stream_scale
+    for key in ("latency_target_batch", "latency_tolerance"):
+        if getattr(args, key) is not None:
+            plan[key.replace("_target", "")] = getattr(args, key)
     if args.allocation is not None:
         plan["allocation"] = args.allocation
     elif args.macs_reduction is not None and args.stream_scale is None and \

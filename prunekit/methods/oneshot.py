@@ -112,6 +112,8 @@ class OneShot(PruningMethod):
                                      "batch_size": c.sensitivity_batch_size, "split": "val"}
         if result.rewrites:
             extras["rewrites"] = result.rewrites
+        if result.latency is not None:
+            extras["latency_target"] = result.latency
         if not c.copy_bn:
             extras["bn_reset"] = {"layers": len(reset_batchnorms(model))}
         if c.bn_recalibration_batches and context.data is not None:

@@ -25,9 +25,12 @@ from .curves import counts_for_curves
 from .paper_ratios import chip_resnet_counts, conv_rate_counts, parse_ratio_list
 from .criterion_counts import COUNT_SOURCES, ScoresWithCounts, criterion_counts
 from .error_level import ScoresWithLevels, counts_for_error_level
+from .latency_plan import LatencyTargetWarning, counts_for_latency
+from .latency_table import LatencyTable
 from .target import ALLOCATIONS, TARGET_KINDS, PlanTarget, group_ratios, resolve_counts, resolve_plan
 
 __all__ = ["ALLOCATIONS", "COUNT_SOURCES", "chosen", "ScoresWithCounts", "ScoresWithLevels", "counts_for_error_level", "criterion_counts", "counts_for_curves", "counts_for_global_macs", "MacsEstimator", "PlanError", "PlanTarget", "TARGET_KINDS", "check_ratio",
            "MacsTargetWarning", "chip_resnet_counts", "conv_rate_counts", "counts_for_macs", "global_counts",
            "group_ratios", "keep_count", "make_plan", "parse_ratio_list", "ratio_counts",
-           "ratios_for_groups", "resolve_counts", "resolve_plan", "select", "validate_plan"]
+           "ratios_for_groups", "resolve_counts", "resolve_plan", "select", "validate_plan",
+           "LatencyTable", "LatencyTargetWarning", "counts_for_latency"]

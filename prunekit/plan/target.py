@@ -11,6 +11,8 @@ A :class:`PlanTarget` holds exactly one target kind:
 * ``counts`` (channels kept per group name) or ``plan`` (kept indices per group, explicit),
 * ``counts_from: "criterion"`` (each group keeps the channels the criterion chooses, as many
   as it decides: EPruner's exemplars; see :mod:`prunekit.plan.criterion_counts`).
+* ``latency_reduction`` (that fraction of the *measured* latency removed, with the
+  ``latency_*`` options; see :mod:`prunekit.plan.latency_plan` and :mod:`prunekit.latency_target`).
 
 plus how counts are rounded (``round_to``), which modules keep their outputs (``ignore``),
 how much less the residual streams lose (``stream_scale``, for ratio and MACs targets; see
@@ -37,6 +39,7 @@ from .checks import PlanError, check_ratio
 from .criterion_counts import COUNT_SOURCES, criterion_counts
 from .curves import counts_for_curves
 from .error_level import counts_for_error_level
+from .latency_plan import check_latency_options
 from .macs import counts_for_global_macs, counts_for_macs
 from .paper_ratios import chip_resnet_counts, conv_rate_counts
 from .select import make_plan
@@ -47,7 +50,7 @@ __all__ = ["ALLOCATIONS", "TARGET_KINDS", "PlanTarget", "group_ratios", "resolve
 
 #: The target keys, one of which a PlanTarget holds (``ratio`` may come with ``ratios``).
 TARGET_KINDS = ("ratio", "ratios", "macs_reduction", "chip_sparsity", "conv_rates",
-                "global_ratio", "counts", "plan", "counts_from")
+                "global_ratio", "counts", "plan", "counts_from", "latency_reduction")
 _RATIO_TARGETS = ("ratio", "macs_reduction", "global_ratio")
 #: How a macs_reduction target is shared among the groups.
 ALLOCATIONS = ("uniform", "global", "sensitivity", "criterion")
@@ -74,6 +77,14 @@ class PlanTarget:
     allocation: str = "uniform"      # macs_reduction: uniform, global, sensitivity, criterion
     sensitivity_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)  # measured per group
     sensitivity_metric: str = "auto"  # loss (labels), kl (no labels), auto
+    latency_reduction: float | None = None  # measured, see prunekit.plan.latency_plan
+    latency_batch: int = 1            # latency_reduction: the batch size timed
+    latency_tolerance: float = 0.05   # latency_reduction: relative to the target
+    latency_steps: int = 6            # latency_reduction: measured plans at most
+    latency_samples: int = 8          # latency_reduction: grid points per layer width
+    latency_allocation: str = "greedy"  # latency_reduction: greedy or uniform
+    latency_rounding: str = "auto"    # latency_reduction: auto (measured multiples) or off
+    latency_thinning: float = 1.0     # latency_reduction (greedy): penalty on thin layers
 
     def __post_init__(self) -> None:
         given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
@@ -113,6 +124,7 @@ class PlanTarget:
                 for r in ratios):
             raise PlanError(f"sensitivity_ratios must be fractions in (0, 1), got {ratios!r}")
         object.__setattr__(self, "sensitivity_ratios", tuple(float(r) for r in ratios))
+        check_latency_options(self)
         if self.sensitivity_metric not in ("auto", "loss", "kl"):
             raise PlanError(f"sensitivity_metric must be 'auto', 'loss' or 'kl', got "
                             f"{self.sensitivity_metric!r}")
@@ -166,12 +178,13 @@ class PlanTarget:
     def needs_scores(self) -> bool:
         """Whether the counts depend on the criterion's scores (global ranking, MACs search,
         counts the criterion decides)."""
-        return self.kind in ("global_ratio", "macs_reduction", "counts_from")
+        return self.kind in ("global_ratio", "macs_reduction", "counts_from",
+                             "latency_reduction")
 
 
 def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
                    scores: Mapping[str, np.ndarray] | None = None, example_inputs=None, *,
-                   macs_before: int | None = None, curves=None) -> dict[str, int]:
+                   macs_before: int | None = None, curves=None, latency=None) -> dict[str, int]:
     """Channels kept per group name for ``target`` (groups absent keep everything).
 
     ``scores`` are needed for ``global_ratio`` and ``macs_reduction``, ``example_inputs`` for
@@ -211,6 +224,10 @@ def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
         scale = {name: target.stream_scale for name in stream_groups(graph)}
         return counts_for_macs(model, graph, scores, example_inputs, target.macs_reduction,
                                macs_before, target.round_to, group_scale=scale)
+    if kind == "latency_reduction":  # measured: prunekit.latency_target.LatencySearch
+        if latency is None:
+            raise PlanError("a latency_reduction target is measured: use prunekit.prune")
+        return latency(graph, model, scores, example_inputs)
     if kind == "chip_sparsity":
         return chip_resnet_counts(graph, model, target.chip_sparsity)
     if kind == "conv_rates":
@@ -224,7 +241,8 @@ def resolve_counts(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
 
 def resolve_plan(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
                  scores: Mapping[str, np.ndarray] | None = None, example_inputs=None, *,
-                 macs_before: int | None = None, curves=None) -> dict[str, list[int]]:
+                 macs_before: int | None = None, curves=None,
+                 latency=None) -> dict[str, list[int]]:
     """Kept channel indices per group for ``target``, the channels chosen by ``scores``
     (an explicit ``plan`` target is validated and returned as it is)."""
     if target.kind == "plan":
@@ -236,7 +254,7 @@ def resolve_plan(graph: ChannelGraph, model: nn.Module, target: PlanTarget,
         # Through the ratios, exactly as make_plan has always derived ratio counts.
         return make_plan(graph, scores, group_ratios(graph, target), target.round_to)
     counts = resolve_counts(graph, model, target, scores, example_inputs,
-                            macs_before=macs_before, curves=curves)
+                            macs_before=macs_before, curves=curves, latency=latency)
     return make_plan(graph, scores, {}, target.round_to, counts=counts)
 
 
