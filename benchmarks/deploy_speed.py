@@ -28,7 +28,7 @@ import torch
 
 import prunekit
 from prunekit import io, measure, models
-from prunekit.files import atomic_write_json
+from prunekit.files import atomic_write_json, atomic_write_text
 from prunekit.nn.stripe import StripeConv2d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,30 @@ def main() -> None:
             new += 1
             print(json.dumps({k: row[k] for k in ("model", "batch", "threads", "latency_x",
                                                   "macs_x", "ratio_to_macs", "warnings")}))
+    write_md(done, out.with_suffix(".md"))
+
+
+def write_md(done: dict, path: Path) -> None:
+    """The rows as a Markdown table (ratio = latency speed-up / MACs speed-up)."""
+    lines = ["# Deployed unpruned vs deployed pruned, one interleaved run per row", "",
+             "`python benchmarks/deploy_speed.py`; median ms of the interleaved rounds, the "
+             "speed-up's per-round range in brackets; target ratio 0.9 (channels) / 0.8 "
+             "(stripes).", "",
+             "| model | batch | threads | unpruned ms | pruned ms | latency x [range] | MACs x | "
+             "ratio | target met | channels_last (unpruned / pruned) | trust |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for r in done["rows"]:
+        if r.get("batch") is None:
+            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | - | {r['note']} |")
+            continue
+        lo, hi = r["round_range"]
+        cl = r["channels_last"]
+        lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {r['unpruned_ms']:.2f} | "
+                     f"{r['pruned_ms']:.2f} | {r['latency_x']:.2f} [{lo:.2f}..{hi:.2f}] | "
+                     f"{r['macs_x']:.2f} | {r['ratio_to_macs']:.2f} | "
+                     f"{'yes' if r['met'] else 'no'} | {cl['unpruned']} / {cl['pruned']} | "
+                     f"{'UNRELIABLE: ' + '; '.join(r['warnings']) if r['warnings'] else 'ok'} |")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
