@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .context import ExampleInputs, eval_mode, prepare_inputs
+from .context import ExampleInputs
 from .counting import count_macs
 
 __all__ = ["reference_flops"]
@@ -71,12 +71,11 @@ def reference_flops(model: nn.Module, example_inputs: ExampleInputs, *, relu: bo
 
     kinds = (nn.Linear, _BatchNorm) + ((nn.ReLU,) if relu else ()) + \
         ((nn.MaxPool2d, nn.AvgPool2d) if pooling else ())
+    # The hooks count during count_macs's own forward pass (eval mode, no grad): one pass.
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     try:
-        inputs = prepare_inputs(model, example_inputs)
-        with eval_mode(model), torch.no_grad():
-            model(*inputs)
+        macs = count_macs(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return 2 * count_macs(model, example_inputs) + sum(extra.values())
+    return 2 * macs + sum(extra.values())
