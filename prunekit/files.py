@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+__all__ = ["cache_root", "atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
            "fsync_directory", "remove_stale_temp_files", "temp_path_for"]
 
 TEMP_SUFFIX = ".tmp"
@@ -110,3 +110,9 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
+
+
+def cache_root() -> Path:
+    """prunekit's cache folder: ``$PRUNEKIT_CACHE``, default ``~/.cache/prunekit`` (compiled
+    kernels, layout decisions, latency tables)."""
+    return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))

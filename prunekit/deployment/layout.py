@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_write_json
+from ..files import atomic_write_json, cache_root
 from ..measure.machine_load import cpu_model_name
 
 __all__ = ["cache_enabled", "cache_key", "cache_path", "choose_channels_last", "read_cache",
@@ -37,8 +37,7 @@ DECISION_ROUNDS, DECISION_RUNS, DECISION_WARMUP = 3, 5, 2
 
 
 def cache_path() -> Path:
-    root = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
-    return root / CACHE_FILE
+    return cache_root() / CACHE_FILE
 
 
 def cache_enabled(option: bool | None = None) -> bool:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import cache_root
+
 __all__ = ["NativeStripePlan", "library", "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("stripe_kernel.c")
@@ -70,7 +72,7 @@ def _build() -> ctypes.CDLL:
     text = SOURCE.read_bytes()
     key = hashlib.sha256(text + " ".join([compiler, *FLAGS, _cpu_identity()]).encode()
                          ).hexdigest()[:16]
-    cache = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
+    cache = cache_root()
     target = cache / f"stripe_kernel_{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write_json
+from ..files import atomic_write_json, cache_root
 from ..measure.context import model_device_and_dtype, prepare_inputs
 from ..measure.latency import _device_name, _time_batch
 from ..measure.machine_load import LoadMonitor, judge
@@ -92,8 +92,7 @@ class ConvLayer:
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
-    return root / CACHE_DIR
+    return cache_root() / CACHE_DIR
 
 
 def _cache_enabled(option: bool | None) -> bool:
