@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -399,10 +399,26 @@ class _RandomNet(nn.Module):
         return x
 
 
+def _conv_op(cin, cout, groups=1, bias=False, k=1):
+    return ("conv", dict(cin=cin, cout=cout, k=k, stride=1, pad=k // 2, groups=groups, bias=bias))
+
+
+# Found by Hypothesis: the second channel shuffle ties all six stream channels into one class,
+# whose ids then looked like a broadcast to the residual add after it.
+_TWO_SHUFFLES = ([_conv_op(3, 6, k=3), ("shuffle", dict(groups=2)),
+                  ("residual", dict(c=6, mid=2, act="hardswish")),
+                  ("residual", dict(c=6, mid=2, act="hardswish")), ("shuffle", dict(groups=2)),
+                  ("residual", dict(c=6, mid=2, act="hardswish")),
+                  _conv_op(6, 1), _conv_op(1, 4), _conv_op(4, 2, bias=True),
+                  _conv_op(2, 4, groups=2), ("chunk", dict(half=2)),
+                  ("head", dict(c=4, s=8, kind="view_literal"))], 8)
+
+
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(arch=architectures(), ratio=st.floats(0.0, 0.9, exclude_max=True),
        seed=st.integers(0, 2**16))
+@example(arch=_TWO_SHUFFLES, ratio=0.9, seed=245)
 def test_random_cnns_prune_like_zeroed_reference(arch, ratio, seed, prune_and_compare,
                                                  assert_module_metadata):
     ops, size = arch
@@ -601,6 +617,78 @@ def test_grouped_conv_and_channel_shuffle(net, prune_and_compare):
     except prunekit.PlanError:
         return  # refusing cleanly (before any change) would be acceptable too
     assert model.grouped.groups in (2, 4)
+
+
+class _TwoShufflesResidual(nn.Module):
+    """A stream shuffled twice (2 groups) with a residual block after each shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.block1 = nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(),
+                                    nn.Conv2d(4, 6, 3, padding=1))
+        self.block2 = nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(),
+                                    nn.Conv2d(4, 6, 3, padding=1))
+        self.head = nn.Conv2d(6, 3, 1)
+
+    @staticmethod
+    def shuffle(x):
+        n, c, h, w = x.size()
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+
+    def forward(self, x):
+        x = self.shuffle(self.stem(x))
+        x = self.shuffle(x + self.block1(x))
+        return self.head(x + self.block2(x)).mean((2, 3))
+
+
+def test_two_channel_shuffles_tie_the_stream_and_its_residual_branches(prune_and_compare):
+    """The first shuffle pairs channel i with i + 3; the second pairs the paired stream again,
+    which ties all six together. The residual branch added after it must then keep its six
+    outputs too (it was once pruned alone, and the add failed)."""
+    model = _TwoShufflesResidual().eval()
+    x = _x(2, 3, 8, 8)
+    graph = prunekit.build_graph(model, x[:1])
+    stream = graph.group("stem")
+    assert stream.fixed.all()
+    assert any("must go together" in r for r in stream.fixed_reasons)
+    assert graph.group("block2.2") is stream  # the branch's outputs join the stream
+    prune_and_compare(model, x, ratio=0.5)
+    assert model.stem.out_channels == model.block2[2].out_channels == 6
+    assert model.block1[0].out_channels == model.block2[0].out_channels == 2
+
+
+class _ExpandedGate(nn.Module):
+    """A one-channel gate expanded over a conv's channels, to a literal size or to follow."""
+
+    def __init__(self, literal: bool):
+        super().__init__()
+        self.literal = literal
+        self.features = nn.Conv2d(3, 6, 3, padding=1)
+        self.gate = nn.Conv2d(3, 1, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y, gate = self.features(x), self.gate(x)
+        gate = gate.expand(-1, 6, -1, -1) if self.literal else gate.expand_as(y)
+        return self.head(y + gate).mean((2, 3))
+
+
+def test_expand_to_a_literal_channel_count_fixes_the_channels_it_meets():
+    model = _ExpandedGate(literal=True).eval()
+    graph = prunekit.build_graph(model, _x(1, 3, 8, 8))
+    assert graph.group("features").fixed.all()
+    with pytest.raises(prunekit.PlanError, match="removes no channel"):
+        prunekit.prune(model, _x(1, 3, 8, 8), ratio=0.5)
+    assert model.features.out_channels == 6
+
+
+def test_expand_as_follows_the_channels_it_meets(prune_and_compare):
+    model = _ExpandedGate(literal=False).eval()
+    graph = prunekit.build_graph(model, _x(1, 3, 8, 8))
+    assert graph.group("features").prunable and not graph.group("features").fixed.any()
+    prune_and_compare(model, _x(2, 3, 8, 8), ratio=0.5)
+    assert model.features.out_channels == 3 and model.head.in_channels == 3
 
 
 class _CatResidualIntoGroupedConv(nn.Module):

@@ -157,11 +157,18 @@ class RuleContext:
         self._fix_met_constants(padded, channel_dims)
         aligned = []
         for ids, shape in padded:
-            if any(ids.shape[d] == 1 and out_shape[d] > 1 and
-                   (shape[d] == 1 or ids.reshape(-1)[0] >= 0) for d in channel_dims):
-                # broadcast (or expanded) across channels: one channel serves them all
+            spans = [d for d in channel_dims if ids.shape[d] == 1 and out_shape[d] > 1]
+            if any(shape[d] == 1 for d in spans):
+                # broadcast across channels: one channel serves them all
                 self.fix(ids, "broadcast across channels in an element-wise op")
                 ids = np.where(ids == CONSTANT, CONSTANT, NO_CHANNEL)
+            elif spans and ids.reshape(-1)[0] >= 0:
+                # Every position holds the same channel (expanded to a literal count, or tied
+                # together by reshapes such as two channel shuffles): the other operand's
+                # channels meet it position by position, so they are united with it and
+                # none can go on its own.
+                self.fix(ids, "one channel fills every channel position of an element-wise "
+                              "operand")
             aligned.append(ids)
         if not aligned:
             return np.full((1,) * ndim, NO_CHANNEL, dtype=np.int64)

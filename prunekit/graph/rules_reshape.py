@@ -76,7 +76,13 @@ def _reshape_to(ctx, node, ids, in_shape, out_shape, literal_out: list[bool] | N
         moved = np.moveaxis(ids, d, 0)
         for row in moved[1:]:
             ctx.unite(moved[0], row)
-    return compress(ctx.roots(ids))
+    ids = compress(ctx.roots(ids))
+    if literal and not carrying_dims(ids):
+        # The unions tied every channel to every other (a second channel shuffle of a stream
+        # the first one already paired up): they can only go all at once, so none goes.
+        ctx.fix(ids, f"grouped by literal sizes in '{node.name}' so that all its channels "
+                     "must go together")
+    return ids
 
 
 def _literal_flags(sizes, ndim):
@@ -159,9 +165,33 @@ def unflatten(ctx, node, module=None):
 @register_method_rule("expand", "expand_as")
 @takes_counts
 def expand(ctx, node, module=None):
-    """Broadcasting made explicit: the ids already broadcast along the expanded dims."""
-    ids = ctx.ids(node.args[0])
+    """Broadcasting made explicit: the ids already broadcast along the expanded dims.
+
+    One channel expanded to a size that follows another tensor's channels (``expand_as(y)``,
+    ``expand(-1, y.size(1), ...)``) serves whichever channels remain, like a broadcast; expanded
+    to a literal size it fills a fixed number of positions (see ``RuleContext.merge``).
+    """
+    x = node.args[0]
+    ids = ctx.ids(x)
     if ids is None:
         return None
-    ndim = len(_out_shape(ctx))
-    return ids.reshape((1,) * (ndim - ids.ndim) + ids.shape)
+    out_shape = _out_shape(ctx)
+    ndim = len(out_shape)
+    ids = ids.reshape((1,) * (ndim - ids.ndim) + ids.shape)
+    in_shape = (1,) * (ndim - len(tensor_shape(ctx.value(x)))) + tensor_shape(ctx.value(x))
+    grown = [d for d in range(1, ndim) if in_shape[d] == 1 and out_shape[d] > 1]
+    value = int(ids.reshape(-1)[0])
+    if grown and not carrying_dims(ids) and value >= 0 and _size_follows_channels(ctx, node):
+        ctx.fix(ids, f"one channel expanded across channels by '{node.name}'")
+        return np.full_like(ids, NO_CHANNEL)
+    return ids
+
+
+def _size_follows_channels(ctx, node) -> bool:
+    if node.target == "expand_as":
+        other = ctx.ids(node.args[1]) if len(node.args) > 1 else ctx.ids(node.kwargs["other"])
+        return other is not None and bool(carrying_dims(other))
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = sizes[0]
+    return any(ctx.counted(v).size for v in sizes)
