@@ -1,14 +1,14 @@
-"""A :class:`~prunekit.nn.StripeConv2d` with its epilogue fused at module level: the folded
-BatchNorm's shift as the bias (which the C kernel already writes as the accumulators' initial
-value, so it costs nothing), then an optional residual add and an optional ReLU applied to the
-kernel's fresh output *in place*, right after the kernel returns.
+"""A :class:`~prunekit.nn.StripeConv2d` with its epilogue fused: the folded BatchNorm's shift as
+the bias (the C kernel's accumulators start at it, so it costs nothing), then an optional
+residual add and an optional ReLU, both applied by the kernel as it writes its outputs.
 
-What is fused where (kept honest, because the C kernel has no post-accumulation hook):
+What is fused where:
 
 * bias: inside ``stripe_kernel.c`` (the accumulators start at the bias);
-* residual add and ReLU: here, in place on the kernel's output (``add_`` / ``relu_``: no extra
-  tensor, one pass over the output while it is still warm in cache). ``stripe_kernel.c`` is
-  left unchanged, so its pure-PyTorch fallback needs no twin of a new C epilogue.
+* residual add and ReLU: inside ``stripe_kernel.c`` too, in the epilogue that writes each
+  block of outputs from the block buffer (still in L1), so neither costs a pass over the
+  output. A residual the kernel cannot read as a plain NCHW float32 array of the output's
+  shape (broadcasting, channels_last, another dtype) is added after the kernel instead.
 
 On the pure-PyTorch path (autograd, tracing, ONNX export, other devices and dtypes) the same
 operations run out of place, so the exported graph is the plain ``conv + add + relu``.
@@ -49,13 +49,7 @@ class FusedStripeConv2d(StripeConv2d):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self._native_applies(x):
-            out = self._native_plan()(x)  # a fresh tensor nobody else holds: safe in place
-            if residual is not None:
-                if residual.shape == out.shape:
-                    out.add_(residual)
-                else:  # broadcasting add (never in place: the result's shape may differ)
-                    out = out + residual
-            return out.relu_() if self.relu else out
+            return self._native_plan()(x, residual, self.relu)
         out = self.forward_torch(x)
         if residual is not None:
             out = out + residual

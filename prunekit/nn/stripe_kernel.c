@@ -58,6 +58,7 @@ static int omp_get_thread_num(void) { return 0; }
 #define BVMAX 96        /* vectors per block at most */
 
 typedef float vec __attribute__((vector_size(4 * VL)));
+typedef int32_t ivec __attribute__((vector_size(4 * VL)));
 static inline vec vload(const float* p) { vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float* p, vec v) { memcpy(p, &v, sizeof v); }
 /* (vec){0} + f would keep the scalar addition (0 + -0.0 is +0.0): a plain broadcast instead */
@@ -310,10 +311,32 @@ static const sweep_fn sweeps[FC] = {sweep_1, sweep_2, sweep_3, sweep_4,
 static const sweep_fn sweeps[FC] = {sweep_1, sweep_2, sweep_3, sweep_4};
 #endif
 
+/* The output epilogue, applied while a block's outputs are written (still in L1): the residual
+ * (a tensor laid out exactly like the output, or NULL) is added, then ReLU when `relu`. ReLU
+ * keeps NaN (`v < 0 ? 0 : v`), as torch.relu does. */
+typedef struct {
+    const float* residual;  /* the group's first image, like `out` */
+    int relu;
+} epilogue;
+
+static inline vec epilogue_vec(vec v, const epilogue* E, int64_t o) {
+    if (E->residual) v += vload(E->residual + o);
+    if (E->relu) {  /* lanes below zero cleared by mask: one compare and one and-not */
+        const ivec below = v < splat(0.0f);
+        v = (vec)((ivec)v & ~below);
+    }
+    return v;
+}
+
+static inline float epilogue_one(float v, const epilogue* E, int64_t o) {
+    if (E->residual) v += E->residual[o];
+    return E->relu && v < 0.0f ? 0.0f : v;
+}
+
 /* Vectors [m0, m0 + nb) of a packed group. out: the group's first image; acc: the block
  * buffer (F * BV * VL floats, private to the thread). */
 static void stripe_block(const stripe_plan* P, const float* B, int64_t m0, int64_t nb,
-                         float* out, float* acc) {
+                         float* out, const epilogue* E, float* acc) {
     const int64_t F = P->F, HoWo = P->Ho * P->Wo;
     const int64_t* vi = P->vecs + 3 * m0;
     float* dst[BVMAX];
@@ -336,24 +359,28 @@ static void stripe_block(const stripe_plan* P, const float* B, int64_t m0, int64
                          P->chunk_filt + k * FC, P->chunk_off + e, P->chunk_tap0[k + 1] - e,
                          P->C, P->plane);
     }
-    if (P->direct) return;
+    const int fused = E->residual || E->relu;
+    if (P->direct && !fused) return;
     for (int64_t f = 0; f < F; f++)
         for (int64_t v = 0; v < nb; v++) {
-            const float* a = acc + f * fstride + v * VL;
-            float* d = out + vi[3 * v + 1] + f * HoWo;
+            const int64_t o = vi[3 * v + 1] + f * HoWo;
+            const float* a = P->direct ? out + o : acc + f * fstride + v * VL;
+            float* d = out + o;
             if (vi[3 * v + 2] == VL) {
-                vstore(d, vload(a));
+                vstore(d, fused ? epilogue_vec(vload(a), E, o) : vload(a));
                 continue;
             }
-            for (int64_t l = 0; l < vi[3 * v + 2]; l++) d[l] = a[l];
+            for (int64_t l = 0; l < vi[3 * v + 2]; l++)
+                d[l] = fused ? epilogue_one(a[l], E, o + l) : a[l];
         }
 }
 
-static void group_blocks(const stripe_plan* P, const float* B, float* out, float* acc,
-                         int64_t b) {
+static void group_blocks(const stripe_plan* P, const float* B, float* out,
+                         const float* residual, int relu, float* acc, int64_t b) {
     const int64_t m0 = b * P->BV;
     const int64_t nb = P->nvec - m0 < P->BV ? P->nvec - m0 : P->BV;
-    stripe_block(P, B, m0, nb, out, acc);
+    const epilogue E = {residual, relu};
+    stripe_block(P, B, m0, nb, out, &E, acc);
 }
 
 static float* block_buffer(const stripe_plan* P) {
@@ -364,9 +391,11 @@ static float* block_buffer(const stripe_plan* P) {
 
 /* buf: threads * P->length floats when N / G >= threads (each thread packs and convolves whole
  * groups on its own), else P->length floats (the threads share each group's packing and
- * split its blocks). Returns 0, or -1 when a block buffer could not be allocated. */
-int prunekit_stripe_forward(const stripe_plan* P, const float* x, float* buf, float* out,
-                            int threads) {
+ * split its blocks). residual: NULL, or N x F x Ho x Wo floats (contiguous) added to the
+ * output; relu: nonzero for ReLU after that. Returns 0, or -1 when a block buffer could not be
+ * allocated. */
+int prunekit_stripe_forward_fused(const stripe_plan* P, const float* x, float* buf, float* out,
+                                  const float* residual, int relu, int threads) {
     const int64_t groups = P->N / P->G;
     const int64_t blocks = (P->nvec + P->BV - 1) / P->BV;
     const int64_t in_group = P->G * P->C * P->H * P->W, out_group = P->G * P->F * P->Ho * P->Wo;
@@ -386,7 +415,8 @@ int prunekit_stripe_forward(const stripe_plan* P, const float* x, float* buf, fl
                 if (!acc) continue;
                 stripe_pack(P, x + g * in_group, B, 1);
                 for (int64_t b = 0; b < blocks; b++)
-                    group_blocks(P, B, out + g * out_group, acc, b);
+                    group_blocks(P, B, out + g * out_group,
+                                 residual ? residual + g * out_group : NULL, relu, acc, b);
             }
             free(acc);
         }
@@ -401,9 +431,15 @@ int prunekit_stripe_forward(const stripe_plan* P, const float* x, float* buf, fl
             if (!acc) failed = 1;
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < blocks; b++)
-                if (acc) group_blocks(P, buf, out + g * out_group, acc, b);
+                if (acc) group_blocks(P, buf, out + g * out_group,
+                                      residual ? residual + g * out_group : NULL, relu, acc, b);
             free(acc);
         }
     }
     return failed ? -1 : 0;
+}
+
+int prunekit_stripe_forward(const stripe_plan* P, const float* x, float* buf, float* out,
+                            int threads) {
+    return prunekit_stripe_forward_fused(P, x, buf, out, NULL, 0, threads);
 }

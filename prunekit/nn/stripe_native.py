@@ -95,6 +95,9 @@ def _build() -> ctypes.CDLL:
     p = ctypes.c_void_p
     lib.prunekit_stripe_forward.argtypes = [ctypes.POINTER(_Plan), p, p, p, ctypes.c_int]
     lib.prunekit_stripe_forward.restype = ctypes.c_int
+    lib.prunekit_stripe_forward_fused.argtypes = [ctypes.POINTER(_Plan), p, p, p, p, ctypes.c_int,
+                                                  ctypes.c_int]
+    lib.prunekit_stripe_forward_fused.restype = ctypes.c_int
     for name in ("vl", "chunk", "acc", "max_block"):
         getattr(lib, f"prunekit_stripe_{name}").restype = ctypes.c_int
     lib.prunekit_stripe_plan_size.restype = ctypes.c_int64
@@ -224,7 +227,7 @@ class NativeStripePlan:
     def __init__(self, weight: torch.Tensor, out_index: torch.Tensor, segments, bias,
                  out_channels: int, stride, padding, dilation, kernel_size):
         lib = library()
-        self._forward = lib.prunekit_stripe_forward
+        self._forward = lib.prunekit_stripe_forward_fused
         self.fc = lib.prunekit_stripe_chunk()
         self.vl = lib.prunekit_stripe_vl()
         self.acc = lib.prunekit_stripe_acc()
@@ -337,19 +340,38 @@ class NativeStripePlan:
         s, p, d, k = self.stride, self.padding, self.dilation, self.kernel_size[0]
         return (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                 relu: bool = False) -> torch.Tensor:
+        """``relu?(conv(x) + bias [+ residual])``. The residual add and the ReLU run in the
+        kernel's epilogue when ``residual`` is a contiguous float32 CPU tensor of exactly the
+        output's shape (else after the kernel, in torch, with broadcasting)."""
         if not x.is_contiguous():
             x = x.contiguous()
         n, _, h, w = x.shape
+        ho, wo = self._out_hw(h, w)
+        shape = (n, self.f, ho, wo)
+        if residual is not None and not _epilogue_operand(residual, shape):
+            out = self(x)
+            out = out + residual
+            return out.relu_() if relu else out
         if not self.taps:  # every stripe removed: the output is the bias
-            ho, wo = self._out_hw(h, w)
             bias = self.bias if self.bias is not None else torch.zeros(self.f)
-            return bias.view(1, -1, 1, 1).expand(n, self.f, ho, wo).contiguous()
+            out = bias.view(1, -1, 1, 1).expand(*shape).contiguous()
+            if residual is not None:
+                out.add_(residual)
+            return out.relu_() if relu else out
         lay = self._shapes.get((n, h, w)) or self._layout(n, h, w)
-        out = torch.empty((n, self.f, lay["ho"], lay["wo"]), dtype=torch.float32)
+        out = torch.empty(shape, dtype=torch.float32)
         threads = min(torch.get_num_threads(), lay["max_threads"])
         copies = threads if lay["groups"] >= threads else 1
         if self._forward(lay["plan_ref"], x.data_ptr(), _scratch(copies * lay["length"]),
-                         out.data_ptr(), threads) != 0:
+                         out.data_ptr(), None if residual is None else residual.data_ptr(),
+                         int(bool(relu)), threads) != 0:
             raise MemoryError("the native stripe kernel could not allocate its block buffer")
         return out
+
+
+def _epilogue_operand(t: torch.Tensor, shape: tuple) -> bool:
+    """The kernel reads a residual as a plain NCHW float32 array of the output's shape."""
+    return (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu"
+            and tuple(t.shape) == shape and t.is_contiguous())
