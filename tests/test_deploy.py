@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.deployment import DEPLOY_ATTR, FusedStripeConv2d, deploy, layout
+from prunekit.deployment import DEPLOY_ATTR, FusedConv2d, FusedStripeConv2d, deploy, layout
 from prunekit.errors import ConfigError
 from prunekit.nn.stripe import StripeConv2d, stripe_prune_model
 
@@ -181,7 +181,7 @@ def test_a_channel_pruned_model_deploys_exactly(randomize_norms):
     prunekit.prune(model, x, criterion="l1", ratio=0.4)
     deployed = deploy(model, x, channels_last=True)
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
-               for m in deployed.modules() if type(m) is nn.Conv2d)
+               for m in deployed.modules() if type(m) in (nn.Conv2d, FusedConv2d))
     assert getattr(deployed, DEPLOY_ATTR)["channels_last"]["source"] == "option"
     with torch.no_grad():
         assert _close(deployed(x), model(x))
@@ -257,6 +257,6 @@ def test_auto_layout_decision_is_used_by_deploy(monkeypatch):
         monkeypatch.setattr(layout, "measure_layouts", lambda m, i, f=faster: {
             "contiguous": 2.0 if f else 1.0, "channels_last": 1.0 if f else 2.0})
         deployed = deploy(model, x, cache=False)
-        conv = next(m for m in deployed.modules() if type(m) is nn.Conv2d)
+        conv = next(m for m in deployed.modules() if type(m) in (nn.Conv2d, FusedConv2d))
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) == faster
         assert getattr(deployed, DEPLOY_ATTR)["channels_last"]["channels_last"] == faster

@@ -167,9 +167,10 @@ def _table(r: dict) -> str:
             rows.append(("UNRELIABLE", "; ".join(lat["warnings"])))
     if r.get("deployed"):
         d = r["deployed"]
-        rows.append(("deployed", f"{len(d['folded_bn'])} BatchNorms folded, "
-                                 f"{len(d.get('stripe_relu', []))} stripe ReLUs and "
-                                 f"{len(d.get('stripe_residual', []))} residual adds fused, "
+        relus = len(d.get('stripe_relu', [])) + len(d.get('dense_relu', []))
+        adds = len(d.get('stripe_residual', [])) + len(d.get('dense_residual', []))
+        rows.append(("deployed", f"{len(d['folded_bn'])} BatchNorms folded, {relus} ReLUs and "
+                                 f"{adds} residual adds fused into their convs, "
                                  f"channels_last {d['channels_last']['channels_last']}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

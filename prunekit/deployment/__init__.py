@@ -3,6 +3,7 @@ user would ship, so latency is compared as deployed (deployed pruned vs deployed
 
 * :mod:`.passes` -- BatchNorm folding, identity/dropout removal, epilogue fusion (fx graph);
 * :mod:`.fused` -- :class:`FusedStripeConv2d`, what is fused where;
+* :mod:`.fused_dense` -- :class:`FusedConv2d`, a dense conv with oneDNN post-ops;
 * :mod:`.layout` -- channels_last for dense convs, measured on this machine and cached.
 
 BatchNorm folding is the standard inference rewrite (e.g. Jacob et al., "Quantization and
@@ -24,10 +25,11 @@ from torch import nn
 from ..errors import ConfigError, PrunekitError
 from ..measure.context import ExampleInputs, prepare_inputs
 from .fused import FusedStripeConv2d
+from .fused_dense import FusedConv2d
 from .layout import choose_channels_last
 from .passes import DeployTracer, drop_identities, fold_batchnorms, fuse_epilogues
 
-__all__ = ["DEPLOY_ATTR", "DeployCheckError", "FusedStripeConv2d", "deploy"]
+__all__ = ["DEPLOY_ATTR", "DeployCheckError", "FusedConv2d", "FusedStripeConv2d", "deploy"]
 
 # The deployed module records what deploy() did under this attribute (a JSON-ready dict).
 DEPLOY_ATTR = "prunekit_deploy"
@@ -133,7 +135,7 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
 
 
 def _layout(gm: fx.GraphModule, inputs, channels_last, cache) -> dict:
-    has_dense = any(type(m) is nn.Conv2d for m in gm.modules())
+    has_dense = any(type(m) in (nn.Conv2d, FusedConv2d) for m in gm.modules())
     if channels_last is False or not has_dense:
         return {"channels_last": False, "source": "option" if channels_last is False
                 else "no dense convolutions"}

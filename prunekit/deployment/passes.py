@@ -10,12 +10,12 @@
    into: a subclass may transform its weight in ``forward`` (timm's StdConv2d standardises it).
 2. **Identity / dropout removal**: ``nn.Identity`` and ``nn.Dropout*`` modules (identities in
    eval mode) and ``F.dropout`` calls with ``training=False``.
-3. **Epilogue fusion** on StripeConv2d outputs used only once: a following residual add
-   (``+``, ``torch.add`` without ``alpha``, ``+=``) of a tensor of the same shape and a
-   following ReLU (``nn.ReLU``, ``torch.relu``, ``F.relu``, ``.relu()``) become attributes of a
-   :class:`~prunekit.deployment.fused.FusedStripeConv2d`. For dense convs the ReLU that is the
-   only user of a conv's output runs in place (``nn.ReLU(inplace=True)``): oneDNN's
-   post-op fusion is not reachable from eager PyTorch, so no dense epilogue is fused.
+3. **Epilogue fusion** on conv outputs used only once: a following residual add (``+``,
+   ``torch.add`` without ``alpha``, ``+=``) of a tensor of the same shape and a following ReLU
+   (``nn.ReLU``, ``torch.relu``, ``F.relu``, ``.relu()``) become attributes of a
+   :class:`~prunekit.deployment.fused.FusedStripeConv2d` (applied by the C kernel as it writes
+   its outputs) or, for a dense ``nn.Conv2d``, of a
+   :class:`~prunekit.deployment.fused_dense.FusedConv2d` (oneDNN post-ops).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from ..graph.registry import is_leaf_type
 from ..nn.stripe import StripeConv2d
 from ..utils import set_submodule
 from .fused import FusedStripeConv2d
+from .fused_dense import FusedConv2d
 
 __all__ = ["DeployTracer", "drop_identities", "fold_batchnorms", "fuse_epilogues"]
 
@@ -173,50 +174,52 @@ def _shapes(gm: fx.GraphModule, example_inputs) -> dict:
 
 
 def fuse_epilogues(gm: fx.GraphModule, example_inputs=None) -> dict[str, list[str]]:
-    """Fuse residual adds and ReLUs into StripeConv2d outputs, make dense convs' sole ReLU
-    users in place. A residual add is fused only when shapes are known to match (needs the
-    example inputs) so the in-place add can never broadcast."""
+    """Fuse residual adds and ReLUs into the convs whose output they alone use: StripeConv2d
+    into :class:`FusedStripeConv2d` (the C kernel's epilogue), dense ``nn.Conv2d`` into
+    :class:`FusedConv2d` (oneDNN post-ops). A residual add is fused only when shapes are known
+    to match (needs the example inputs), so the fused add can never broadcast."""
     shapes = _shapes(gm, example_inputs)
-    done: dict[str, list[str]] = {"stripe_residual": [], "stripe_relu": [], "dense_relu_inplace": []}
+    done: dict[str, list[str]] = {"stripe_residual": [], "stripe_relu": [],
+                                  "dense_residual": [], "dense_relu": []}
     for node in list(gm.graph.nodes):
         conv = _module(gm, node)
-        if isinstance(conv, StripeConv2d) and not getattr(conv, "relu", False) \
-                and not getattr(conv, "residual", False) and len(node.args) == 1:
-            user, residual = _single_user(node), None
-            other = _residual_operand(user, node, shapes) if shapes else None
-            if other is not None:
-                residual, add_node = other, user
-                if not _is_before(other, node):  # e.g. a downsample computed after the branch
-                    add_node.prepend(node)  # both operands precede the add: still in order
-                user = _single_user(add_node)
-            relu = _is_relu(gm, user)
-            if residual is None and not relu:
-                continue
-            weight = conv.weight.detach()
-            bias = conv.bias.detach() if conv.bias is not None else None
-            fused = FusedStripeConv2d.from_stripe(conv, weight, bias, relu=relu,
-                                                  residual=residual is not None)
-            set_submodule(gm, node.target, fused)
-            if residual is not None:
-                node.args = (node.args[0], residual)
-                add_node.replace_all_uses_with(node)
-                gm.graph.erase_node(add_node)
-                done["stripe_residual"].append(node.target)
-            if relu:
-                user.replace_all_uses_with(node)
-                gm.graph.erase_node(user)
-                done["stripe_relu"].append(node.target)
-        elif type(conv) is nn.Conv2d:
-            user = _single_user(node)
-            if _is_relu(gm, user) and not (user.op == "call_method" and user.target == "relu_"):
-                # rewritten where it stands (the node, and so its recorded shape, stays)
-                user.op, user.target, user.args, user.kwargs = "call_function", torch.relu_, \
-                    (node,), {}
-                done["dense_relu_inplace"].append(node.target)
+        kind = "stripe" if isinstance(conv, StripeConv2d) else \
+            "dense" if type(conv) is nn.Conv2d else None
+        if kind is None or getattr(conv, "relu", False) or getattr(conv, "residual", False) \
+                or len(node.args) != 1 or node.kwargs:
+            continue
+        user, residual = _single_user(node), None
+        other = _residual_operand(user, node, shapes) if shapes else None
+        if other is not None:
+            residual, add_node = other, user
+            if not _is_before(other, node):  # e.g. a downsample computed after the branch
+                add_node.prepend(node)  # both operands precede the add: still in order
+            user = _single_user(add_node)
+        relu = _is_relu(gm, user)
+        if residual is None and not relu:
+            continue
+        set_submodule(gm, node.target, _fused(conv, relu, residual is not None))
+        if residual is not None:
+            node.args = (node.args[0], residual)
+            add_node.replace_all_uses_with(node)
+            gm.graph.erase_node(add_node)
+            done[f"{kind}_residual"].append(node.target)
+        if relu:
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+            done[f"{kind}_relu"].append(node.target)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return done
+
+
+def _fused(conv: nn.Module, relu: bool, residual: bool) -> nn.Module:
+    if isinstance(conv, StripeConv2d):
+        bias = conv.bias.detach() if conv.bias is not None else None
+        return FusedStripeConv2d.from_stripe(conv, conv.weight.detach(), bias, relu=relu,
+                                             residual=residual)
+    return FusedConv2d.from_conv(conv, relu=relu, residual=residual)
 
 
 def _is_before(a: fx.Node, b: fx.Node) -> bool:
