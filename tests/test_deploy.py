@@ -182,7 +182,7 @@ def test_a_channel_pruned_model_deploys_exactly(randomize_norms):
     deployed = deploy(model, x, channels_last=True)
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
                for m in deployed.modules() if type(m) in (nn.Conv2d, FusedConv2d))
-    assert getattr(deployed, DEPLOY_ATTR)["channels_last"]["source"] == "option"
+    assert getattr(deployed, DEPLOY_ATTR)["channels_last"]["channels_last"] is True
     with torch.no_grad():
         assert _close(deployed(x), model(x))
     assert prunekit.count_macs(deployed, x) == prunekit.count_macs(model, x)
@@ -232,7 +232,8 @@ def test_layout_decision_is_cached_and_the_cache_can_be_disabled(monkeypatch):
     x = torch.randn(1, 3, 16, 16)
     timed = []
     real = layout.measure_layouts
-    monkeypatch.setattr(layout, "measure_layouts", lambda m, i: timed.append(1) or real(m, i))
+    monkeypatch.setattr(layout, "measure_layouts",
+                        lambda *args: timed.append(1) or real(*args))
     first = layout.choose_channels_last(model, (x,))
     assert first["source"] == "measured" and layout.cache_path().exists()
     stored = layout.read_cache()[first["key"]]
@@ -254,9 +255,33 @@ def test_auto_layout_decision_is_used_by_deploy(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
     x = torch.randn(1, 3, 16, 16)
     for faster in (True, False):
-        monkeypatch.setattr(layout, "measure_layouts", lambda m, i, f=faster: {
-            "contiguous": 2.0 if f else 1.0, "channels_last": 1.0 if f else 2.0})
-        deployed = deploy(model, x, cache=False)
-        conv = next(m for m in deployed.modules() if type(m) in (nn.Conv2d, FusedConv2d))
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == faster
-        assert getattr(deployed, DEPLOY_ATTR)["channels_last"]["channels_last"] == faster
+        for post_ops_faster in (True, False):
+            def timings(m, i, layouts, post_ops, f=faster, p=post_ops_faster):
+                assert set(layouts) == {"contiguous", "channels_last"}
+                assert set(post_ops) == {False, True}  # the conv + ReLU was fused
+                return {f"{lay}{'+post_ops' if on else ''}":
+                        (1.0 if (lay == "channels_last") == f else 2.0) -
+                        (0.5 if on == p else 0.0)
+                        for lay in layouts for on in post_ops}
+            monkeypatch.setattr(layout, "measure_layouts", timings)
+            deployed = deploy(model, x, cache=False)
+            conv = next(m for m in deployed.modules() if isinstance(m, FusedConv2d))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last) == faster
+            record = getattr(deployed, DEPLOY_ATTR)
+            assert record["channels_last"]["channels_last"] == faster
+            assert record["dense_post_ops"] == post_ops_faster == conv.use_onednn
+
+
+def test_dense_post_ops_option(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    monkeypatch.setattr(layout, "measure_layouts", lambda *a: pytest.fail("nothing to time"))
+    for option in (True, False):
+        deployed = deploy(model, x, channels_last=False, dense_post_ops=option)
+        conv = next(m for m in deployed.modules() if isinstance(m, FusedConv2d))
+        assert conv.use_onednn is option and getattr(deployed, DEPLOY_ATTR)["dense_post_ops"] is option
+    with pytest.warns(UserWarning, match="cannot time"):
+        deployed = deploy(model)  # no example: NCHW, plain epilogues
+    assert getattr(deployed, DEPLOY_ATTR)["dense_post_ops"] is False
+    with pytest.raises(ConfigError, match="dense_post_ops"):
+        deploy(model, x, dense_post_ops="yes")

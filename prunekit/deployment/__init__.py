@@ -26,7 +26,7 @@ from ..errors import ConfigError, PrunekitError
 from ..measure.context import ExampleInputs, prepare_inputs
 from .fused import FusedStripeConv2d
 from .fused_dense import FusedConv2d
-from .layout import choose_channels_last
+from .layout import choose_channels_last, has_dense_post_ops, set_dense_post_ops
 from .passes import DeployTracer, drop_identities, fold_batchnorms, fuse_epilogues
 
 __all__ = ["DEPLOY_ATTR", "DeployCheckError", "FusedConv2d", "FusedStripeConv2d", "deploy"]
@@ -90,7 +90,8 @@ def _check(original: nn.Module, deployed: nn.Module, inputs: tuple) -> float:
 
 def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
            channels_last: str | bool = "auto", fold_bn: bool = True, fuse: bool = True,
-           drop: bool = True, check: bool = True, cache: bool | None = None) -> fx.GraphModule:
+           drop: bool = True, check: bool = True, cache: bool | None = None,
+           dense_post_ops: str | bool = "auto") -> fx.GraphModule:
     """A deployed copy of ``model`` for inference (the model itself is left as it was).
 
     ``example_inputs`` (a tensor, tensors, or a shape with the batch dimension) are needed for
@@ -100,7 +101,9 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
     adds are not fused and nothing is checked. ``channels_last``: ``"auto"`` (measured, cached
     per device, threads, dtype, input shape and model structure; ``cache=False`` or
     ``PRUNEKIT_DEPLOY_CACHE=0`` skips the cache), ``True`` or ``False``. ``fold_bn`` /
-    ``fuse`` / ``drop`` switch the three rewrites of :mod:`.passes`.
+    ``fuse`` / ``drop`` switch the three rewrites of :mod:`.passes`. ``dense_post_ops``: whether
+    fused dense convs run their add and ReLU as oneDNN post-ops (:class:`FusedConv2d`):
+    ``"auto"`` (timed with the layout; off without example inputs), ``True`` or ``False``.
 
     Returns a ``torch.fx.GraphModule`` in eval mode with gradients off; what was done is in its
     ``prunekit_deploy`` attribute. It is for inference and export (``prunekit.io.export_onnx``);
@@ -108,6 +111,9 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
     """
     if not (isinstance(channels_last, bool) or channels_last == "auto"):
         raise ConfigError(f"channels_last must be 'auto', True or False, not {channels_last!r}")
+    if not (isinstance(dense_post_ops, bool) or dense_post_ops == "auto"):
+        raise ConfigError(f"dense_post_ops must be 'auto', True or False, not "
+                          f"{dense_post_ops!r}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"deploy takes an nn.Module, got {type(model).__name__}")
     inputs = prepare_inputs(model, example_inputs) if example_inputs is not None else None
@@ -124,7 +130,8 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
         gm.recompile()
         record.update(fuse_epilogues(gm, inputs) if fuse else {})
         gm.eval()
-        record["channels_last"] = _layout(gm, inputs, channels_last, cache)
+        record["channels_last"] = _layout(gm, inputs, channels_last, dense_post_ops, cache)
+        record["dense_post_ops"] = record["channels_last"]["dense_post_ops"]
         if check and inputs is not None:
             record["check_max_abs_diff"] = _check(model, gm, inputs)
     finally:
@@ -134,20 +141,32 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
     return gm
 
 
-def _layout(gm: fx.GraphModule, inputs, channels_last, cache) -> dict:
-    has_dense = any(type(m) in (nn.Conv2d, FusedConv2d) for m in gm.modules())
-    if channels_last is False or not has_dense:
-        return {"channels_last": False, "source": "option" if channels_last is False
-                else "no dense convolutions"}
-    if channels_last is True:
-        gm.to(memory_format=torch.channels_last)
-        return {"channels_last": True, "source": "option"}
-    if inputs is None or not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in inputs):
-        warnings.warn("deploy(channels_last='auto') without a 4-D example input cannot time "
-                      "the layouts; kept NCHW (give example_inputs, or channels_last=True)",
-                      stacklevel=3)
-        return {"channels_last": False, "source": "no example input"}
-    decision = choose_channels_last(gm, inputs, cache=cache)
+def _layout(gm: fx.GraphModule, inputs, channels_last, post_ops, cache) -> dict:
+    """Apply and report the layout and the dense post-ops setting (measured where "auto")."""
+    fused = has_dense_post_ops(gm)
+    has_dense = fused or any(type(m) is nn.Conv2d for m in gm.modules())
+    if not has_dense:
+        layouts = ("contiguous",)
+    elif channels_last == "auto":
+        layouts = ("contiguous", "channels_last")
+    else:
+        layouts = ("channels_last",) if channels_last else ("contiguous",)
+    candidates = (False, True) if post_ops == "auto" and fused else (bool(post_ops) and fused,)
+    usable = inputs is not None and all(isinstance(x, torch.Tensor) and x.dim() == 4
+                                        for x in inputs)
+    if len(layouts) * len(candidates) == 1 or not usable:
+        if len(layouts) * len(candidates) > 1:
+            warnings.warn("deploy(channels_last='auto' or dense_post_ops='auto') without a 4-D "
+                          "example input cannot time the variants; kept NCHW and plain dense "
+                          "epilogues (give example_inputs, or set both options)", stacklevel=3)
+        source = ("no example input" if len(layouts) * len(candidates) > 1 else
+                  "no dense convolutions" if not has_dense else "option")
+        decision = {"channels_last": channels_last is True and has_dense,
+                    "dense_post_ops": post_ops is True and fused, "source": source}
+    else:
+        decision = choose_channels_last(gm, inputs, cache=cache, layouts=layouts,
+                                        post_ops=candidates)
     if decision["channels_last"]:
         gm.to(memory_format=torch.channels_last)
+    set_dense_post_ops(gm, decision["dense_post_ops"])
     return decision

@@ -34,6 +34,8 @@ class FusedConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.relu = bool(relu)
         self.residual = bool(residual)
+        # False: always the plain ops (deploy sets it by measurement: see .layout)
+        self.use_onednn = True
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, relu: bool = False,
@@ -53,7 +55,7 @@ class FusedConv2d(nn.Conv2d):
         return module
 
     def _fused_applies(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 \
+        if not self.use_onednn or type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 \
                 or x.dim() != 4 or self.weight.dtype != torch.float32:
             return False
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
@@ -85,6 +87,13 @@ class FusedConv2d(nn.Conv2d):
                     x, residual, self.weight, self.bias, *args, "add", None,
                     "relu" if self.relu else None, [], "")
         out = self._conv_forward(x, self.weight, self.bias)
+        if (not torch.is_grad_enabled() or not out.requires_grad) \
+                and torch._C._get_tracing_state() is None:
+            # a fresh output nobody else holds: in place, as the unfused graph would be
+            if residual is not None:
+                same = residual.shape == out.shape and residual.dtype == out.dtype
+                out = out.add_(residual) if same else out + residual
+            return out.relu_() if self.relu else out
         if residual is not None:
             out = out + residual
         return torch.relu(out) if self.relu else out
