@@ -1,11 +1,14 @@
 """Deployed unpruned vs deployed pruned latency, side by side in one interleaved run per row.
 
-    python benchmarks/deploy_speed.py [--rows N] [--rounds 5] [--runs 10] [--out FILE]
+    python benchmarks/deploy_speed.py [--rows N] [--models a,b] [--rounds 5] [--runs 10]
+        [--runs-64 4] [--out FILE]
 
 Rows: (model, batch 1 | 64, threads 1 | 2) for
   * ``r56_l1_macs50``: cifar_resnet56 (pretrained) with L1 at 50% of its MACs removed
     (``prunekit.prune(criterion="l1", macs_reduction=0.5)``, the run of
     results/l1_r56_macs50_report.json), 32 px;
+  * ``r56_l1_macs50_r8`` / ``resnet18_macs50_r8``: the same with ``round_to=8`` (every kept
+    count a multiple of 8);
   * ``resnet18_macs50``: torchvision resnet18 (random init: latency does not depend on the
     weights) with L1 at 50% of its MACs removed, 224 px;
   * ``swp56``: a trained stripe-pruned ResNet-56 (a ``*.safetensors`` holding StripeConv2d
@@ -36,22 +39,23 @@ OUT = Path(__file__).parent / "results" / "deploy_speed.json"
 BATCHES, THREADS = (1, 64), (1, 2)
 
 
-def _r56_l1():
+def _r56_l1(round_to: int = 1):
     base = models.create("cifar_resnet56", weights="pretrained").eval()
     x = torch.randn(1, 3, 32, 32)
     pruned = models.create("cifar_resnet56", weights="pretrained").eval()
-    prunekit.prune(pruned, x, criterion="l1", macs_reduction=0.5)
+    prunekit.prune(pruned, x, criterion="l1", macs_reduction=0.5, round_to=round_to)
     return base, pruned, x, "channels"
 
 
-def _resnet18():
+def _resnet18(round_to: int = 1):
     import torchvision
 
     x = torch.randn(1, 3, 224, 224)
     base = torchvision.models.resnet18().eval()
     pruned = torchvision.models.resnet18().eval()
     pruned.load_state_dict(base.state_dict())
-    prunekit.prune(pruned, x, criterion="l1", macs_reduction=0.5, ignore=("fc",))
+    prunekit.prune(pruned, x, criterion="l1", macs_reduction=0.5, ignore=("fc",),
+                   round_to=round_to)
     return base, pruned, x, "channels"
 
 
@@ -77,7 +81,11 @@ def _swp():
             torch.randn(1, 3, 32, 32), "stripes")
 
 
-MODELS = {"r56_l1_macs50": _r56_l1, "resnet18_macs50": _resnet18, "swp56": _swp}
+# "_r8": the same target with every kept count a multiple of 8 (round_to=8: whole 8-float
+# vectors on AVX2, the counts oneDNN's blocked kernels run well; the hardware-aware idea of HFP)
+MODELS = {"r56_l1_macs50": _r56_l1, "r56_l1_macs50_r8": lambda: _r56_l1(round_to=8),
+          "swp56": _swp, "resnet18_macs50": _resnet18,
+          "resnet18_macs50_r8": lambda: _resnet18(round_to=8)}
 TARGET = {"channels": 0.9, "stripes": 0.8}
 
 
@@ -104,6 +112,9 @@ def _row(name, pair, batch, threads, rounds, runs) -> dict:
             "warnings": measured.warnings, "machine": measured.machine,
             "channels_last": {n: getattr(m, "prunekit_deploy")["channels_last"]["channels_last"]
                               for n, m in deployed.items()},
+            "dense_post_ops": {n: getattr(m, "prunekit_deploy").get("dense_post_ops")
+                               for n, m in deployed.items()},
+            "runs": runs, "rounds": rounds,
             "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__}
 
 
@@ -112,7 +123,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=None, help="stop after this many new rows")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--runs", type=int, default=10, help="runs per round at batch 1")
+    p.add_argument("--runs-64", type=int, default=4, help="runs per round at batch 64")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     out = Path(args.out)
@@ -135,7 +147,8 @@ def main() -> None:
         for batch, threads in todo:
             if args.rows is not None and new >= args.rows:
                 break
-            row = _row(name, pair, batch, threads, args.rounds, args.runs)
+            row = _row(name, pair, batch, threads, args.rounds,
+                       args.runs if batch == 1 else args.runs_64)
             done["rows"].append(row)
             atomic_write_json(out, done, indent=1)  # per row: a killed run keeps its rows
             new += 1
@@ -151,11 +164,12 @@ def write_md(done: dict, path: Path) -> None:
              "speed-up's per-round range in brackets; target ratio 0.9 (channels) / 0.8 "
              "(stripes).", "",
              "| model | batch | threads | unpruned ms | pruned ms | latency x [range] | MACs x | "
-             "ratio | target met | channels_last (unpruned / pruned) | trust |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "ratio | target met | channels_last (unpruned / pruned) | dense post-ops | trust |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for r in done["rows"]:
         if r.get("batch") is None:
-            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | - | {r['note']} |")
+            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | - | - | "
+                         f"{r['note']} |")
             continue
         lo, hi = r["round_range"]
         cl = r["channels_last"]
@@ -163,8 +177,13 @@ def write_md(done: dict, path: Path) -> None:
                      f"{r['pruned_ms']:.2f} | {r['latency_x']:.2f} [{lo:.2f}..{hi:.2f}] | "
                      f"{r['macs_x']:.2f} | {r['ratio_to_macs']:.2f} | "
                      f"{'yes' if r['met'] else 'no'} | {cl['unpruned']} / {cl['pruned']} | "
+                     f"{_pair(r.get('dense_post_ops'))} | "
                      f"{'UNRELIABLE: ' + '; '.join(r['warnings']) if r['warnings'] else 'ok'} |")
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _pair(values: dict | None) -> str:
+    return "-" if not values else f"{values['unpruned']} / {values['pruned']}"
 
 
 if __name__ == "__main__":
