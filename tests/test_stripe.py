@@ -322,6 +322,30 @@ def test_native_kernel_other_strides_and_even_kernels(k, stride, padding, dilati
 
 
 @needs_native
+@pytest.mark.parametrize("w", [15, 16, 17, 31, 32, 33, 40, 48])
+@pytest.mark.parametrize("k,padding,dilation", [(3, 1, 1), (3, 0, 1), (3, 2, 1), (2, 0, 1),
+                                                (4, 3, 1), (3, 1, 2), (1, 0, 1), (1, 1, 1)])
+def test_native_stride2_packs_both_column_phases_in_one_pass(w, k, padding, dilation,
+                                                             monkeypatch):
+    """Stride 2: where a conv uses both column phases (a, 0) and (a, 1) of a row phase, one
+    pass splits every input row into its even and odd columns, 16 at a time, then a scalar tail
+    (widths below, at and around multiples of 16; padding that shifts which columns are even;
+    even kernels; dilation 2, whose taps all fall on one phase; 1x1 convs, which use a single
+    phase). Every stripe kept, so every phase the geometry can use is packed."""
+    gen = torch.Generator().manual_seed(w * 100 + k * 10 + padding)
+    conv = nn.Conv2d(4, 5, k, stride=2, padding=padding, dilation=dilation)
+    sconv = StripeConv2d.from_dense(conv, torch.ones(5, k, k, dtype=torch.bool))
+    spy = _Spy(monkeypatch)
+    h = 13 if k < 4 else 14
+    x = torch.randn(3, 4, h, w, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(sconv(x), conv(x), **TOL)
+        half = StripeConv2d.from_dense(conv, _random_mask(5, k, 0.5, gen))
+        torch.testing.assert_close(half(x), _masked_reference(conv, half.stripe_mask, x), **TOL)
+    assert spy.calls == 2
+
+
+@needs_native
 def test_native_loader_refuses_a_kernel_with_another_plan_layout(monkeypatch):
     """A process that imported an older stripe_native.py and compiles a newer kernel (prunekit
     edited under a running job) must not call it with the wrong struct: it falls back."""
