@@ -76,15 +76,18 @@ def test_kernel_epilogue_reads_each_group_of_images_residual(batch, threads, mon
         torch.testing.assert_close(got, _reference(sconv, x, residual, True), **TOL)
 
 
-def test_kernel_epilogue_in_direct_output_mode(monkeypatch):
-    monkeypatch.setattr(stripe_native, "DIRECT_OUTPUT", True)
+@pytest.mark.parametrize("direct", [True, False])
+def test_kernel_epilogue_in_direct_and_block_buffer_output_modes(direct, monkeypatch):
+    """Whole output vectors (16 columns) accumulate straight into the output by default; the
+    block-buffer path (DIRECT_OUTPUT off, and every width VL does not divide) must agree."""
+    monkeypatch.setattr(stripe_native, "DIRECT_OUTPUT", direct)
     sconv, gen = _stripe(8, 8, 1, seed=3)
-    x = torch.randn(2, 8, 8, 16, generator=gen)  # 16 columns: whole vectors, direct applies
+    x = torch.randn(2, 8, 8, 16, generator=gen)
     residual = torch.randn(2, 8, 8, 16, generator=gen)
     plan = sconv._native_plan()
     with torch.no_grad():
         got = plan(x, residual, True)
-    assert plan._shapes[(2, 8, 16)]["plan"].direct == 1
+    assert plan._shapes[(2, 8, 16)]["plan"].direct == int(direct)
     with torch.no_grad():
         torch.testing.assert_close(got, _reference(sconv, x, residual, True), **TOL)
 

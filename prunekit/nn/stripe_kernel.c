@@ -29,10 +29,9 @@
  * NV(live) vectors, NV chosen so that live * NV accumulators plus the operands fill the
  * vector registers (REGS) whatever `live` is: every loaded input vector feeds `live` fused
  * multiply-adds and every broadcast weight NV. Tiles are specialised for every (live, nv) at
- * compile time. Outputs accumulate into a block buffer (F x BV vectors, contiguous) that is
- * copied out lane by lane; accumulating straight into the NCHW output (P->direct, where VL
- * divides Wo) is kept as an option, off by default (slower: filter rows 4 KB apart collide in
- * L1). The batch is processed in groups small enough that a group's planes are still in L2
+ * compile time. Where VL divides Wo, outputs accumulate straight into the NCHW output
+ * (P->direct, stripe_native.DIRECT_OUTPUT); elsewhere into a block buffer (F x BV vectors,
+ * contiguous) that is copied out lane by lane. The batch is processed in groups small enough that a group's planes are still in L2
  * when they are convolved.
  */
 #include <stdint.h>
