@@ -31,8 +31,8 @@
  * multiply-adds and every broadcast weight NV. Tiles are specialised for every (live, nv) at
  * compile time. Where VL divides Wo, outputs accumulate straight into the NCHW output
  * (P->direct, stripe_native.DIRECT_OUTPUT); elsewhere into a block buffer (F x BV vectors,
- * contiguous) that is copied out lane by lane. The batch is processed in groups small enough that a group's planes are still in L2
- * when they are convolved.
+ * contiguous) that is copied out lane by lane. The batch is processed in groups small enough
+ * that a group's planes are still in L2 when they are convolved.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -143,17 +143,23 @@ static inline void zero_floats(float* out, int64_t n) {
     for (; q < n; q++) out[q] = 0.0f;
 }
 
+/* The columns q of phase b with 0 <= s*q + b - p < W: [*lo, *hi), within [0, Wq). */
+static inline void phase_columns(int64_t W, int64_t s, int64_t p, int64_t b, int64_t Wq,
+                                 int64_t* lo, int64_t* hi) {
+    *lo = p - b > 0 ? (p - b + s - 1) / s : 0;
+    *hi = (W + p - b + s - 1) / s;
+    if (*hi > Wq) *hi = Wq;
+    if (*lo > *hi) *lo = *hi;
+}
+
 /* Phase plane (a, b) of one channel: dst[r][q] = x[s*r + a - p][s*q + b - p], 0 outside,
  * row by row: the zero columns, then the image's columns over them. x_end: the end of the
  * input (a stride-2 row is read 16 floats at a time). */
 static NO_LIBC_LOOPS void pack_plane(const float* restrict src, float* restrict dst, int64_t H,
                                      int64_t W, int64_t s, int64_t p, int64_t a, int64_t b,
                                      int64_t Hq, int64_t Wq, const float* x_end) {
-    /* columns q with 0 <= s*q + b - p < W */
-    int64_t lo = p - b > 0 ? (p - b + s - 1) / s : 0;
-    int64_t hi = (W + p - b + s - 1) / s;
-    if (hi > Wq) hi = Wq;
-    if (lo > hi) lo = hi;
+    int64_t lo, hi;
+    phase_columns(W, s, p, b, Wq, &lo, &hi);
     const int64_t shift = b - p;
     const int edges = Wq >= VL && lo <= VL && Wq - hi <= VL;
     for (int64_t r = 0; r < Hq; r++) {
@@ -194,12 +200,7 @@ static NO_LIBC_LOOPS void pack_pair_s2(const float* restrict src, float* restric
                                        int64_t a, int64_t Hq, int64_t Wq) {
     float* restrict dst[2] = {d0, d1};
     int64_t lo[2], hi[2];
-    for (int b = 0; b < 2; b++) {  /* columns q of phase b with 0 <= 2q + b - p < W */
-        lo[b] = p - b > 0 ? (p - b + 1) / 2 : 0;
-        hi[b] = (W + p - b + 1) / 2;
-        if (hi[b] > Wq) hi[b] = Wq;
-        if (lo[b] > hi[b]) lo[b] = hi[b];
-    }
+    for (int b = 0; b < 2; b++) phase_columns(W, 2, p, b, Wq, &lo[b], &hi[b]);
     const int edges = Wq >= VL && lo[0] <= VL && lo[1] <= VL && Wq - hi[0] <= VL
                       && Wq - hi[1] <= VL;
     const int be = (int)(p % 2), bo = 1 - be;         /* phases of even / odd columns */

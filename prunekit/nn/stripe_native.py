@@ -155,8 +155,8 @@ BLOCK_BYTES = 24 * 1024
 MIN_BLOCK = 6  # vectors: a narrower block leaves tiles too few accumulators
 # Accumulate straight into the NCHW output where every vector is full (VL divides Wo) instead
 # of into a block buffer copied out afterwards: on. Measured (ResNet-56's layers at 50% stripes
-# removed, 1 thread, paired rounds) 1.00-1.15x faster at batch 64 and no slower at batch 1,
-# since the one-pass stride-2 packing and the fused epilogue (an earlier kernel was slower
+# removed, 1 thread, paired rounds) 1.00-1.15x faster at batch 64 and no slower at batch 1
+# with the one-pass stride-2 packing and the fused epilogue (an earlier kernel was slower
 # this way: filter rows of a 32x32 output are 4 KB apart and collide in L1's sets).
 DIRECT_OUTPUT = True
 # Below this many multiply-adds per thread a call runs on fewer threads: a batch-1 layer
