@@ -14,7 +14,8 @@ Rows: (model, batch 1 | 64, threads 1 | 2) for
   * ``swp56``: a trained stripe-pruned ResNet-56 (a ``*.safetensors`` holding StripeConv2d
     layers under benchmarks/ or runs/); when none is found, one row says so.
 Both models of a row are deployed with ``prunekit.deploy`` (BatchNorm folded, epilogues fused,
-channels_last measured) and timed by ``prunekit.measure.interleaved_latency``; a row records
+channels_last, post-ops and dense convs on the C kernel measured) and timed by
+``prunekit.measure.interleaved_latency``; a row records
 the latency speed-up, the MACs speed-up, their ratio (the issue's targets: >= 0.9 for channel
 pruning, >= 0.8 for stripes), the per-round range and the machine-load verdict.
 Resumable: every finished row is written at once (atomically) and skipped on a rerun.
@@ -114,6 +115,10 @@ def _row(name, pair, batch, threads, rounds, runs) -> dict:
                               for n, m in deployed.items()},
             "dense_post_ops": {n: getattr(m, "prunekit_deploy").get("dense_post_ops")
                                for n, m in deployed.items()},
+            "native_convs": {n: len(getattr(m, "prunekit_deploy").get("native_convs", []))
+                             for n, m in deployed.items()},
+            "convs": {n: sum(isinstance(c, torch.nn.Conv2d) for c in m.modules())
+                      for n, m in deployed.items()},
             "runs": runs, "rounds": rounds,
             "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__}
 
@@ -164,11 +169,12 @@ def write_md(done: dict, path: Path) -> None:
              "speed-up's per-round range in brackets; target ratio 0.9 (channels) / 0.8 "
              "(stripes).", "",
              "| model | batch | threads | unpruned ms | pruned ms | latency x [range] | MACs x | "
-             "ratio | target met | channels_last (unpruned / pruned) | dense post-ops | trust |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+             "ratio | target met | channels_last (unpruned / pruned) | dense post-ops | "
+             "native convs | trust |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
     for r in done["rows"]:
         if r.get("batch") is None:
-            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | - | - | "
+            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | - | - | - | "
                          f"{r['note']} |")
             continue
         lo, hi = r["round_range"]
@@ -177,9 +183,17 @@ def write_md(done: dict, path: Path) -> None:
                      f"{r['pruned_ms']:.2f} | {r['latency_x']:.2f} [{lo:.2f}..{hi:.2f}] | "
                      f"{r['macs_x']:.2f} | {r['ratio_to_macs']:.2f} | "
                      f"{'yes' if r['met'] else 'no'} | {cl['unpruned']} / {cl['pruned']} | "
-                     f"{_pair(r.get('dense_post_ops'))} | "
+                     f"{_pair(r.get('dense_post_ops'))} | {_native(r)} | "
                      f"{'UNRELIABLE: ' + '; '.join(r['warnings']) if r['warnings'] else 'ok'} |")
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _native(r: dict) -> str:
+    """Dense convs on the C kernel / convs, unpruned and pruned ("-" for rows from before)."""
+    native, convs = r.get("native_convs"), r.get("convs")
+    if not native or not convs:
+        return "-"
+    return " / ".join(f"{native[n]}/{convs[n]}" for n in ("unpruned", "pruned"))
 
 
 def _pair(values: dict | None) -> str:

@@ -113,12 +113,14 @@ class DeployedMeasurer:
 
     def __init__(self, model, graph, scores, x, round_to):
         self.model, self.graph, self.scores, self.x, self.round_to = model, graph, scores, x, round_to
-        self.unpruned = deploy(model, x, channels_last=False)
+        # NCHW oneDNN convs, what the lookup tables time (plan.latency_table): the loop
+        # measures the deployment its predictions describe
+        self.unpruned = deploy(model, x, channels_last=False, native_convs=False)
 
     def __call__(self, counts: dict[str, int]) -> dict:
         plan = make_plan(self.graph, self.scores, {}, self.round_to, counts=counts)
         pruned = apply_plan(copy.deepcopy(self.model), self.graph, plan)
-        deployed = deploy(pruned, self.x, channels_last=False)
+        deployed = deploy(pruned, self.x, channels_last=False, native_convs=False)
         bs = self.x.shape[0]
         measured = interleaved_latency({"unpruned": self.unpruned, "pruned": deployed}, self.x,
                                        batch_sizes=(bs,), rounds=ROUNDS, runs=RUNS,

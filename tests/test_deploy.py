@@ -256,13 +256,15 @@ def test_auto_layout_decision_is_used_by_deploy(monkeypatch):
     x = torch.randn(1, 3, 16, 16)
     for faster in (True, False):
         for post_ops_faster in (True, False):
-            def timings(m, i, layouts, post_ops, f=faster, p=post_ops_faster):
+            def timings(m, i, layouts, post_ops, native=None, f=faster, p=post_ops_faster):
                 assert set(layouts) == {"contiguous", "channels_last"}
                 assert set(post_ops) == {False, True}  # the conv + ReLU was fused
-                return {f"{lay}{'+post_ops' if on else ''}":
-                        (1.0 if (lay == "channels_last") == f else 2.0) -
-                        (0.5 if on == p else 0.0)
-                        for lay in layouts for on in post_ops}
+                ms = {f"{lay}{'+post_ops' if on else ''}":
+                      (1.0 if (lay == "channels_last") == f else 2.0) -
+                      (0.5 if on == p else 0.0)
+                      for lay in layouts for on in post_ops}
+                return {**ms, **{f"native{'+post_ops' if on else ''}": 9.0
+                                 for on in post_ops if native}}
             monkeypatch.setattr(layout, "measure_layouts", timings)
             deployed = deploy(model, x, cache=False)
             conv = next(m for m in deployed.modules() if isinstance(m, FusedConv2d))
@@ -277,7 +279,8 @@ def test_dense_post_ops_option(monkeypatch):
     x = torch.randn(1, 3, 16, 16)
     monkeypatch.setattr(layout, "measure_layouts", lambda *a: pytest.fail("nothing to time"))
     for option in (True, False):
-        deployed = deploy(model, x, channels_last=False, dense_post_ops=option)
+        deployed = deploy(model, x, channels_last=False, dense_post_ops=option,
+                          native_convs=False)
         conv = next(m for m in deployed.modules() if isinstance(m, FusedConv2d))
         assert conv.use_onednn is option and getattr(deployed, DEPLOY_ATTR)["dense_post_ops"] is option
     with pytest.warns(UserWarning, match="cannot time"):

@@ -82,7 +82,8 @@ def cmd_export(args) -> int:
     if not (args.onnx or args.torchscript):
         raise ConfigError("choose --onnx and/or --torchscript")
     if args.deploy:
-        model = deploy(model, example, channels_last=False)  # the exporters' layout is NCHW
+        # the exporters' layout is NCHW, and they see plain convs (native ones export as such)
+        model = deploy(model, example, channels_last=False, native_convs=False)
     if args.onnx:
         print(f"wrote {io.export_onnx(model, stem.with_suffix('.onnx'), example)} "
               "(onnxruntime output checked against PyTorch)")

@@ -4,7 +4,9 @@ user would ship, so latency is compared as deployed (deployed pruned vs deployed
 * :mod:`.passes` -- BatchNorm folding, identity/dropout removal, epilogue fusion (fx graph);
 * :mod:`.fused` -- :class:`FusedStripeConv2d`, what is fused where;
 * :mod:`.fused_dense` -- :class:`FusedConv2d`, a dense conv with oneDNN post-ops;
-* :mod:`.layout` -- channels_last for dense convs, measured on this machine and cached.
+* :mod:`.native_dense` -- :class:`NativeConv2d`, a dense conv on prunekit's C kernel;
+* :mod:`.layout` -- channels_last, post-ops and native convs, measured on this machine and
+  cached.
 
 BatchNorm folding is the standard inference rewrite (e.g. Jacob et al., "Quantization and
 Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", arXiv:1712.05877,
@@ -27,9 +29,11 @@ from ..measure.context import ExampleInputs, prepare_inputs
 from .fused import FusedStripeConv2d
 from .fused_dense import FusedConv2d
 from .layout import choose_channels_last, has_dense_post_ops, set_dense_post_ops
+from .native_dense import NativeConv2d, native_twins, swap_modules
 from .passes import DeployTracer, drop_identities, fold_batchnorms, fuse_epilogues
 
-__all__ = ["DEPLOY_ATTR", "DeployCheckError", "FusedConv2d", "FusedStripeConv2d", "deploy"]
+__all__ = ["DEPLOY_ATTR", "DeployCheckError", "FusedConv2d", "FusedStripeConv2d", "NativeConv2d",
+           "deploy"]
 
 # The deployed module records what deploy() did under this attribute (a JSON-ready dict).
 DEPLOY_ATTR = "prunekit_deploy"
@@ -91,7 +95,8 @@ def _check(original: nn.Module, deployed: nn.Module, inputs: tuple) -> float:
 def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
            channels_last: str | bool = "auto", fold_bn: bool = True, fuse: bool = True,
            drop: bool = True, check: bool = True, cache: bool | None = None,
-           dense_post_ops: str | bool = "auto") -> fx.GraphModule:
+           dense_post_ops: str | bool = "auto", native_convs: str | bool = "auto"
+           ) -> fx.GraphModule:
     """A deployed copy of ``model`` for inference (the model itself is left as it was).
 
     ``example_inputs`` (a tensor, tensors, or a shape with the batch dimension) are needed for
@@ -104,6 +109,11 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
     ``fuse`` / ``drop`` switch the three rewrites of :mod:`.passes`. ``dense_post_ops``: whether
     fused dense convs run their add and ReLU as oneDNN post-ops (:class:`FusedConv2d`):
     ``"auto"`` (timed with the layout; off without example inputs), ``True`` or ``False``.
+    ``native_convs``: whether dense convs run on prunekit's C kernel (:mod:`.native_dense`):
+    ``"auto"`` (each eligible conv timed both ways on its input from the example, then the
+    whole network with the faster choices against the oneDNN layouts; off without example
+    inputs or with ``channels_last=True``: the kernel reads NCHW), ``True`` (every eligible conv, untimed) or ``False`` (keep the exporters' plain
+    convs, e.g. before ``export_onnx``: a native conv exports as a plain conv either way).
 
     Returns a ``torch.fx.GraphModule`` in eval mode with gradients off; what was done is in its
     ``prunekit_deploy`` attribute. It is for inference and export (``prunekit.io.export_onnx``);
@@ -114,6 +124,8 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
     if not (isinstance(dense_post_ops, bool) or dense_post_ops == "auto"):
         raise ConfigError(f"dense_post_ops must be 'auto', True or False, not "
                           f"{dense_post_ops!r}")
+    if not (isinstance(native_convs, bool) or native_convs == "auto"):
+        raise ConfigError(f"native_convs must be 'auto', True or False, not {native_convs!r}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"deploy takes an nn.Module, got {type(model).__name__}")
     inputs = prepare_inputs(model, example_inputs) if example_inputs is not None else None
@@ -130,8 +142,10 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
         gm.recompile()
         record.update(fuse_epilogues(gm, inputs) if fuse else {})
         gm.eval()
-        record["channels_last"] = _layout(gm, inputs, channels_last, dense_post_ops, cache)
+        record["channels_last"] = _layout(gm, inputs, channels_last, dense_post_ops,
+                                          native_convs, cache)
         record["dense_post_ops"] = record["channels_last"]["dense_post_ops"]
+        record["native_convs"] = record["channels_last"]["native_convs"]
         if check and inputs is not None:
             record["check_max_abs_diff"] = _check(model, gm, inputs)
     finally:
@@ -141,31 +155,44 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
     return gm
 
 
-def _layout(gm: fx.GraphModule, inputs, channels_last, post_ops, cache) -> dict:
-    """Apply and report the layout and the dense post-ops setting (measured where "auto")."""
+def _layout(gm: fx.GraphModule, inputs, channels_last, post_ops, native, cache) -> dict:
+    """Apply and report the layout, the dense post-ops setting and the convs moved to the C
+    kernel (measured where "auto")."""
     fused = has_dense_post_ops(gm)
     has_dense = fused or any(type(m) is nn.Conv2d for m in gm.modules())
+    twins = native_twins(gm) if native is not False else {}
+    if native is True:
+        swap_modules(gm, twins)
     if not has_dense:
         layouts = ("contiguous",)
     elif channels_last == "auto":
         layouts = ("contiguous", "channels_last")
     else:
         layouts = ("channels_last",) if channels_last else ("contiguous",)
+    # the kernel reads NCHW: with channels_last forced, a native conv would convert its input
+    native_candidates = twins if native == "auto" and "contiguous" in layouts else {}
     candidates = (False, True) if post_ops == "auto" and fused else (bool(post_ops) and fused,)
     usable = inputs is not None and all(isinstance(x, torch.Tensor) and x.dim() == 4
                                         for x in inputs)
-    if len(layouts) * len(candidates) == 1 or not usable:
-        if len(layouts) * len(candidates) > 1:
-            warnings.warn("deploy(channels_last='auto' or dense_post_ops='auto') without a 4-D "
-                          "example input cannot time the variants; kept NCHW and plain dense "
-                          "epilogues (give example_inputs, or set both options)", stacklevel=3)
-        source = ("no example input" if len(layouts) * len(candidates) > 1 else
+    single = len(layouts) * len(candidates) == 1 and not native_candidates
+    if single or not usable:
+        if not single:
+            warnings.warn("deploy(channels_last, dense_post_ops or native_convs = 'auto') "
+                          "without a 4-D example input cannot time the variants; kept NCHW, "
+                          "plain dense epilogues and oneDNN convs (give example_inputs, or set "
+                          "the options)", stacklevel=3)
+        source = ("no example input" if not single else
                   "no dense convolutions" if not has_dense else "option")
         decision = {"channels_last": channels_last is True and has_dense,
-                    "dense_post_ops": post_ops is True and fused, "source": source}
+                    "dense_post_ops": post_ops is True and fused, "source": source,
+                    "native_convs": sorted(twins) if native is True else []}
     else:
         decision = choose_channels_last(gm, inputs, cache=cache, layouts=layouts,
-                                        post_ops=candidates)
+                                        post_ops=candidates, native=native_candidates or None)
+        if native is True:
+            decision["native_convs"] = sorted(twins)
+        else:
+            swap_modules(gm, {n: twins[n] for n in decision["native_convs"] if n in twins})
     if decision["channels_last"]:
         gm.to(memory_format=torch.channels_last)
     set_dense_post_ops(gm, decision["dense_post_ops"])

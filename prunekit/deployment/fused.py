@@ -48,8 +48,9 @@ class FusedStripeConv2d(StripeConv2d):
         return module
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self._native_applies(x):
-            return self._native_plan()(x, residual, self.relu)
+        plan = self.native_plan_for(x, residual)
+        if plan is not None:
+            return plan(x, residual, self.relu)
         out = self.forward_torch(x)
         if residual is not None:
             out = out + residual

@@ -1,5 +1,6 @@
-"""channels_last or not for a deployed model's dense convolutions, and whether their fused
-epilogues run as oneDNN post-ops: measured, then cached.
+"""channels_last or not for a deployed model's dense convolutions, whether their fused
+epilogues run as oneDNN post-ops, and which of them run on prunekit's C kernel
+(:mod:`.native_dense`): measured, then cached.
 
 oneDNN's post-op convolution saves a pass over the output at batch 64 but costs a fixed
 ~50 us more per call than the plain convolution at batch 1 (ResNet-56 on an EPYC: 10%
@@ -13,7 +14,8 @@ wins. The answer is cached in ``$PRUNEKIT_CACHE/deploy_layout.json`` (default
 ``~/.cache/prunekit``, the native kernel's cache) under a key of the device (with the CPU's
 name), thread count, dtype, example input shape and -- beyond what the brief lists, because a
 different network with the same input would get another answer -- a fingerprint of the
-model's structure (module types and parameter shapes), plus the torch version. The file is
+model's structure (module types and parameter shapes), plus the torch version (and, with
+native candidates, their names and the C kernel's source digest). The file is
 rewritten atomically; ``PRUNEKIT_DEPLOY_CACHE=0`` (or ``cache=False``) disables reading and
 writing it.
 """
@@ -31,7 +33,9 @@ from torch import nn
 
 from ..files import atomic_write_json, cache_root
 from ..measure.machine_load import cpu_model_name
+from ..nn import stripe_native
 from .fused_dense import FusedConv2d
+from .native_dense import swap_modules, time_layers
 
 __all__ = ["cache_enabled", "cache_key", "cache_path", "choose_channels_last",
            "has_dense_post_ops", "measure_layouts", "read_cache", "set_dense_post_ops",
@@ -39,8 +43,11 @@ __all__ = ["cache_enabled", "cache_key", "cache_path", "choose_channels_last",
 
 CACHE_ENV = "PRUNEKIT_DEPLOY_CACHE"
 CACHE_FILE = "deploy_layout.json"
-# Timing of the decision: rounds x runs forward passes per layout, after a warm-up.
+# Timing of the decision: rounds x runs forward passes per layout, after a warm-up; a model
+# slower than DECISION_BUDGET_MS / DECISION_RUNS a pass gets fewer runs (at least 2) and one
+# warm-up (resnet18 at batch 64 takes ~3 s a pass: 6 variants would otherwise cost 6 min).
 DECISION_ROUNDS, DECISION_RUNS, DECISION_WARMUP = 3, 5, 2
+DECISION_BUDGET_MS = 400.0
 
 
 def cache_path() -> Path:
@@ -108,56 +115,88 @@ def has_dense_post_ops(model: nn.Module) -> bool:
 
 
 def measure_layouts(model: nn.Module, inputs: tuple, layouts=("contiguous", "channels_last"),
-                    post_ops=(False,)) -> dict[str, float]:
+                    post_ops=(False,), native: dict[str, nn.Module] | None = None
+                    ) -> dict[str, float]:
     """Median ms of ``model`` in every (layout, dense post-ops) variant, interleaved rounds:
     keys ``"contiguous"``, ``"channels_last"``, and with ``post_ops`` containing True also
     ``"contiguous+post_ops"`` / ``"channels_last+post_ops"`` (dense epilogues as oneDNN
-    post-ops rather than separate ops). The model is left contiguous, post-ops off."""
+    post-ops rather than separate ops). ``native`` (name -> module, e.g. the
+    :class:`~.native_dense.NativeConv2d` twins of some convs) adds ``"native"`` (and
+    ``"native+post_ops"``): NCHW with those modules swapped in. The model is left contiguous,
+    post-ops off, its own modules in place."""
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-    variants = [(layout, on) for layout in layouts for on in post_ops]
+    variants = [(layout, on, False) for layout in layouts for on in post_ops]
+    if native:
+        variants += [("contiguous", on, True) for on in post_ops]
     times: dict[str, list[float]] = {_variant(*v): [] for v in variants}
     with torch.inference_mode():
+        first = _time_ms(model, inputs)  # also the first warm-up
+        runs = max(2, min(DECISION_RUNS, int(DECISION_BUDGET_MS // max(first, 1e-3))))
+        warmup = DECISION_WARMUP if runs == DECISION_RUNS else 1
         for _ in range(DECISION_ROUNDS):
-            for layout, on in variants:
+            for layout, on, swapped in variants:
                 model.to(memory_format=formats[layout])
-                set_dense_post_ops(model, on)
-                for _ in range(DECISION_WARMUP):
-                    model(*inputs)
-                times[_variant(layout, on)] += [_time_ms(model, inputs)
-                                                for _ in range(DECISION_RUNS)]
+                previous = swap_modules(model, native) if swapped else {}
+                try:
+                    set_dense_post_ops(model, on)
+                    for _ in range(warmup):
+                        model(*inputs)
+                    times[_variant(layout, on, swapped)] += [_time_ms(model, inputs)
+                                                             for _ in range(runs)]
+                finally:
+                    swap_modules(model, previous)
     model.to(memory_format=torch.contiguous_format)
     set_dense_post_ops(model, False)
     return {variant: statistics.median(values) for variant, values in times.items()}
 
 
-def _variant(layout: str, post_ops: bool) -> str:
-    return layout + ("+post_ops" if post_ops else "")
+def _variant(layout: str, post_ops: bool, native: bool = False) -> str:
+    return ("native" if native else layout) + ("+post_ops" if post_ops else "")
+
+
+def _valid_entry(entry, native: bool) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("channels_last"), bool) \
+        and isinstance(entry.get("dense_post_ops"), bool) and (not native or (
+            isinstance(entry.get("native_convs"), list)
+            and all(isinstance(n, str) for n in entry["native_convs"])))
 
 
 def choose_channels_last(model: nn.Module, inputs: tuple, *, cache: bool | None = None,
-                         layouts=("contiguous", "channels_last"), post_ops=None) -> dict:
+                         layouts=("contiguous", "channels_last"), post_ops=None,
+                         native: dict[str, nn.Module] | None = None) -> dict:
     """The fastest variant of ``model`` on ``inputs``, measured or cached: ``{"channels_last":
-    bool, "dense_post_ops": bool, "source": "cache" | "measured", "ms": {...}, "key": ...}``.
-    ``layouts``: the candidate layouts; ``post_ops``: the candidate settings of the dense
-    epilogue fusion (default: both when the model has fused dense convs, else off)."""
+    bool, "dense_post_ops": bool, "native_convs": [names], "source": "cache" | "measured",
+    "ms": {...}, "key": ...}``. ``layouts``: the candidate layouts; ``post_ops``: the candidate
+    settings of the dense epilogue fusion (default: both when the model has fused dense convs,
+    else off); ``native``: name -> :class:`~.native_dense.NativeConv2d` twin of the convs that
+    may run on the C kernel. Each twin is first timed against its conv on the conv's own input
+    (:func:`~.native_dense.time_layers`, in ``"native_layers"``); the faster ones form the
+    ``"native"`` variant, and ``"native_convs"`` names them when that variant wins."""
     if post_ops is None:
         post_ops = (False, True) if has_dense_post_ops(model) else (False,)
     layouts, post_ops = tuple(layouts), tuple(bool(v) for v in post_ops)
     first = inputs[0]
-    candidates = f"{'/'.join(layouts)}|post_ops={'/'.join(map(str, post_ops))}"
+    candidates = f"{'/'.join(layouts)}|post_ops={'/'.join(map(str, post_ops))}" + (
+        f"|native={','.join(sorted(native))}|kernel={stripe_native.source_digest()}"
+        if native else "")
     key = cache_key(first.device, torch.get_num_threads(), first.dtype, first.shape,
                     f"{structure_fingerprint(model)}|{candidates}")
     use_cache = cache_enabled(cache)
     if use_cache:
         entry = read_cache().get(key)
-        if isinstance(entry, dict) and isinstance(entry.get("channels_last"), bool) \
-                and isinstance(entry.get("dense_post_ops"), bool):
-            return {**entry, "source": "cache", "key": key}
-    ms = measure_layouts(model, inputs, layouts, post_ops)
+        if _valid_entry(entry, bool(native)):
+            return {"native_convs": [], **entry, "source": "cache", "key": key}
+    layers = time_layers(model, inputs, native) if native else {}
+    faster = {name: native[name] for name, t in layers.items() if t["native"] < t["dense"]}
+    ms = measure_layouts(model, inputs, layouts, post_ops, faster)
     best = min(ms, key=ms.get)
     entry = {"channels_last": best.startswith("channels_last"),
-             "dense_post_ops": best.endswith("+post_ops"), "ms": ms,
+             "dense_post_ops": best.endswith("+post_ops"),
+             "native_convs": sorted(faster) if best.startswith("native") else [], "ms": ms,
              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if native:
+        entry["native_layers"] = {name: {k: round(v, 4) for k, v in t.items()}
+                                  for name, t in layers.items()}
     if use_cache:
         try:
             write_cache(key, entry)

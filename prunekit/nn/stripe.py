@@ -74,10 +74,9 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils import _python_dispatch
 
 from ..utils import set_submodule
-from . import stripe_native
+from . import native_call, stripe_native
 from .registry import register_replacement
 
 __all__ = ["StripeConv2d", "stripe_prune_model"]
@@ -111,7 +110,7 @@ def _resolve_padding(padding, kernel_size, dilation, stride) -> tuple[int, int, 
 
 
 @register_replacement  # a saved model may hold it in place of a Conv2d
-class StripeConv2d(nn.Module):
+class StripeConv2d(native_call.NativeCall, nn.Module):
     """A Conv2d of which only some stripes (filter n, kernel position (i, j)) remain.
 
     Output equals ``F.conv2d(x, W * stripe_mask[:, None], bias, stride, padding,
@@ -266,60 +265,19 @@ class StripeConv2d(nn.Module):
         return s
 
     # ---------------------------------------------------------------- forward
-    use_native = True  # set False on an instance (or the class) to force the torch formulation
+    def _native_geometry(self) -> bool:
+        return stripe_native.NativeStripePlan.supports(self.stride, self.padding, self.dilation,
+                                                       self.kernel_size)
 
-    def _native_applies(self, x: torch.Tensor) -> bool:
-        """The C kernel runs only for plain float32 CPU inference: never under tracing,
-        scripting, ONNX export or a dispatch mode (FLOP counting, fake tensors), and never when
-        autograd needs this op's graph. (Cheapest checks first: at batch 1 this is a visible
-        part of a layer's latency.)"""
-        if not self.use_native or type(x) is not torch.Tensor or x.dtype != torch.float32 \
-                or x.device.type != "cpu" or x.dim() != 4:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                        or (self.bias is not None and self.bias.requires_grad)):
-            return False
-        if torch.jit.is_scripting() or torch._C._get_tracing_state() is not None \
-                or torch.onnx.is_in_onnx_export():
-            return False
-        if _python_dispatch._get_current_dispatch_mode() is not None:
-            return False
-        return self._native_supported()
-
-    def _native_supported(self) -> bool:
-        """Whether this conv's geometry suits the kernel and the kernel built (cached: neither
-        changes after construction)."""
-        supported = self.__dict__.get("_native_ok")
-        if supported is None:
-            supported = stripe_native.NativeStripePlan.supports(
-                self.stride, self.padding, self.dilation, self.kernel_size) \
-                and stripe_native.library() is not None
-            self.__dict__["_native_ok"] = supported
-        return supported
-
-    def _native_plan(self) -> "stripe_native.NativeStripePlan":
-        weight, bias = self.weight, self.bias
-        key = (weight.data_ptr(), weight._version,
-               None if bias is None else (bias.data_ptr(), bias._version))
-        plan = self.__dict__.get("_native_cache")
-        if plan is None or plan[0] != key:
-            plan = (key, stripe_native.NativeStripePlan(
-                weight, self.out_index, self.segments, bias, self.out_channels,
-                self.stride, self.padding, self.dilation, self.kernel_size))
-            self.__dict__["_native_cache"] = plan
-        return plan[1]
-
-    def __getstate__(self):
-        # the native plan holds ctypes pointers into this instance's tensors: a copy or a
-        # pickle must rebuild its own, never carry (or fail on) this one
-        state = self.__dict__.copy()
-        state.pop("_native_cache", None)
-        state.pop("_native_ok", None)
-        return state
+    def _build_native_plan(self) -> "stripe_native.NativeStripePlan":
+        return stripe_native.NativeStripePlan(
+            self.weight, self.out_index, self.segments, self.bias, self.out_channels,
+            self.stride, self.padding, self.dilation, self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._native_applies(x):
-            return self._native_plan()(x)
+        plan = self.native_plan_for(x)
+        if plan is not None:
+            return plan(x)
         return self.forward_torch(x)
 
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:

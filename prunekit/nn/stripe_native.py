@@ -28,7 +28,7 @@ import torch
 
 from ..files import cache_root
 
-__all__ = ["NativeStripePlan", "library", "unavailable_reason"]
+__all__ = ["NativeStripePlan", "library", "source_digest", "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("stripe_kernel.c")
 # -ffp-contract=fast: ISO C mode (-std=c11) otherwise forbids fusing a * b + c into one FMA,
@@ -121,6 +121,13 @@ class _Plan(ctypes.Structure):
                    ("chunk_tap0", ctypes.c_void_p),
                    ("nchunks", ctypes.c_int64), ("bias", ctypes.c_void_p)]
                 + [(name, ctypes.c_int64) for name in ("F", "packed_end", "length")])
+
+
+def source_digest() -> str:
+    """A short hash of the kernel's C source (cached decisions about it go stale with it)."""
+    if "digest" not in _state:
+        _state["digest"] = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return _state["digest"]
 
 
 def library() -> ctypes.CDLL | None:
@@ -332,7 +339,7 @@ class NativeStripePlan:
                      bias=None if self.bias is None else self.bias.data_ptr(), F=self.f,
                      packed_end=packed_end, length=length)
         macs = n * ho * wo * c * self.stripes
-        layout = {"ho": ho, "wo": wo, "length": length, "groups": n // g, "plan": plan,
+        layout = {"ho": ho, "wo": wo, "shape": (n, self.f, ho, wo), "length": length, "groups": n // g, "plan": plan,
                   "plan_ref": ctypes.byref(plan), "tensors": tensors,
                   "max_threads": max(1, macs // MACS_PER_THREAD)}
         self._shapes[key] = layout
@@ -349,21 +356,23 @@ class NativeStripePlan:
         output's shape (else after the kernel, in torch, with broadcasting)."""
         if not x.is_contiguous():
             x = x.contiguous()
-        n, _, h, w = x.shape
-        ho, wo = self._out_hw(h, w)
-        shape = (n, self.f, ho, wo)
+        n, c, h, w = x.shape
+        if c != self.c:  # the kernel would read past the input
+            raise RuntimeError(f"expected input with {self.c} channels, got {c} (input shape "
+                               f"{tuple(x.shape)})")
+        if not self.taps:  # every stripe removed: the output is the bias
+            bias = self.bias if self.bias is not None else torch.zeros(self.f)
+            out = bias.view(1, -1, 1, 1).expand(n, self.f, *self._out_hw(h, w)).contiguous()
+            if residual is not None:
+                out = out + residual
+            return out.relu_() if relu else out
+        lay = self._shapes.get((n, h, w)) or self._layout(n, h, w)
+        shape = lay["shape"]
         if residual is not None and not _epilogue_operand(residual, shape):
             out = self(x)
             out = out + residual
             return out.relu_() if relu else out
-        if not self.taps:  # every stripe removed: the output is the bias
-            bias = self.bias if self.bias is not None else torch.zeros(self.f)
-            out = bias.view(1, -1, 1, 1).expand(*shape).contiguous()
-            if residual is not None:
-                out.add_(residual)
-            return out.relu_() if relu else out
-        lay = self._shapes.get((n, h, w)) or self._layout(n, h, w)
-        out = torch.empty(shape, dtype=torch.float32)
+        out = torch.empty(shape)
         threads = min(torch.get_num_threads(), lay["max_threads"])
         copies = threads if lay["groups"] >= threads else 1
         if self._forward(lay["plan_ref"], x.data_ptr(), _scratch(copies * lay["length"]),
