@@ -88,6 +88,20 @@ MODELS = {"r56_l1_macs50": _r56_l1, "r56_l1_macs50_r8": lambda: _r56_l1(round_to
           "swp56": _swp, "resnet18_macs50": _resnet18,
           "resnet18_macs50_r8": lambda: _resnet18(round_to=8)}
 TARGET = {"channels": 0.9, "stripes": 0.8}
+# A model timed interleaved more than this factor away from its time in deploy's own decision
+# (alone, minutes earlier) gets a warning: the figure is not what either would see alone.
+DRIFT = 1.3
+
+
+def _decision_ms(deployed) -> float | None:
+    """The deployed variant's median ms as deploy's layout decision timed it (None: cached
+    from an older run without timings, or not timed)."""
+    decision = getattr(deployed, "prunekit_deploy")["channels_last"]
+    ms = decision.get("ms") or {}
+    variant = ("native" if decision.get("native_convs") else
+               "channels_last" if decision.get("channels_last") else "contiguous") + (
+        "+post_ops" if decision.get("dense_post_ops") else "")
+    return ms.get(variant)
 
 
 def _row(name, pair, batch, threads, rounds, runs) -> dict:
@@ -104,13 +118,20 @@ def _row(name, pair, batch, threads, rounds, runs) -> dict:
     measured = measure.interleaved_latency(deployed, x, batch_sizes=(batch,), rounds=rounds,
                                            runs=runs, threads=threads)
     latency_x = measured.speedup("unpruned", "pruned")[batch]
+    warnings = list(measured.warnings)
+    for n, m in deployed.items():  # alone (deploy's timing) vs interleaved with the other model
+        alone, together = _decision_ms(m), measured.results[n].median_ms[batch]
+        if alone and not 1 / DRIFT <= together / alone <= DRIFT:
+            warnings.append(f"{n} ran {together / alone:.2f}x its time alone ({together:.2f} vs "
+                            f"{alone:.2f} ms when deploy timed it): the two models disturb "
+                            "each other, or the load changed")
     return {"model": name, "kind": kind, "batch": batch, "threads": threads,
             "unpruned_ms": measured.results["unpruned"].median_ms[batch],
             "pruned_ms": measured.results["pruned"].median_ms[batch],
             "latency_x": latency_x, "macs_x": macs_x, "ratio_to_macs": latency_x / macs_x,
             "target_ratio": TARGET[kind], "met": latency_x / macs_x >= TARGET[kind],
             "round_range": list(measured.speedup_range("unpruned", "pruned")[batch]),
-            "warnings": measured.warnings, "machine": measured.machine,
+            "warnings": warnings, "machine": measured.machine,
             "channels_last": {n: getattr(m, "prunekit_deploy")["channels_last"]["channels_last"]
                               for n, m in deployed.items()},
             "dense_post_ops": {n: getattr(m, "prunekit_deploy").get("dense_post_ops")
@@ -119,6 +140,7 @@ def _row(name, pair, batch, threads, rounds, runs) -> dict:
                              for n, m in deployed.items()},
             "convs": {n: sum(isinstance(c, torch.nn.Conv2d) for c in m.modules())
                       for n, m in deployed.items()},
+            "decision_ms": {n: _decision_ms(m) for n, m in deployed.items()},
             "runs": runs, "rounds": rounds,
             "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__}
 
@@ -170,11 +192,13 @@ def write_md(done: dict, path: Path) -> None:
              "(stripes).", "",
              "| model | batch | threads | unpruned ms | pruned ms | latency x [range] | MACs x | "
              "ratio | target met | channels_last (unpruned / pruned) | dense post-ops | "
-             "native convs | trust |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
-    for r in done["rows"]:
+             "native convs | measured | trust |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|"]
+    order = {name: i for i, name in enumerate(MODELS)}
+    for r in sorted(done["rows"], key=lambda r: (order.get(r["model"], len(order)),
+                                                 r.get("batch") or 0, r.get("threads") or 0)):
         if r.get("batch") is None:
-            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | - | - | - | "
+            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | - | - | - | - | "
                          f"{r['note']} |")
             continue
         lo, hi = r["round_range"]
@@ -183,7 +207,7 @@ def write_md(done: dict, path: Path) -> None:
                      f"{r['pruned_ms']:.2f} | {r['latency_x']:.2f} [{lo:.2f}..{hi:.2f}] | "
                      f"{r['macs_x']:.2f} | {r['ratio_to_macs']:.2f} | "
                      f"{'yes' if r['met'] else 'no'} | {cl['unpruned']} / {cl['pruned']} | "
-                     f"{_pair(r.get('dense_post_ops'))} | {_native(r)} | "
+                     f"{_pair(r.get('dense_post_ops'))} | {_native(r)} | {r.get('date', '-')} | "
                      f"{'UNRELIABLE: ' + '; '.join(r['warnings']) if r['warnings'] else 'ok'} |")
     atomic_write_text(path, "\n".join(lines) + "\n")
 

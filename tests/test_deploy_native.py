@@ -245,3 +245,21 @@ def test_time_layers_times_each_conv_on_its_own_input():
     assert set(times) == {"0", "2"} and all(t["native"] > 0 and t["dense"] > 0
                                             for t in times.values())
     assert seen == {"0": (2, 3, 10, 10), "2": (2, 8, 10, 10)}
+
+
+@pytest.mark.parametrize("native_ms,chosen", [(0.97, False), (0.90, True)])
+def test_native_variant_must_win_by_the_margin(monkeypatch, native_ms, chosen):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    monkeypatch.setattr(layout, "time_layers", lambda m, i, twins: {
+        n: {"native": 1.0, "dense": 2.0} for n in twins})
+    monkeypatch.setattr(layout, "measure_layouts", lambda m, i, layouts, post_ops, native=None: {
+        "contiguous": 1.1, "channels_last": 1.0, "native": native_ms, **(
+            {"contiguous+post_ops": 1.2, "channels_last+post_ops": 1.3,
+             "native+post_ops": 5.0} if True in post_ops else {})})
+    assert layout.NATIVE_MARGIN == 0.05
+    deployed = deploy(model, x, cache=False)
+    record = getattr(deployed, DEPLOY_ATTR)
+    assert bool(record["native_convs"]) is chosen
+    assert record["channels_last"]["channels_last"] is not chosen
+    assert any(isinstance(m, NativeConv2d) for m in deployed.modules()) is chosen
