@@ -13,8 +13,9 @@ adjacent runs of ``1 - pruned / unpruned`` at ``latency_batch``. Pairing adjacen
 cancels load that comes and goes far better than pooled medians do (measured, see
 ``ROUNDS``); ``1 - median(pruned) / median(unpruned)`` over all runs is reported beside it.
 
-Both models are deployed with ``channels_last=False``: the table times NCHW convolutions, and
-one layout for both keeps the comparison about the channels removed (a documented deviation
+Both models are deployed with ``channels_last=False`` and ``native_convs=False``: the table
+times NCHW oneDNN convolutions, and one layout and kernel for both keep the comparison about
+the channels removed (a documented deviation
 from ``deploy``'s default ``"auto"``, which may choose a different layout per model). The
 model's own device, dtype and torch's current thread count are used throughout; a
 measurement on a busy machine is reported (``reliable: false``) and warned about with a
