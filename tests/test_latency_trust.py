@@ -167,5 +167,7 @@ def test_prune_report_speedup_comes_from_one_interleaved_deployed_measurement(tm
         assert speedup["latency_x"][bs] == pytest.approx(medians["unpruned"] / medians["final"])
     assert "latency_x_separate" in speedup  # the two separate stage measurements, kept apart
     assert paired["deploy"]["final"]["folded_bn"] > 0 and report["options"]["deploy"] is True
+    # how many dense convs deploy moved to the C kernel, per model (a count, as for the BNs)
+    assert all(isinstance(paired["deploy"][n]["native_convs"], int) for n in paired["deploy"])
     assert "interleaved measurement of both models, deployed" in summary_table(report)
     assert "interleaved" in capsys.readouterr().out

@@ -172,7 +172,9 @@ def _table(r: dict) -> str:
         adds = len(d.get('stripe_residual', [])) + len(d.get('dense_residual', []))
         rows.append(("deployed", f"{len(d['folded_bn'])} BatchNorms folded, {relus} ReLUs and "
                                  f"{adds} residual adds fused into their convs, "
-                                 f"channels_last {d['channels_last']['channels_last']}"))
+                                 f"channels_last {d['channels_last']['channels_last']}, "
+                                 f"{len(d.get('native_convs', []))} dense convs on prunekit's "
+                                 "C kernel"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
