@@ -288,3 +288,38 @@ def test_dense_post_ops_option(monkeypatch):
     assert getattr(deployed, DEPLOY_ATTR)["dense_post_ops"] is False
     with pytest.raises(ConfigError, match="dense_post_ops"):
         deploy(model, x, dense_post_ops="yes")
+
+
+class _ScaledBN(nn.BatchNorm2d):
+    """A BatchNorm2d subclass whose forward is not torch's: must not be folded."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_bn_subclasses_fold_only_with_a_known_forward(randomize_norms):
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), _ScaledBN(8), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 12, 12)
+    deployed = deploy(model, x, channels_last=False)
+    assert getattr(deployed, DEPLOY_ATTR)["folded_bn"] == []
+    assert any(isinstance(m, _ScaledBN) for m in deployed.modules())
+    with torch.no_grad():
+        assert _close(deployed(x), model(x))
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_timm_batchnorm_act_is_folded_and_its_activation_kept(randomize_norms, act):
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    bn = norm_act.BatchNormAct2d(8, act_layer=act)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.Conv2d(8, 4, 1))).eval()
+    x = torch.randn(2, 3, 12, 12)
+    deployed = deploy(model, x, channels_last=False, native_convs=False)
+    record = getattr(deployed, DEPLOY_ATTR)
+    assert len(record["folded_bn"]) == 1
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    if act == "relu":  # the kept ReLU is then fused into the conv's epilogue
+        assert record["dense_relu"] == ["0"]
+    else:
+        assert any(isinstance(m, nn.SiLU) for m in deployed.modules())
+    with torch.no_grad():
+        assert _close(deployed(x), model(x))

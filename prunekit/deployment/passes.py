@@ -8,6 +8,9 @@
    bias; the BN node is removed. A BN without running statistics (``track_running_stats=
    False``, batch statistics even in eval) is left alone. Only exact ``nn.Conv2d`` is folded
    into: a subclass may transform its weight in ``forward`` (timm's StdConv2d standardises it).
+   Likewise only BNs running torch's own forward are folded, plus timm's ``BatchNormAct2d``,
+   whose activation (and dropout) stays in the graph in its place; another subclass may
+   compute anything.
 2. **Identity / dropout removal**: ``nn.Identity`` and ``nn.Dropout*`` modules (identities in
    eval mode) and ``F.dropout`` calls with ``training=False``.
 3. **Epilogue fusion** on conv outputs used only once: a following residual add (``+``,
@@ -89,12 +92,29 @@ def _folded_conv(conv: nn.Module, bn) -> nn.Module:
         return folded
 
 
+def _bn_tail(bn: nn.Module) -> tuple[bool, list[nn.Module]]:
+    """Whether ``bn`` may be folded, and the modules it applies after normalising (to keep).
+    torch's own BatchNorm2d forward: nothing after. timm's ``BatchNormAct2d`` (a BatchNorm2d
+    subclass that normalises, then applies ``self.drop`` and ``self.act``): those two. Any
+    other subclass may compute something else in its forward, so it is not folded."""
+    if type(bn).forward is nn.BatchNorm2d.forward:
+        return True, []
+    if type(bn).__name__ == "BatchNormAct2d" and isinstance(getattr(bn, "drop", None), nn.Module) \
+            and isinstance(getattr(bn, "act", None), nn.Module):
+        return True, [m for m in (bn.drop, bn.act) if not isinstance(m, nn.Identity)]
+    return False, []
+
+
 def fold_batchnorms(gm: fx.GraphModule) -> list[tuple[str, str]]:
-    """Fold every eligible BN into its conv; returns the (conv, bn) module names folded."""
+    """Fold every eligible BN into its conv; returns the (conv, bn) module names folded. A BN
+    that also applies an activation (timm's BatchNormAct2d) is replaced by that activation."""
     folded = []
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
         if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or not node.args:
+            continue
+        foldable, tail = _bn_tail(bn)
+        if not foldable:
             continue
         source = node.args[0]
         if not isinstance(source, fx.Node) or len(source.users) != 1:
@@ -104,8 +124,11 @@ def fold_batchnorms(gm: fx.GraphModule) -> list[tuple[str, str]]:
                 or getattr(conv, "relu", False) or getattr(conv, "residual", False):
             continue
         set_submodule(gm, source.target, _folded_conv(conv, bn))
-        node.replace_all_uses_with(source)
-        gm.graph.erase_node(node)
+        if tail:  # the node now calls the activation alone (a ReLU can then be fused)
+            set_submodule(gm, node.target, tail[0] if len(tail) == 1 else nn.Sequential(*tail))
+        else:
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
         folded.append((source.target, node.target))
     return folded
 
