@@ -32,6 +32,7 @@ import torch
 
 import prunekit
 from prunekit import io, measure, models
+from prunekit.deployment import layout
 from prunekit.files import atomic_write_json, atomic_write_text
 from prunekit.nn.stripe import StripeConv2d
 
@@ -97,11 +98,10 @@ def _decision_ms(deployed) -> float | None:
     """The deployed variant's median ms as deploy's layout decision timed it (None: cached
     from an older run without timings, or not timed)."""
     decision = getattr(deployed, "prunekit_deploy")["channels_last"]
-    ms = decision.get("ms") or {}
-    variant = ("native" if decision.get("native_convs") else
-               "channels_last" if decision.get("channels_last") else "contiguous") + (
-        "+post_ops" if decision.get("dense_post_ops") else "")
-    return ms.get(variant)
+    variant = layout.variant_name(
+        "channels_last" if decision.get("channels_last") else "contiguous",
+        bool(decision.get("dense_post_ops")), bool(decision.get("native_convs")))
+    return (decision.get("ms") or {}).get(variant)
 
 
 def _row(name, pair, batch, threads, rounds, runs) -> dict:

@@ -15,8 +15,8 @@ cancels load that comes and goes far better than pooled medians do (measured, se
 
 Both models are deployed with ``channels_last=False`` and ``native_convs=False``: the table
 times NCHW oneDNN convolutions, and one layout and kernel for both keep the comparison about
-the channels removed (a documented deviation
-from ``deploy``'s default ``"auto"``, which may choose a different layout per model). The
+the channels removed (a documented deviation from ``deploy``'s default ``"auto"``, which may
+choose a different layout or kernel per model). The
 model's own device, dtype and torch's current thread count are used throughout; a
 measurement on a busy machine is reported (``reliable: false``) and warned about with a
 :class:`~prunekit.measure.LatencyWarning`.

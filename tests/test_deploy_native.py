@@ -241,7 +241,7 @@ def test_time_layers_times_each_conv_on_its_own_input():
         real = twins[name].forward
         twins[name].forward = lambda *a, real=real, name=name: seen.setdefault(
             name, a[0].shape) and real(*a)
-    times = native_dense.time_layers(model, (torch.randn(2, 3, 10, 10),), twins)
+    times = layout.time_layers(model, (torch.randn(2, 3, 10, 10),), twins)
     assert set(times) == {"0", "2"} and all(t["native"] > 0 and t["dense"] > 0
                                             for t in times.values())
     assert seen == {"0": (2, 3, 10, 10), "2": (2, 8, 10, 10)}

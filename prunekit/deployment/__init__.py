@@ -112,8 +112,9 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
     ``native_convs``: whether dense convs run on prunekit's C kernel (:mod:`.native_dense`):
     ``"auto"`` (each eligible conv timed both ways on its input from the example, then the
     whole network with the faster choices against the oneDNN layouts; off without example
-    inputs or with ``channels_last=True``: the kernel reads NCHW), ``True`` (every eligible conv, untimed) or ``False`` (keep the exporters' plain
-    convs, e.g. before ``export_onnx``: a native conv exports as a plain conv either way).
+    inputs or with ``channels_last=True``: the kernel reads NCHW), ``True`` (every eligible
+    conv, untimed) or ``False`` (keep oneDNN, e.g. before ``export_onnx``, where nothing is
+    gained: a native conv exports as a plain conv either way).
 
     Returns a ``torch.fx.GraphModule`` in eval mode with gradients off; what was done is in its
     ``prunekit_deploy`` attribute. It is for inference and export (``prunekit.io.export_onnx``);
@@ -160,20 +161,22 @@ def _layout(gm: fx.GraphModule, inputs, channels_last, post_ops, native, cache) 
     kernel (measured where "auto")."""
     fused = has_dense_post_ops(gm)
     has_dense = fused or any(type(m) is nn.Conv2d for m in gm.modules())
-    twins = native_twins(gm) if native is not False else {}
-    if native is True:
-        swap_modules(gm, twins)
     if not has_dense:
         layouts = ("contiguous",)
     elif channels_last == "auto":
         layouts = ("contiguous", "channels_last")
     else:
         layouts = ("channels_last",) if channels_last else ("contiguous",)
-    # the kernel reads NCHW: with channels_last forced, a native conv would convert its input
-    native_candidates = twins if native == "auto" and "contiguous" in layouts else {}
     candidates = (False, True) if post_ops == "auto" and fused else (bool(post_ops) and fused,)
     usable = inputs is not None and all(isinstance(x, torch.Tensor) and x.dim() == 4
                                         for x in inputs)
+    # the kernel reads NCHW: with channels_last forced, a native conv would convert its input;
+    # the twins copy every conv's weights, so they are made only where they may be used
+    wanted = native is True or (native == "auto" and usable and "contiguous" in layouts)
+    twins = native_twins(gm) if wanted else {}
+    if native is True:
+        swap_modules(gm, twins)
+    native_candidates = twins if native == "auto" else {}
     single = len(layouts) * len(candidates) == 1 and not native_candidates
     if single or not usable:
         if not single:

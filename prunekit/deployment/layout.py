@@ -35,11 +35,12 @@ from ..files import atomic_write_json, cache_root
 from ..measure.machine_load import cpu_model_name
 from ..nn import stripe_native
 from .fused_dense import FusedConv2d
-from .native_dense import swap_modules, time_layers
+from .native_dense import swap_modules
 
 __all__ = ["cache_enabled", "cache_key", "cache_path", "choose_channels_last",
-           "has_dense_post_ops", "measure_layouts", "read_cache", "set_dense_post_ops",
-           "structure_fingerprint", "write_cache"]
+           "has_dense_post_ops", "layer_arguments", "measure_layouts", "read_cache",
+           "set_dense_post_ops", "structure_fingerprint", "time_layers", "variant_name",
+           "write_cache"]
 
 CACHE_ENV = "PRUNEKIT_DEPLOY_CACHE"
 CACHE_FILE = "deploy_layout.json"
@@ -48,6 +49,8 @@ CACHE_FILE = "deploy_layout.json"
 # warm-up (resnet18 at batch 64 takes ~3 s a pass: 6 variants would otherwise cost 6 min).
 DECISION_ROUNDS, DECISION_RUNS, DECISION_WARMUP = 3, 5, 2
 DECISION_BUDGET_MS = 400.0
+# Per-layer timing of native twins: rounds x runs calls each way, after a warm-up call.
+LAYER_ROUNDS, LAYER_RUNS = 3, 3
 # The native variant changes the algorithm of many convs at once, so it must beat the best
 # oneDNN variant by this much: on this shared 2-core machine a decision's medians move a few
 # percent between runs, and a 2% win in one decision put resnet18 (batch 1, 1 thread) on NCHW
@@ -107,6 +110,58 @@ def _time_ms(model: nn.Module, inputs: tuple) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+def layer_arguments(model: nn.Module, inputs: tuple, names) -> dict[str, tuple]:
+    """The positional arguments each module in ``names`` receives on ``inputs`` (its first
+    call), cloned."""
+    captured: dict[str, tuple] = {}
+    hooks = []
+    for name in names:
+        def hook(module, args, name=name):
+            captured.setdefault(name, tuple(a.clone() if isinstance(a, torch.Tensor) else a
+                                            for a in args))
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def time_layers(model: nn.Module, inputs: tuple,
+                twins: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+    """Median ms of every conv in ``twins`` on its own input from ``inputs``: ``{"dense":
+    the faster of the plain and the oneDNN post-op call, "native": the kernel}``, NCHW,
+    interleaved rounds."""
+    arguments = layer_arguments(model, inputs, list(twins))
+    result = {}
+    with torch.inference_mode():
+        for name, native in twins.items():
+            if name not in arguments:  # never called on the example
+                continue
+            args, dense = arguments[name], model.get_submodule(name)
+            variants = {"native": (native, None), "dense": (dense, False)}
+            if isinstance(dense, FusedConv2d):
+                variants["dense+post_ops"] = (dense, True)
+            times = {key: [] for key in variants}
+            saved = getattr(dense, "use_onednn", None)
+            try:
+                for _ in range(LAYER_ROUNDS):
+                    for key, (module, post_ops) in variants.items():
+                        if post_ops is not None and saved is not None:
+                            module.use_onednn = post_ops
+                        module(*args)
+                        times[key] += [_time_ms(module, args) for _ in range(LAYER_RUNS)]
+            finally:
+                if saved is not None:
+                    dense.use_onednn = saved
+            medians = {key: statistics.median(v) for key, v in times.items()}
+            result[name] = {"native": medians["native"],
+                            "dense": min(v for k, v in medians.items() if k != "native")}
+    return result
+
+
 def set_dense_post_ops(model: nn.Module, on: bool) -> None:
     """Switch every FusedConv2d of ``model`` between oneDNN post-ops and the plain ops."""
     for m in model.modules():
@@ -133,7 +188,7 @@ def measure_layouts(model: nn.Module, inputs: tuple, layouts=("contiguous", "cha
     variants = [(layout, on, False) for layout in layouts for on in post_ops]
     if native:
         variants += [("contiguous", on, True) for on in post_ops]
-    times: dict[str, list[float]] = {_variant(*v): [] for v in variants}
+    times: dict[str, list[float]] = {variant_name(*v): [] for v in variants}
     with torch.inference_mode():
         first = _time_ms(model, inputs)  # also the first warm-up
         runs = max(2, min(DECISION_RUNS, int(DECISION_BUDGET_MS // max(first, 1e-3))))
@@ -146,7 +201,7 @@ def measure_layouts(model: nn.Module, inputs: tuple, layouts=("contiguous", "cha
                     set_dense_post_ops(model, on)
                     for _ in range(warmup):
                         model(*inputs)
-                    times[_variant(layout, on, swapped)] += [_time_ms(model, inputs)
+                    times[variant_name(layout, on, swapped)] += [_time_ms(model, inputs)
                                                              for _ in range(runs)]
                 finally:
                     swap_modules(model, previous)
@@ -155,7 +210,9 @@ def measure_layouts(model: nn.Module, inputs: tuple, layouts=("contiguous", "cha
     return {variant: statistics.median(values) for variant, values in times.items()}
 
 
-def _variant(layout: str, post_ops: bool, native: bool = False) -> str:
+def variant_name(layout: str, post_ops: bool, native: bool = False) -> str:
+    """The key of a variant in :func:`measure_layouts`' result (``"channels_last+post_ops"``,
+    ``"native"``, ...)."""
     return ("native" if native else layout) + ("+post_ops" if post_ops else "")
 
 
@@ -175,7 +232,7 @@ def choose_channels_last(model: nn.Module, inputs: tuple, *, cache: bool | None 
     settings of the dense epilogue fusion (default: both when the model has fused dense convs,
     else off); ``native``: name -> :class:`~.native_dense.NativeConv2d` twin of the convs that
     may run on the C kernel. Each twin is first timed against its conv on the conv's own input
-    (:func:`~.native_dense.time_layers`, in ``"native_layers"``); the faster ones form the
+    (:func:`time_layers`, in ``"native_layers"``); the faster ones form the
     ``"native"`` variant, and ``"native_convs"`` names them when that variant wins by more than
     ``NATIVE_MARGIN``."""
     if post_ops is None:

@@ -11,9 +11,10 @@ dense conv is a StripeConv2d that keeps every stripe. Measured here (AMD EPYC, 1
 L1 50%-MACs ResNet-56 and the unpruned one, both deployed): every 3x3 conv on this kernel made
 the pruned network 1.6x (batch 1) and 1.4x (batch 64) faster and the unpruned one 1.4x faster
 at batch 1 but 1.07x slower at batch 64, so the choice is made per layer, by timing, not
-assumed: :func:`time_layers` times each eligible conv both ways on its own input from the
-example (interleaved rounds), and :func:`~prunekit.deployment.layout.choose_channels_last`
-then times the whole network with the faster choices against the oneDNN layouts.
+assumed: :func:`~prunekit.deployment.layout.time_layers` times each eligible conv both ways on
+its own input from the example (interleaved rounds), and
+:func:`~prunekit.deployment.layout.choose_channels_last` then times the whole network with the
+faster choices against the oneDNN layouts.
 
 :class:`NativeConv2d` is a :class:`~.fused_dense.FusedConv2d` (it holds the dense weight):
 under autograd, tracing, ONNX export, a dispatch mode, another device or dtype it is the plain
@@ -21,20 +22,13 @@ conv (+ add + ReLU), so exports and counts see an ordinary convolution.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 from torch import nn
 
 from ..nn import native_call, stripe_native
 from .fused_dense import FusedConv2d
 
-__all__ = ["NativeConv2d", "eligible", "layer_arguments", "native_twins", "swap_modules",
-           "time_layers"]
-
-# Per-layer timing: rounds x runs calls each way, after a warm-up call (interleaved rounds).
-LAYER_ROUNDS, LAYER_RUNS = 3, 3
+__all__ = ["NativeConv2d", "eligible", "native_twins", "swap_modules"]
 
 
 class NativeConv2d(native_call.NativeCall, FusedConv2d):
@@ -110,62 +104,3 @@ def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[s
         previous[name] = model.get_submodule(name)
         set_submodule(model, name, module)
     return previous
-
-
-def layer_arguments(model: nn.Module, inputs: tuple, names) -> dict[str, tuple]:
-    """The positional arguments each module in ``names`` receives on ``inputs`` (its first
-    call), cloned."""
-    captured: dict[str, tuple] = {}
-    hooks = []
-    for name in names:
-        def hook(module, args, name=name):
-            captured.setdefault(name, tuple(a.clone() if isinstance(a, torch.Tensor) else a
-                                            for a in args))
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
-
-
-def _call_ms(module: nn.Module, args: tuple) -> float:
-    start = time.perf_counter()
-    module(*args)
-    return (time.perf_counter() - start) * 1000.0
-
-
-def time_layers(model: nn.Module, inputs: tuple,
-                twins: dict[str, NativeConv2d]) -> dict[str, dict[str, float]]:
-    """Median ms of every conv in ``twins`` on its own input from ``inputs``: ``{"dense":
-    the faster of the plain and the oneDNN post-op call, "native": the kernel}``, NCHW,
-    interleaved rounds."""
-    arguments = layer_arguments(model, inputs, list(twins))
-    result = {}
-    with torch.inference_mode():
-        for name, native in twins.items():
-            if name not in arguments:  # never called on the example
-                continue
-            args, dense = arguments[name], model.get_submodule(name)
-            variants = {"native": (native, None)}
-            variants["dense"] = (dense, False)
-            if isinstance(dense, FusedConv2d):
-                variants["dense+post_ops"] = (dense, True)
-            times = {key: [] for key in variants}
-            saved = getattr(dense, "use_onednn", None)
-            try:
-                for _ in range(LAYER_ROUNDS):
-                    for key, (module, post_ops) in variants.items():
-                        if post_ops is not None and saved is not None:
-                            module.use_onednn = post_ops
-                        module(*args)
-                        times[key] += [_call_ms(module, args) for _ in range(LAYER_RUNS)]
-            finally:
-                if saved is not None:
-                    dense.use_onednn = saved
-            medians = {key: statistics.median(v) for key, v in times.items()}
-            result[name] = {"native": medians["native"],
-                            "dense": min(v for k, v in medians.items() if k != "native")}
-    return result

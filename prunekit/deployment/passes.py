@@ -99,7 +99,8 @@ def _bn_tail(bn: nn.Module) -> tuple[bool, list[nn.Module]]:
     other subclass may compute something else in its forward, so it is not folded."""
     if type(bn).forward is nn.BatchNorm2d.forward:
         return True, []
-    if type(bn).__name__ == "BatchNormAct2d" and isinstance(getattr(bn, "drop", None), nn.Module) \
+    if type(bn).__name__ == "BatchNormAct2d" and isinstance(getattr(bn, "drop", None),
+                                                            nn.Module) \
             and isinstance(getattr(bn, "act", None), nn.Module):
         return True, [m for m in (bn.drop, bn.act) if not isinstance(m, nn.Identity)]
     return False, []

@@ -339,8 +339,8 @@ class NativeStripePlan:
                      bias=None if self.bias is None else self.bias.data_ptr(), F=self.f,
                      packed_end=packed_end, length=length)
         macs = n * ho * wo * c * self.stripes
-        layout = {"ho": ho, "wo": wo, "shape": (n, self.f, ho, wo), "length": length, "groups": n // g, "plan": plan,
-                  "plan_ref": ctypes.byref(plan), "tensors": tensors,
+        layout = {"shape": (n, self.f, ho, wo), "length": length, "groups": n // g,
+                  "plan": plan, "plan_ref": ctypes.byref(plan), "tensors": tensors,
                   "max_threads": max(1, macs // MACS_PER_THREAD)}
         self._shapes[key] = layout
         return layout
