@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import prunekit
-from prunekit.deployment import DEPLOY_ATTR, FusedConv2d, NativeConv2d, deploy, layout, \
-    native_dense
+from prunekit.deployment import DEPLOY_ATTR, FusedConv2d, NativeConv2d, NativeSequence, deploy, \
+    layout, native_dense, original_named_modules
 from prunekit.nn import stripe_native
 
 pytestmark = [pytest.mark.usefixtures("single_thread", "private_cache"),
@@ -146,10 +146,13 @@ def test_deploy_with_native_convs_equals_the_model_and_exports_plain_convs(rando
     model = _pruned_resnet20(randomize_norms)
     x = torch.randn(2, 3, 32, 32)
     deployed = deploy(model, x, native_convs=True)
-    natives = [n for n, m in deployed.named_modules() if isinstance(m, NativeConv2d)]
+    natives = [n for n, m in original_named_modules(deployed) if isinstance(m, NativeConv2d)]
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert len(natives) == len(convs) and getattr(deployed, DEPLOY_ATTR)["native_convs"] == \
         sorted(natives)
+    # consecutive kernel convs run as sequences (the stem and the blocks' convs up to each
+    # downsampling shortcut)
+    assert any(isinstance(m, NativeSequence) for m in deployed.modules())
     assert any(m.residual for m in deployed.modules() if isinstance(m, NativeConv2d))
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-4, atol=1e-4)
@@ -190,7 +193,7 @@ def test_auto_puts_native_convs_only_where_measured_faster_and_caches_it(randomi
         timed.append(sorted(twins))
         return {n: {"native": 1.0 if n in fast else 3.0, "dense": 2.0} for n in twins}
 
-    def whole(m, inputs, layouts, post_ops, native=None, win="native"):
+    def whole(m, inputs, layouts, post_ops, native=None, win="native", sequences=False):
         assert native is None or set(native) == fast  # only the faster layers are tried
         ms = {f"{lay}{'+post_ops' if on else ''}": 2.0 for lay in layouts for on in post_ops}
         ms.update({f"native{'+post_ops' if on else ''}": 1.0 if win == "native" else 3.0
@@ -201,7 +204,7 @@ def test_auto_puts_native_convs_only_where_measured_faster_and_caches_it(randomi
     monkeypatch.setattr(layout, "measure_layouts", whole)
     deployed = deploy(model, x)
     record = getattr(deployed, DEPLOY_ATTR)
-    got = {n for n, m in deployed.named_modules() if isinstance(m, NativeConv2d)}
+    got = {n for n, m in original_named_modules(deployed) if isinstance(m, NativeConv2d)}
     assert got == fast and set(record["native_convs"]) == fast
     assert record["channels_last"]["source"] == "measured" and len(timed) == 1
     assert not any(m.weight.is_contiguous(memory_format=torch.channels_last)
@@ -211,7 +214,7 @@ def test_auto_puts_native_convs_only_where_measured_faster_and_caches_it(randomi
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-4, atol=1e-4)
     again = deploy(model, x)  # the decision comes from the cache, the same convs go native
     assert getattr(again, DEPLOY_ATTR)["channels_last"]["source"] == "cache" and len(timed) == 1
-    assert {n for n, m in again.named_modules() if isinstance(m, NativeConv2d)} == fast
+    assert {n for n, m in original_named_modules(again) if isinstance(m, NativeConv2d)} == fast
     # the whole network is slower that way: nothing goes native
     monkeypatch.setattr(layout, "measure_layouts",
                         lambda *a, **k: whole(*a, **k, win="dense"))
@@ -253,7 +256,8 @@ def test_native_variant_must_win_by_the_margin(monkeypatch, native_ms, chosen):
     x = torch.randn(1, 3, 16, 16)
     monkeypatch.setattr(layout, "time_layers", lambda m, i, twins: {
         n: {"native": 1.0, "dense": 2.0} for n in twins})
-    monkeypatch.setattr(layout, "measure_layouts", lambda m, i, layouts, post_ops, native=None: {
+    monkeypatch.setattr(layout, "measure_layouts", lambda m, i, layouts, post_ops, native=None,
+                        sequences=False: {
         "contiguous": 1.1, "channels_last": 1.0, "native": native_ms, **(
             {"contiguous+post_ops": 1.2, "channels_last+post_ops": 1.3,
              "native+post_ops": 5.0} if True in post_ops else {})})

@@ -5,6 +5,7 @@ user would ship, so latency is compared as deployed (deployed pruned vs deployed
 * :mod:`.fused` -- :class:`FusedStripeConv2d`, what is fused where;
 * :mod:`.fused_dense` -- :class:`FusedConv2d`, a dense conv with oneDNN post-ops;
 * :mod:`.native_dense` -- :class:`NativeConv2d`, a dense conv on prunekit's C kernel;
+* :mod:`.native_sequence` -- :class:`NativeSequence`, consecutive kernel convs as one C call;
 * :mod:`.layout` -- channels_last, post-ops and native convs, measured on this machine and
   cached.
 
@@ -30,10 +31,11 @@ from .fused import FusedStripeConv2d
 from .fused_dense import FusedConv2d
 from .layout import choose_channels_last, has_dense_post_ops, set_dense_post_ops
 from .native_dense import NativeConv2d, native_twins, swap_modules
+from .native_sequence import NativeSequence, group_native_convs, original_named_modules
 from .passes import DeployTracer, drop_identities, fold_batchnorms, fuse_epilogues
 
 __all__ = ["DEPLOY_ATTR", "DeployCheckError", "FusedConv2d", "FusedStripeConv2d", "NativeConv2d",
-           "deploy"]
+           "NativeSequence", "deploy", "original_named_modules"]
 
 # The deployed module records what deploy() did under this attribute (a JSON-ready dict).
 DEPLOY_ATTR = "prunekit_deploy"
@@ -95,8 +97,8 @@ def _check(original: nn.Module, deployed: nn.Module, inputs: tuple) -> float:
 def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
            channels_last: str | bool = "auto", fold_bn: bool = True, fuse: bool = True,
            drop: bool = True, check: bool = True, cache: bool | None = None,
-           dense_post_ops: str | bool = "auto", native_convs: str | bool = "auto"
-           ) -> fx.GraphModule:
+           dense_post_ops: str | bool = "auto", native_convs: str | bool = "auto",
+           native_sequences: bool = True) -> fx.GraphModule:
     """A deployed copy of ``model`` for inference (the model itself is left as it was).
 
     ``example_inputs`` (a tensor, tensors, or a shape with the batch dimension) are needed for
@@ -114,7 +116,10 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
     whole network with the faster choices against the oneDNN layouts; off without example
     inputs or with ``channels_last=True``: the kernel reads NCHW), ``True`` (every eligible
     conv, untimed) or ``False`` (keep oneDNN, e.g. before ``export_onnx``, where nothing is
-    gained: a native conv exports as a plain conv either way).
+    gained: a native conv exports as a plain conv either way). ``native_sequences``: run each
+    run of consecutive kernel convs (dense or stripe) as one C call
+    (:mod:`.native_sequence`: the same results, bit for bit, without the Python cost of a
+    call per conv); False keeps one module call per conv.
 
     Returns a ``torch.fx.GraphModule`` in eval mode with gradients off; what was done is in its
     ``prunekit_deploy`` attribute. It is for inference and export (``prunekit.io.export_onnx``);
@@ -144,9 +149,10 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
         record.update(fuse_epilogues(gm, inputs) if fuse else {})
         gm.eval()
         record["channels_last"] = _layout(gm, inputs, channels_last, dense_post_ops,
-                                          native_convs, cache)
+                                          native_convs, cache, native_sequences)
         record["dense_post_ops"] = record["channels_last"]["dense_post_ops"]
         record["native_convs"] = record["channels_last"]["native_convs"]
+        record["native_sequences"] = group_native_convs(gm) if native_sequences else []
         if check and inputs is not None:
             record["check_max_abs_diff"] = _check(model, gm, inputs)
     finally:
@@ -156,7 +162,8 @@ def deploy(model: nn.Module, example_inputs: ExampleInputs | None = None, *,
     return gm
 
 
-def _layout(gm: fx.GraphModule, inputs, channels_last, post_ops, native, cache) -> dict:
+def _layout(gm: fx.GraphModule, inputs, channels_last, post_ops, native, cache,
+            sequences: bool) -> dict:
     """Apply and report the layout, the dense post-ops setting and the convs moved to the C
     kernel (measured where "auto")."""
     fused = has_dense_post_ops(gm)
@@ -191,7 +198,8 @@ def _layout(gm: fx.GraphModule, inputs, channels_last, post_ops, native, cache) 
                     "native_convs": sorted(twins) if native is True else []}
     else:
         decision = choose_channels_last(gm, inputs, cache=cache, layouts=layouts,
-                                        post_ops=candidates, native=native_candidates or None)
+                                        post_ops=candidates, native=native_candidates or None,
+                                        sequences=sequences)
         if native is True:
             decision["native_convs"] = sorted(twins)
         else:

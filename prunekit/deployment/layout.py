@@ -21,6 +21,7 @@ writing it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ from ..measure.machine_load import cpu_model_name
 from ..nn import stripe_native
 from .fused_dense import FusedConv2d
 from .native_dense import swap_modules
+from .native_sequence import group_native_convs
 
 __all__ = ["cache_enabled", "cache_key", "cache_path", "choose_channels_last",
            "has_dense_post_ops", "layer_arguments", "measure_layouts", "read_cache",
@@ -175,20 +177,22 @@ def has_dense_post_ops(model: nn.Module) -> bool:
 
 
 def measure_layouts(model: nn.Module, inputs: tuple, layouts=("contiguous", "channels_last"),
-                    post_ops=(False,), native: dict[str, nn.Module] | None = None
-                    ) -> dict[str, float]:
+                    post_ops=(False,), native: dict[str, nn.Module] | None = None,
+                    sequences: bool = False) -> dict[str, float]:
     """Median ms of ``model`` in every (layout, dense post-ops) variant, interleaved rounds:
     keys ``"contiguous"``, ``"channels_last"``, and with ``post_ops`` containing True also
     ``"contiguous+post_ops"`` / ``"channels_last+post_ops"`` (dense epilogues as oneDNN
     post-ops rather than separate ops). ``native`` (name -> module, e.g. the
     :class:`~.native_dense.NativeConv2d` twins of some convs) adds ``"native"`` (and
-    ``"native+post_ops"``): NCHW with those modules swapped in. The model is left contiguous,
-    post-ops off, its own modules in place."""
+    ``"native+post_ops"``): NCHW with those modules swapped in (and with ``sequences``,
+    consecutive kernel convs grouped into one call each, as deploy will run them: timed on a
+    copy). The model is left contiguous, post-ops off, its own modules in place."""
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     variants = [(layout, on, False) for layout in layouts for on in post_ops]
     if native:
         variants += [("contiguous", on, True) for on in post_ops]
     times: dict[str, list[float]] = {variant_name(*v): [] for v in variants}
+    grouped = _grouped_copy(model, native) if native and sequences else None
     with torch.inference_mode():
         first = _time_ms(model, inputs)  # also the first warm-up
         runs = max(2, min(DECISION_RUNS, int(DECISION_BUDGET_MS // max(first, 1e-3))))
@@ -196,18 +200,30 @@ def measure_layouts(model: nn.Module, inputs: tuple, layouts=("contiguous", "cha
         for _ in range(DECISION_ROUNDS):
             for layout, on, swapped in variants:
                 model.to(memory_format=formats[layout])
-                previous = swap_modules(model, native) if swapped else {}
+                timed = grouped if swapped and grouped is not None else model
+                previous = swap_modules(model, native) if swapped and timed is model else {}
                 try:
-                    set_dense_post_ops(model, on)
+                    set_dense_post_ops(timed, on)
                     for _ in range(warmup):
-                        model(*inputs)
-                    times[variant_name(layout, on, swapped)] += [_time_ms(model, inputs)
+                        timed(*inputs)
+                    times[variant_name(layout, on, swapped)] += [_time_ms(timed, inputs)
                                                              for _ in range(runs)]
                 finally:
                     swap_modules(model, previous)
     model.to(memory_format=torch.contiguous_format)
     set_dense_post_ops(model, False)
     return {variant: statistics.median(values) for variant, values in times.items()}
+
+
+def _grouped_copy(model: nn.Module, native: dict[str, nn.Module]) -> nn.Module:
+    """A copy of ``model`` with ``native`` swapped in and its kernel-conv runs grouped."""
+    previous = swap_modules(model, native)
+    try:
+        grouped = copy.deepcopy(model)
+    finally:
+        swap_modules(model, previous)
+    group_native_convs(grouped)
+    return grouped
 
 
 def variant_name(layout: str, post_ops: bool, native: bool = False) -> str:
@@ -225,7 +241,8 @@ def _valid_entry(entry, native: bool) -> bool:
 
 def choose_channels_last(model: nn.Module, inputs: tuple, *, cache: bool | None = None,
                          layouts=("contiguous", "channels_last"), post_ops=None,
-                         native: dict[str, nn.Module] | None = None) -> dict:
+                         native: dict[str, nn.Module] | None = None,
+                         sequences: bool = False) -> dict:
     """The fastest variant of ``model`` on ``inputs``, measured or cached: ``{"channels_last":
     bool, "dense_post_ops": bool, "native_convs": [names], "source": "cache" | "measured",
     "ms": {...}, "key": ...}``. ``layouts``: the candidate layouts; ``post_ops``: the candidate
@@ -234,14 +251,15 @@ def choose_channels_last(model: nn.Module, inputs: tuple, *, cache: bool | None 
     may run on the C kernel. Each twin is first timed against its conv on the conv's own input
     (:func:`time_layers`, in ``"native_layers"``); the faster ones form the
     ``"native"`` variant, and ``"native_convs"`` names them when that variant wins by more than
-    ``NATIVE_MARGIN``."""
+    ``NATIVE_MARGIN``. ``sequences``: the native variant is timed with its kernel-conv runs
+    grouped into one call each (:mod:`.native_sequence`), as deploy then runs it."""
     if post_ops is None:
         post_ops = (False, True) if has_dense_post_ops(model) else (False,)
     layouts, post_ops = tuple(layouts), tuple(bool(v) for v in post_ops)
     first = inputs[0]
     candidates = f"{'/'.join(layouts)}|post_ops={'/'.join(map(str, post_ops))}" + (
         f"|native={','.join(sorted(native))}|kernel={stripe_native.source_digest()}"
-        if native else "")
+        + ("|sequences" if sequences else "") if native else "")
     key = cache_key(first.device, torch.get_num_threads(), first.dtype, first.shape,
                     f"{structure_fingerprint(model)}|{candidates}")
     use_cache = cache_enabled(cache)
@@ -251,7 +269,7 @@ def choose_channels_last(model: nn.Module, inputs: tuple, *, cache: bool | None 
             return {"native_convs": [], **entry, "source": "cache", "key": key}
     layers = time_layers(model, inputs, native) if native else {}
     faster = {name: native[name] for name, t in layers.items() if t["native"] < t["dense"]}
-    ms = measure_layouts(model, inputs, layouts, post_ops, faster)
+    ms = measure_layouts(model, inputs, layouts, post_ops, faster, sequences=sequences)
     best = min(ms, key=ms.get)
     onednn = min((v for v in ms if not v.startswith("native")), key=ms.get)
     if best.startswith("native") and ms[best] > (1.0 - NATIVE_MARGIN) * ms[onednn]:
