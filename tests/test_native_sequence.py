@@ -67,7 +67,7 @@ def test_sequences_give_bitwise_the_convs_results_at_every_shape_and_thread_coun
     finally:
         torch.set_num_threads(before)
     programs = sequences[0]._programs  # one per (shapes, threads), each run natively
-    assert len(programs) >= 3 and all(programs.values())
+    assert len(programs) >= 3 and all(program is not None for _, program in programs.values())
 
 
 def test_calls_the_kernel_cannot_take_go_to_the_convs_one_by_one(randomize_norms):
@@ -97,10 +97,12 @@ def test_calls_the_kernel_cannot_take_go_to_the_convs_one_by_one(randomize_norms
         grouped.float()
         torch.testing.assert_close(grouped(x.to(memory_format=torch.channels_last)), want,
                                    rtol=1e-4, atol=1e-4)
-    # a wrong input: the conv's own error, not a read past the input
-    with pytest.raises(RuntimeError, match="channels"):
-        with torch.no_grad():
-            grouped(torch.randn(1, 4, 32, 32))
+    # a wrong input: the conv's own error, not a read past the input, at every call (the
+    # second finds these shapes already marked as not plannable)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="channels"):
+            with torch.no_grad():
+                grouped(torch.randn(1, 4, 32, 32))
 
 
 def test_a_weight_changed_in_place_is_used_at_the_next_call(randomize_norms):
@@ -131,7 +133,8 @@ def test_returned_tensors_never_share_memory_and_survive_the_next_call():
         y2 = convs["c2"](y1, y0)
         want = (y1, y2, convs["c3"](y2))
         second = seq(torch.randn(2, 4, 9, 9))
-    assert seq._programs and all(p for p in seq._programs.values())  # the kernel ran
+    assert seq._programs and all(program is not None  # the kernel ran
+                                 for _, program in seq._programs.values())
     for got, kept, expected in zip(first, copies, want):
         assert torch.equal(got, kept) and torch.equal(got, expected)
     pointers = {t.data_ptr() for t in first + second}
@@ -179,7 +182,8 @@ def test_copies_and_pickles_run_their_own_programs(randomize_norms):
         for other in (copy.deepcopy(grouped), pickle.loads(pickle.dumps(grouped))):
             assert torch.equal(other(x), want)
             seq = next(m for m in other.modules() if isinstance(m, NativeSequence))
-            assert seq._programs  # built afresh for the copy
+            assert seq._programs and all(  # built afresh for the copy, run natively
+                program is not None for _, program in seq._programs.values())
 
 
 def test_counts_and_names_see_the_plain_convs(randomize_norms):

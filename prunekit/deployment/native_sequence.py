@@ -21,6 +21,7 @@ dtype, ``use_native = False``, a wrong channel count: the conv's own error).
 from __future__ import annotations
 
 import ctypes
+import math
 import operator
 
 import torch
@@ -53,12 +54,11 @@ def _sequence_entry():
 class _Program:
     """A run planned for one set of input shapes and thread count."""
 
-    def __init__(self, convs, wiring, outputs, n_inputs, shapes, threads):
-        self.plans = tuple(conv._native_plan() for conv in convs)
+    def __init__(self, plans, convs, wiring, outputs, n_inputs, shapes, threads):
         shape = list(shapes)  # value index -> shape
         steps, scratch = [], 0
         layouts = []
-        for plan, conv, (x, res) in zip(self.plans, convs, wiring):
+        for plan, conv, (x, res) in zip(plans, convs, wiring):
             n, c, h, w = shape[x]
             if c != plan.c or not plan.taps:
                 raise _Unplannable
@@ -66,12 +66,11 @@ class _Program:
             if res is not None and tuple(shape[res]) != lay["shape"]:
                 raise _Unplannable  # the conv adds it after the kernel (broadcasting)
             shape.append(lay["shape"])
-            t = min(threads, lay["max_threads"])
-            scratch = max(scratch, (t if lay["groups"] >= t else 1) * lay["length"])
+            t, floats = plan.threads_and_scratch(lay, threads)
+            scratch = max(scratch, floats)
             layouts.append(lay)  # holds the plan structs and their index tensors alive
             steps.append((lay["plan"], x, res, int(bool(getattr(conv, "relu", False))), t))
         self.layouts, self.scratch, self.shapes = layouts, scratch, shape
-        self.n_inputs = n_inputs
         self.outputs = tuple(outputs)
         self.offsets, self.workspace = _share_memory(wiring, outputs, shape, n_inputs)
         table = (_Step * len(steps))()
@@ -119,9 +118,7 @@ def _share_memory(wiring, outputs, shapes, n_inputs):
     free, offsets, size = [], {}, 0  # free: (floats, offset) blocks
     for k in range(len(wiring)):
         index = n_inputs + k
-        floats = 1
-        for d in shapes[index]:
-            floats *= int(d)
+        floats = math.prod(shapes[index])
         if index in escaping:
             offsets[index] = None
         else:
@@ -134,10 +131,7 @@ def _share_memory(wiring, outputs, shapes, n_inputs):
                 size += floats + 16  # a gap: a vector past a row end never reads a neighbour
         for v in {x for x in wiring[k] if x is not None}:
             if v >= n_inputs and last.get(v) == k and offsets.get(v) is not None:
-                floats_v = 1
-                for d in shapes[v]:
-                    floats_v *= int(d)
-                free.append((floats_v, offsets[v]))
+                free.append((math.prod(shapes[v]), offsets[v]))
     return offsets, size
 
 
@@ -176,19 +170,22 @@ class NativeSequence(nn.Module):
             if not conv.use_native or not conv._native_supported():
                 return None
             plans.append(conv._native_plan())
+        plans = tuple(plans)
         key = (tuple(tuple(x.shape) for x in inputs), torch.get_num_threads())
+        # key -> (the plans it was made for, the program or None: these shapes run conv by
+        # conv); new plans (weights changed) are planned again, unplannable or not
         cache = self.__dict__.setdefault("_programs", {})
-        program = cache.get(key)
-        if program is None or any(a is not b for a, b in zip(program.plans, plans)):
+        entry = cache.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], plans)):
             try:
-                program = _Program(list(convs), self.wiring, self.outputs, self.n_inputs,
-                                   [tuple(x.shape) for x in inputs], key[1])
+                program = _Program(plans, list(convs), self.wiring, self.outputs,
+                                   self.n_inputs, key[0], key[1])
             except _Unplannable:
-                program = False
+                program = None
             if len(cache) > 8:  # a few shapes at a time, not one per batch size ever seen
                 cache.clear()
-            cache[key] = program
-        return program or None
+            entry = cache[key] = (plans, program)
+        return entry[1]
 
     def __getstate__(self):
         state = self.__dict__.copy()

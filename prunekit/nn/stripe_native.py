@@ -345,6 +345,13 @@ class NativeStripePlan:
         self._shapes[key] = layout
         return layout
 
+    @staticmethod
+    def threads_and_scratch(lay: dict, threads: int) -> tuple[int, int]:
+        """The threads a call on layout ``lay`` runs on (at most ``threads``) and the floats
+        of packing buffer it needs (a copy per thread when each packs whole groups)."""
+        threads = min(threads, lay["max_threads"])
+        return threads, (threads if lay["groups"] >= threads else 1) * lay["length"]
+
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
         s, p, d, k = self.stride, self.padding, self.dilation, self.kernel_size[0]
         return (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
@@ -373,9 +380,8 @@ class NativeStripePlan:
             out = out + residual
             return out.relu_() if relu else out
         out = torch.empty(shape)
-        threads = min(torch.get_num_threads(), lay["max_threads"])
-        copies = threads if lay["groups"] >= threads else 1
-        if self._forward(lay["plan_ref"], x.data_ptr(), _scratch(copies * lay["length"]),
+        threads, floats = self.threads_and_scratch(lay, torch.get_num_threads())
+        if self._forward(lay["plan_ref"], x.data_ptr(), _scratch(floats),
                          out.data_ptr(), None if residual is None else residual.data_ptr(),
                          int(bool(relu)), threads) != 0:
             raise MemoryError("the native stripe kernel could not allocate its block buffer")
