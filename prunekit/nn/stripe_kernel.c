@@ -41,6 +41,7 @@
 #include <omp.h>
 #else
 static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
 #endif
 
 #if defined(__AVX__)
@@ -447,59 +448,87 @@ static void group_blocks(const stripe_plan* P, const float* B, float* out,
     stripe_block(P, B, m0, nb, out, &E, acc);
 }
 
+/* The block buffer (F * BV * VL floats) of the calling thread, kept between calls and grown
+ * when a conv needs more: at batch 1 a conv takes 10-60 us, and an aligned_alloc and free per
+ * conv (and per OpenMP thread) was a measurable part of it. Held until the thread ends (at
+ * most the largest F * BV * VL floats seen: 1.5 MB for F = 512). NULL when it cannot grow. */
+static _Thread_local float* thread_acc;
+static _Thread_local size_t thread_acc_bytes;
+static void release_acc(void) { free(thread_acc); thread_acc = NULL; thread_acc_bytes = 0; }
+
 static float* block_buffer(const stripe_plan* P) {
     size_t bytes = sizeof(float) * (size_t)(P->F * P->BV * VL);
     bytes = (bytes + 63) / 64 * 64;  /* aligned_alloc wants a multiple of the alignment */
-    return aligned_alloc(64, bytes);
+    if (bytes > thread_acc_bytes) {
+        release_acc();
+        thread_acc = aligned_alloc(64, bytes);
+        if (thread_acc) thread_acc_bytes = bytes;
+    }
+    return thread_acc;
+}
+
+/* Groups [g0, g1) on the calling thread alone, each packed into B and then convolved. */
+static void run_groups(const stripe_plan* P, const float* x, float* B, float* out,
+                       const float* residual, int relu, float* acc, int64_t g0, int64_t g1,
+                       int64_t step) {
+    const int64_t groups = P->N / P->G;
+    const int64_t blocks = (P->nvec + P->BV - 1) / P->BV;
+    const int64_t in_group = P->G * P->C * P->H * P->W, out_group = P->G * P->F * P->Ho * P->Wo;
+    for (int64_t g = g0; g < g1; g += step) {
+        stripe_pack(P, x + g * in_group, B, 1);
+        /* the next group's input (this thread's, under the static schedule) is fetched into
+         * L2 a slice per block while this group computes: packing it then reads from L2, not
+         * memory (a stride-2 layer's packing at batch 64 was memory-bound) */
+        const char* next = (const char*)(x + (g + step) * in_group);
+        const int64_t lines = g + step < groups ? in_group * 4 / 64 : 0;
+        const int64_t per = (lines + blocks - 1) / blocks;
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t end = (b + 1) * per < lines ? (b + 1) * per : lines;
+            for (int64_t l = b * per; l < end; l++) __builtin_prefetch(next + 64 * l, 0, 2);
+            group_blocks(P, B, out + g * out_group, residual ? residual + g * out_group : NULL,
+                         relu, acc, b);
+        }
+    }
 }
 
 /* buf: threads * P->length floats when N / G >= threads (each thread packs and convolves whole
  * groups on its own), else P->length floats (the threads share each group's packing and
  * split its blocks). residual: NULL, or N x F x Ho x Wo floats (contiguous) added to the
- * output; relu: nonzero for ReLU after that. Returns 0, or -1 when a block buffer could not be
- * allocated. */
+ * output; relu: nonzero for ReLU after that. One thread runs without an OpenMP region.
+ * Returns 0, or -1 when a block buffer could not be allocated. */
 int prunekit_stripe_forward_fused(const stripe_plan* P, const float* x, float* buf, float* out,
                                   const float* residual, int relu, int threads) {
     const int64_t groups = P->N / P->G;
     const int64_t blocks = (P->nvec + P->BV - 1) / P->BV;
-    const int64_t in_group = P->G * P->C * P->H * P->W, out_group = P->G * P->F * P->Ho * P->Wo;
+    const int64_t out_group = P->G * P->F * P->Ho * P->Wo;
     int failed = 0;
     if (threads < 1) threads = 1;
+    if (threads == 1) {
+        float* acc = block_buffer(P);
+        if (!acc) return -1;
+        /* beyond the packed planes: read only by the dropped lanes of partial vectors, zeroed
+         * so that garbage (NaN, denormals) never slows the arithmetic */
+        memset(buf + P->packed_end, 0, sizeof(float) * (P->length - P->packed_end));
+        run_groups(P, x, buf, out, residual, relu, acc, 0, groups, 1);
+        return 0;
+    }
     if (groups >= threads) {
         #pragma omp parallel num_threads(threads) reduction(|:failed)
         {
-            float* B = buf + (int64_t)omp_get_thread_num() * P->length;
+            const int t = omp_get_thread_num(), team = omp_get_num_threads();
+            float* B = buf + (int64_t)t * P->length;
             float* acc = block_buffer(P);
-            /* beyond the packed planes: read only by the dropped lanes of partial vectors,
-             * zeroed so that garbage (NaN, denormals) never slows the arithmetic */
             memset(B + P->packed_end, 0, sizeof(float) * (P->length - P->packed_end));
             if (!acc) failed = 1;
-            #pragma omp for schedule(static)
-            for (int64_t g = 0; g < groups; g++) {
-                if (!acc) continue;
-                stripe_pack(P, x + g * in_group, B, 1);
-                /* the next group's input (this thread's, under the static schedule) is
-                 * fetched into L2 a slice per block while this group computes: packing it
-                 * then reads from L2, not memory (a stride-2 layer's packing at batch 64 was
-                 * memory-bound) */
-                const char* next = (const char*)(x + (g + 1) * in_group);
-                const int64_t lines = g + 1 < groups ? in_group * 4 / 64 : 0;
-                const int64_t per = (lines + blocks - 1) / blocks;
-                for (int64_t b = 0; b < blocks; b++) {
-                    const int64_t end = (b + 1) * per < lines ? (b + 1) * per : lines;
-                    for (int64_t l = b * per; l < end; l++)
-                        __builtin_prefetch(next + 64 * l, 0, 2);
-                    group_blocks(P, B, out + g * out_group,
-                                 residual ? residual + g * out_group : NULL, relu, acc, b);
-                }
-            }
-            free(acc);
+            /* thread t takes groups t, t + team, ... (the team may be smaller than asked
+             * for; the next group a thread prefetches is its own) */
+            else run_groups(P, x, B, out, residual, relu, acc, t, groups, team);
         }
         return failed ? -1 : 0;
     }
     memset(buf + P->packed_end, 0, sizeof(float) * (P->length - P->packed_end));
     for (int64_t g = 0; g < groups; g++) {
-        stripe_pack(P, x + g * in_group, buf, threads);
+        stripe_pack(P, x + g * P->G * P->C * P->H * P->W, buf, threads);
         #pragma omp parallel num_threads(threads) reduction(|:failed)
         {
             float* acc = block_buffer(P);
@@ -508,7 +537,6 @@ int prunekit_stripe_forward_fused(const stripe_plan* P, const float* x, float* b
             for (int64_t b = 0; b < blocks; b++)
                 if (acc) group_blocks(P, buf, out + g * out_group,
                                       residual ? residual + g * out_group : NULL, relu, acc, b);
-            free(acc);
         }
     }
     return failed ? -1 : 0;
