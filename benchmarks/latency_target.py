@@ -2,7 +2,7 @@
 target, and is it faster than the uniform plan at equal MACs?
 
     python benchmarks/latency_target.py [--settings r56_b1_30,r18_b1_50] [--rounds 10]
-        [--runs 10] [--out benchmarks/results/latency_target.json]
+        [--runs 10] [--kernel onednn|native] [--out benchmarks/results/latency_target.json]
 
 Settings ``<model>_b<batch>_<target%>``: ``r56`` = cifar_resnet56 (pretrained, 32 px), ``r18``
 = torchvision resnet18 (random init: latency does not depend on the weights; 224 px, the
@@ -13,7 +13,8 @@ classifier kept). Default: r56 and r18 at batch 1, 30% and 50%. For each setting
 2. the uniform plan at the same MACs: ``prunekit.prune(criterion="l1",
    macs_reduction=<the latency plan's MACs reduction>)`` (one ratio, within 1%);
 3. a *separate* verification: the unpruned, latency-aware and uniform models deployed
-   (``prunekit.deploy``, BatchNorm folded, ``channels_last=False`` as the loop measures) and
+   (``prunekit.deploy``, BatchNorm folded, ``channels_last=False`` and the conv kernel of
+   ``--kernel`` as the loop measures: ``latency_kernel``, default onednn) and
    timed in ONE interleaved run (``prunekit.measure.interleaved_latency``, ``--rounds`` x
    ``--runs``, default 150 x 1: single runs alternating): reductions as the median over rounds
    of each round's ``1 - pruned / unpruned`` (paired adjacent runs: far less sensitive to
@@ -87,18 +88,20 @@ def _ms(result, bs):
             "runs": b.runs}
 
 
-def run_setting(setting: str, rounds: int, runs: int) -> dict:
+def run_setting(setting: str, rounds: int, runs: int, kernel: str = "onednn") -> dict:
     name, bs, target = _parse(setting)
     base, x, ignore = _model(name)
     torch.set_num_threads(1)
     row = {"setting": setting, "model": name, "batch": bs, "target": target, "threads": 1,
+           "kernel": kernel,
            "load_average_before": load_average()}
     aware = copy.deepcopy(base)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = prunekit.prune(aware, x, criterion="l1", ignore=ignore,
-                                target=PlanTarget(latency_reduction=target, latency_batch=bs))
+                                target=PlanTarget(latency_reduction=target, latency_batch=bs,
+                                                  latency_kernel=kernel))
     row["plan_seconds"] = time.perf_counter() - start
     row["plan_warnings"] = sorted({str(w.message)[:200] for w in caught})
     row["loop"] = {k: v for k, v in result.latency.items() if k != "table"}
@@ -112,7 +115,7 @@ def run_setting(setting: str, rounds: int, runs: int) -> dict:
                    "uniform": uni.macs_after, "latency_aware_reduction": result.macs_reduction,
                    "uniform_reduction": uni.macs_reduction}
     xb = torch.randn(bs, *x.shape[1:])
-    deployed = {k: deploy(m, xb, channels_last=False)
+    deployed = {k: deploy(m, xb, channels_last=False, native_convs=kernel == "native")
                 for k, m in (("unpruned", base), ("latency_aware", aware), ("uniform", uniform))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -178,7 +181,7 @@ def write(results: dict, out: Path) -> None:
     atomic_write_json(out, results, indent=1, default=str)
     rows = [results["rows"][k] for k in sorted(results["rows"])]
     text = [f"# Latency targets, measured ({results['cpu']}, torch {results['torch']}, "
-            "1 thread)", "",
+            f"1 thread, {results.get('kernel', 'onednn')} convs)", "",
             "Written by `benchmarks/latency_target.py`. *measured* = separate interleaved "
             "verification of the deployed unpruned, latency-aware and uniform-at-equal-MACs "
             "models (median of the paired per-round reductions, p10-p90 of them in brackets; single "
@@ -232,17 +235,23 @@ def main() -> None:
     p.add_argument("--settings", default=",".join(DEFAULT))
     p.add_argument("--rounds", type=int, default=150)
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--kernel", choices=("onednn", "native"), default="onednn",
+                   help="the conv kernel the loop times and every model is deployed on")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     torch.set_num_threads(1)
-    results = {"cpu": cpu_model_name(), "torch": torch.__version__, "rows": {}}
+    results = {"cpu": cpu_model_name(), "torch": torch.__version__, "kernel": args.kernel,
+               "rows": {}}
     if args.out.exists():
         results = json.loads(args.out.read_text())
+        if results.get("kernel", "onednn") != args.kernel:
+            raise SystemExit(f"{args.out} holds rows measured on {results.get('kernel', 'onednn')} "
+                             f"convs, not {args.kernel}: give another --out")
     for setting in [s for s in args.settings.split(",") if s]:
         if setting in results["rows"]:
             print(f"{setting}: done already")
             continue
-        row = run_setting(setting, args.rounds, args.runs)
+        row = run_setting(setting, args.rounds, args.runs, args.kernel)
         results["rows"][setting] = row
         write(results, args.out)
         v = row["verification"]

@@ -13,10 +13,12 @@ adjacent runs of ``1 - pruned / unpruned`` at ``latency_batch``. Pairing adjacen
 cancels load that comes and goes far better than pooled medians do (measured, see
 ``ROUNDS``); ``1 - median(pruned) / median(unpruned)`` over all runs is reported beside it.
 
-Both models are deployed with ``channels_last=False`` and ``native_convs=False``: the table
-times NCHW oneDNN convolutions, and one layout and kernel for both keep the comparison about
-the channels removed (a documented deviation from ``deploy``'s default ``"auto"``, which may
-choose a different layout or kernel per model). The
+Both models are deployed NCHW (``channels_last=False``) on one conv kernel, the one the table
+times (``latency_kernel``): ``"onednn"`` (the default; ``native_convs=False``) or
+``"native"`` (prunekit's C kernel for every conv it takes, ``native_convs=True``; what
+``deploy``'s ``"auto"`` picks for a pruned CIFAR ResNet at batch 1 here). One layout and kernel
+for both keep the comparison about the channels removed (a documented deviation from
+``deploy``'s default ``"auto"``, which may choose a different layout or kernel per model). The
 model's own device, dtype and torch's current thread count are used throughout; a
 measurement on a busy machine is reported (``reliable: false``) and warned about with a
 :class:`~prunekit.measure.LatencyWarning`.
@@ -37,7 +39,9 @@ from .deployment import deploy
 from .measure import interleaved_latency
 from .measure.context import model_device_and_dtype
 from .measure.latency import warn_unreliable
+from .nn import stripe_native
 from .plan.latency_plan import LatencyPlan, PlanShapes, counts_for_latency
+from .plan.checks import PlanError
 from .plan.latency_table import LatencyTable
 from .plan.select import keep_count, make_plan
 from .surgery import apply_plan
@@ -84,14 +88,20 @@ class LatencySearch:
 def latency_counts(model: nn.Module, graph, scores, example_inputs, target, *, timer=None,
                    measurer=None) -> LatencyPlan:
     """Counts for ``target.latency_reduction`` measured on the deployed model (module doc)."""
+    if target.latency_kernel == "native" and stripe_native.library() is None:
+        raise PlanError(f"latency_kernel='native' times prunekit's C kernel, which cannot run "
+                        f"here ({stripe_native.unavailable_reason()}); use latency_kernel="
+                        f"'onednn'")
     batch = target.latency_batch
     x = _batch_input(model, example_inputs, batch)
     table = LatencyTable.measure(model, graph, example_inputs, batch=batch,
-                                 samples=target.latency_samples, timer=timer)
+                                 samples=target.latency_samples, timer=timer,
+                                 kernel=target.latency_kernel)
     warn_unreliable("the latency table's measurement", table.warnings)
     shapes = PlanShapes(graph, table, scores, target.round_to)
     if measurer is None:
-        measurer = DeployedMeasurer(model, graph, scores, x, target.round_to)
+        measurer = DeployedMeasurer(model, graph, scores, x, target.round_to,
+                                    kernel=target.latency_kernel)
     # Calibration: the deployed model measured unpruned and at one uniform probe plan.
     probe = {g.name: keep_count(g, PROBE_RATIO, target.round_to)
              for g in graph.prunable_groups()}
@@ -112,16 +122,17 @@ class DeployedMeasurer:
     """``measure(counts)``: prune a copy, deploy it, time it interleaved with the deployed
     unpruned model; ``{"reduction", "unpruned_ms", "pruned_ms", ...}``."""
 
-    def __init__(self, model, graph, scores, x, round_to):
+    def __init__(self, model, graph, scores, x, round_to, kernel: str = "onednn"):
         self.model, self.graph, self.scores, self.x, self.round_to = model, graph, scores, x, round_to
-        # NCHW oneDNN convs, what the lookup tables time (plan.latency_table): the loop
+        # NCHW convs on the kernel the lookup tables time (plan.latency_table): the loop
         # measures the deployment its predictions describe
-        self.unpruned = deploy(model, x, channels_last=False, native_convs=False)
+        self.native = kernel == "native"
+        self.unpruned = deploy(model, x, channels_last=False, native_convs=self.native)
 
     def __call__(self, counts: dict[str, int]) -> dict:
         plan = make_plan(self.graph, self.scores, {}, self.round_to, counts=counts)
         pruned = apply_plan(copy.deepcopy(self.model), self.graph, plan)
-        deployed = deploy(pruned, self.x, channels_last=False, native_convs=False)
+        deployed = deploy(pruned, self.x, channels_last=False, native_convs=self.native)
         bs = self.x.shape[0]
         measured = interleaved_latency({"unpruned": self.unpruned, "pruned": deployed}, self.x,
                                        batch_sizes=(bs,), rounds=ROUNDS, runs=RUNS,
@@ -140,5 +151,7 @@ class DeployedMeasurer:
                               "p90": after.p90_ms},
                 "batch": bs, "threads": measured.results["pruned"].num_threads,
                 "rounds": measured.rounds, "runs_per_round": measured.runs_per_round,
-                "deployed": True, "machine": measured.machine,
+                "deployed": True, "kernel": "native" if self.native else "onednn",
+                "native_convs": len(deployed.prunekit_deploy.get("native_convs", [])),
+                "machine": measured.machine,
                 "warnings": list(measured.warnings), "reliable": not measured.warnings}

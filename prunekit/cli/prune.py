@@ -39,6 +39,10 @@ def add_prune_parser(sub) -> None:
     pr.add_argument("--latency-tolerance", type=float, default=None,
                     help="--latency-reduction: relative tolerance of the measured reduction "
                          "(default 0.05)")
+    pr.add_argument("--latency-kernel", choices=("onednn", "native"), default=None,
+                    help="--latency-reduction: the conv kernel timed and deployed for the "
+                         "measurement: onednn (PyTorch's, the default) or native (prunekit's C "
+                         "kernel, as deploy(native_convs=True) runs it)")
     pr.add_argument("--calibration-batches", type=count(1), default=None,
                     help="batches of training images data-driven criteria score on (CHIP, "
                          "HRank, taylor, apoz; default 5)")
@@ -118,7 +122,7 @@ def _plan_section(args, options: dict) -> dict:
         plan["round_to"] = args.round_to  # 0 is refused by PlanTarget, never read as 1
     if args.stream_scale is not None:
         plan["stream_scale"] = args.stream_scale
-    for key in ("latency_target_batch", "latency_tolerance"):
+    for key in ("latency_target_batch", "latency_tolerance", "latency_kernel"):
         if getattr(args, key) is not None:
             plan[key.replace("_target", "")] = getattr(args, key)
     if args.allocation is not None:

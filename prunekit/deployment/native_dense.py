@@ -46,14 +46,7 @@ class NativeConv2d(native_call.NativeCall, FusedConv2d):
         module.use_onednn = getattr(conv, "use_onednn", True)
         return module
 
-    @staticmethod
-    def supports(conv: nn.Module) -> bool:
-        """Whether the kernel computes this conv's geometry (groups 1, zero padding given as
-        numbers, square stride / dilation / kernel, symmetric padding)."""
-        return isinstance(conv, nn.Conv2d) and conv.groups == 1 \
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) \
-            and stripe_native.NativeStripePlan.supports(conv.stride, conv.padding,
-                                                        conv.dilation, conv.kernel_size)
+    supports = staticmethod(native_call.dense_geometry)
 
     def _native_geometry(self) -> bool:
         return self.supports(self)
@@ -82,9 +75,7 @@ class NativeConv2d(native_call.NativeCall, FusedConv2d):
 def eligible(module: nn.Module) -> bool:
     """A dense conv of the deployed graph the kernel can take over (float32, on the CPU, the
     kernel built)."""
-    return (type(module) in (nn.Conv2d, FusedConv2d) and NativeConv2d.supports(module)
-            and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
-            and stripe_native.library() is not None)
+    return type(module) in (nn.Conv2d, FusedConv2d) and native_call.takes_dense_conv(module)
 
 
 def native_twins(model: nn.Module, names=None) -> dict[str, NativeConv2d]:

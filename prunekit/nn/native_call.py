@@ -8,7 +8,23 @@ from torch.utils import _python_dispatch
 
 from .stripe_native import NativeStripePlan, library
 
-__all__ = ["NativeCall", "plain_cpu_inference"]
+__all__ = ["NativeCall", "dense_geometry", "plain_cpu_inference", "takes_dense_conv"]
+
+
+def dense_geometry(conv: torch.nn.Module) -> bool:
+    """Whether the kernel computes this dense conv's geometry (an ``nn.Conv2d`` with groups 1,
+    zero padding given as numbers, square stride / dilation / kernel, symmetric padding)."""
+    return isinstance(conv, torch.nn.Conv2d) and conv.groups == 1 \
+        and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) \
+        and NativeStripePlan.supports(conv.stride, conv.padding, conv.dilation,
+                                      conv.kernel_size)
+
+
+def takes_dense_conv(conv: torch.nn.Module) -> bool:
+    """Whether the kernel can run the dense ``conv`` here: its geometry, float32 weights on
+    the CPU, and the kernel built."""
+    return dense_geometry(conv) and conv.weight.dtype == torch.float32 \
+        and conv.weight.device.type == "cpu" and library() is not None
 
 
 def plain_cpu_inference(x: torch.Tensor, *params: torch.Tensor | None) -> bool:

@@ -49,6 +49,7 @@ __all__ = ["LATENCY_ALLOCATIONS", "LATENCY_ROUNDINGS", "LatencyPlan", "LatencyTa
 
 LATENCY_ALLOCATIONS = ("greedy", "uniform")
 LATENCY_ROUNDINGS = ("auto", "off")
+LATENCY_KERNELS = ("onednn", "native")  # = latency_table.KERNELS
 ROUND_UP_TOLERANCE = 0.02
 STEP_FRACTION = 32   # a greedy step removes at least 1/32 of a group
 
@@ -78,6 +79,10 @@ def check_latency_options(target) -> None:
     if target.latency_allocation not in LATENCY_ALLOCATIONS:
         raise PlanError(f"latency_allocation must be one of {list(LATENCY_ALLOCATIONS)}, got "
                         f"{target.latency_allocation!r}")
+    if target.latency_kernel not in LATENCY_KERNELS:
+        raise PlanError(f"latency_kernel must be one of {list(LATENCY_KERNELS)} (the kernel "
+                        f"the deployed convs run on: PyTorch's oneDNN, or prunekit's C kernel "
+                        f"as deploy(native_convs=True) runs them), got {target.latency_kernel!r}")
     if target.latency_rounding not in LATENCY_ROUNDINGS:
         raise PlanError(f"latency_rounding must be one of {list(LATENCY_ROUNDINGS)}, got "
                         f"{target.latency_rounding!r}")

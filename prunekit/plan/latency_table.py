@@ -20,10 +20,14 @@ Grid per prunable dimension of width ``n``: ``samples`` evenly spaced fractions 
 ``n >= 16``; the SIMD widths of AVX2 / AVX-512 float32), of the conv's groups, plus 1; a
 dimension no plan can change (the stem's 3 input channels) has the one real width.
 
+``kernel``: ``"onednn"`` times ``nn.Conv2d`` (PyTorch's own kernels); ``"native"`` times
+each conv prunekit's C kernel can take (groups 1, float32 on the CPU, the kernel built) on that
+kernel, as ``deploy(native_convs=True)`` runs it, and any other conv as ``nn.Conv2d``.
+
 Measurements are cached as JSON (atomically written) under
 ``$PRUNEKIT_CACHE/latency_tables/`` (default ``~/.cache/prunekit``), one file per key: the
 device and its name (the CPU model, or the CUDA device's), torch's thread count, the dtype,
-the batch size, the torch version and the layer's signature (kind, kernel, stride, padding,
+the batch size, the kernel, the torch version and the layer's signature (kind, kernel, stride, padding,
 dilation, groups, depthwise, input spatial size, full widths). Models sharing a layer share
 its measurements. ``PRUNEKIT_LATENCY_CACHE=0`` (or ``cache=False``) disables the cache.
 """
@@ -47,12 +51,16 @@ from ..files import atomic_write_json, cache_root
 from ..measure.context import model_device_and_dtype, prepare_inputs
 from ..measure.latency import _device_name, _time_batch
 from ..measure.machine_load import LoadMonitor, judge
+from ..nn import stripe_native
+from ..nn.native_call import takes_dense_conv
+from ..nn.stripe import StripeConv2d
 
 __all__ = ["CACHE_ENV", "ConvLayer", "LatencyTable", "axis_samples", "cache_dir", "table_key",
            "time_conv"]
 
 CACHE_ENV = "PRUNEKIT_LATENCY_CACHE"
 CACHE_DIR = "latency_tables"
+KERNELS = ("onednn", "native")
 # Timing of one table point: warm-up passes, then at least RUNS runs and MIN_TIME_S seconds.
 POINT_WARMUP, POINT_RUNS, POINT_MIN_TIME_S = 2, 5, 0.01
 
@@ -102,12 +110,14 @@ def _cache_enabled(option: bool | None) -> bool:
 
 
 def table_key(layer: ConvLayer, *, device: torch.device | str, threads: int, dtype: torch.dtype,
-              batch: int) -> dict:
+              batch: int, kernel: str = "onednn") -> dict:
     """The cache key of ``layer``'s measurements (a JSON-ready dict)."""
     device = torch.device(device)
     key = {"device": str(device), "device_name": _device_name(device), "threads": int(threads),
-           "dtype": str(dtype).replace("torch.", ""), "batch": int(batch),
+           "dtype": str(dtype).replace("torch.", ""), "batch": int(batch), "kernel": kernel,
            "torch": torch.__version__, "layer": layer.signature()}
+    if kernel == "native":  # the kernel's own source: a changed kernel is measured anew
+        key["kernel_source"] = stripe_native.source_digest()
     return json.loads(json.dumps(key))  # as it reads back from the file (lists, not tuples)
 
 
@@ -129,11 +139,16 @@ def axis_samples(n: int, samples: int = 8, multiple: int = 1, variable: bool = T
     return sorted(p for p in points if 1 <= p <= n and p % multiple == 0)
 
 
-def time_conv(layer: ConvLayer, cin: int, cout: int, *, batch: int, device, dtype) -> float:
-    """Median ms of a standalone conv (with bias) of ``layer``'s signature at those counts."""
+def time_conv(layer: ConvLayer, cin: int, cout: int, *, batch: int, device, dtype,
+              kernel: str = "onednn") -> float:
+    """Median ms of a standalone conv (with bias) of ``layer``'s signature at those counts, on
+    ``kernel`` (see the module doc)."""
     cin, cout, groups = layer.shape_for(cin, cout)
     conv = nn.Conv2d(cin, cout, layer.kernel, layer.stride, layer.padding, layer.dilation,
                      groups, bias=True).to(device=device, dtype=dtype).eval()
+    if kernel == "native" and takes_dense_conv(conv):  # a dense conv: every stripe kept
+        conv = StripeConv2d.from_dense(conv, torch.ones(cout, *conv.kernel_size,
+                                                        dtype=torch.bool)).eval()
     x = torch.randn(batch, cin, *layer.spatial, device=device, dtype=dtype)
     with torch.inference_mode():
         times = _time_batch(conv, x, POINT_WARMUP, POINT_RUNS, POINT_MIN_TIME_S)
@@ -177,17 +192,21 @@ class LatencyTable:
     timer: Callable | None = field(default=None, repr=False)
     _volume: float | None = field(default=None, repr=False)
     cache: bool | None = field(default=None, repr=False)
+    kernel: str = "onednn"
 
     # ---------------------------------------------------------------- building
     @classmethod
     def measure(cls, model: nn.Module, graph, example_inputs, *, batch: int = 1,
                 samples: int = 8, timer: Callable | None = None,
-                cache: bool | None = None) -> "LatencyTable":
+                cache: bool | None = None, kernel: str = "onednn") -> "LatencyTable":
         """Find the model's convolutions and measure their grids (cached points are read)."""
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
         device, dtype = model_device_and_dtype(model)
         table = cls(layers=conv_layers(model, graph, example_inputs), batch=int(batch),
                     device=str(device), dtype=str(dtype).replace("torch.", ""),
-                    threads=torch.get_num_threads(), samples=samples, timer=timer, cache=cache)
+                    threads=torch.get_num_threads(), samples=samples, timer=timer, cache=cache,
+                    kernel=kernel)
         # Layers of one signature (ResNet blocks) share their measurements.
         shared: dict[str, dict] = {}
         table.points = [shared.setdefault(json.dumps(layer.signature(), sort_keys=True), {})
@@ -212,7 +231,7 @@ class LatencyTable:
 
     def key(self, i: int) -> dict:
         return table_key(self.layers[i], device=self.device, threads=self.threads,
-                         dtype=getattr(torch, self.dtype), batch=self.batch)
+                         dtype=getattr(torch, self.dtype), batch=self.batch, kernel=self.kernel)
 
     def fill(self, i: int, wanted: list[tuple[int, int]]) -> None:
         """Measure the points of layer ``i`` not yet known (reading and updating the cache)."""
@@ -234,7 +253,7 @@ class LatencyTable:
             layer = self.layers[i]
             ms = (self.timer(layer, cin, cout) if self.timer is not None else
                   time_conv(layer, cin, cout, batch=self.batch, device=self.device,
-                            dtype=getattr(torch, self.dtype)))
+                            dtype=getattr(torch, self.dtype), kernel=self.kernel))
             known[name] = stored[name] = float(ms)
             self.measured_points += 1
             fresh += 1
@@ -317,7 +336,7 @@ class LatencyTable:
     def describe(self) -> dict:
         return {"layers": len(self.layers), "batch": self.batch, "device": self.device,
                 "device_name": _device_name(torch.device(self.device)), "dtype": self.dtype,
-                "threads": self.threads, "samples": self.samples,
+                "threads": self.threads, "samples": self.samples, "kernel": self.kernel,
                 "points": sum(len(p) for p in {id(p): p for p in self.points}.values()),
                 "signatures": len({id(p) for p in self.points}), "measured_points":
                 self.measured_points, "cached_points": self.cached_points,

@@ -85,6 +85,7 @@ class PlanTarget:
     latency_allocation: str = "greedy"  # latency_reduction: greedy or uniform
     latency_rounding: str = "auto"    # latency_reduction: auto (measured multiples) or off
     latency_thinning: float = 1.0     # latency_reduction (greedy): penalty on thin layers
+    latency_kernel: str = "onednn"    # latency_reduction: the convs timed, onednn or native
 
     def __post_init__(self) -> None:
         given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
