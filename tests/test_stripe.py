@@ -226,6 +226,7 @@ def test_state_dict_and_grad():
 
 # --------------------------------------------------------------------------- native kernel
 from prunekit.nn import stripe_native  # noqa: E402
+from prunekit.nn import stripe_chunks  # noqa: E402
 
 needs_native = pytest.mark.skipif(stripe_native.library() is None,
                                   reason=f"native stripe kernel unavailable: "
@@ -493,7 +494,7 @@ def test_native_chunks_cover_every_kept_stripe_once(cout):
     sconv = StripeConv2d.from_dense(nn.Conv2d(4, cout, 3, padding=1),
                                     _random_mask(cout, 3, 0.5, gen))
     fc = stripe_native.library().prunekit_stripe_chunk()
-    chunks = stripe_native._chunks(sconv.segments, sconv.out_index, fc)
+    chunks = stripe_chunks.chunks(sconv.segments, sconv.out_index, fc)
     covered = [(f, t) for filters, taps in chunks for f in filters for t in taps]
     kept = {(f, (i, j)) for f, i, j in sconv.stripe_mask.nonzero().tolist()}
     assert len(covered) == len(set(covered)) and set(covered) == kept

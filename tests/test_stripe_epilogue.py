@@ -148,3 +148,37 @@ def test_fused_module_uses_the_kernel_epilogue(monkeypatch):
         got = fused(x, residual)
         torch.testing.assert_close(got, _reference(sconv, x, residual, True), **TOL)
     assert calls == [(True, True)]
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_finished_stores_of_one_chunk_filters_and_filters_without_stripes(
+        stride, with_residual, relu, with_bias):
+    """Where every filter is in one chunk (dense convs) the tiles store finished outputs (bias,
+    residual, ReLU) straight into the output; filters with no stripe left are written alone
+    (their bias, residual, ReLU). Both must match torch, and a mask that splits a filter over
+    chunks must take the separate passes."""
+    gen = torch.Generator().manual_seed(11 + stride)
+    conv = nn.Conv2d(8, 18, 3, stride=stride, padding=1, bias=with_bias)
+    mask = torch.zeros(18, 3, 3, dtype=torch.bool)
+    mask[:16] = True                 # dense filters, 16: whole chunks of 4 or 8
+    sconv = StripeConv2d.from_dense(conv, mask)   # filters 16 and 17 keep nothing
+    plan = sconv._native_plan()
+    assert plan.single and plan.orphans.tolist() == [16, 17]
+    x = torch.randn(2, 8, 16, 32, generator=gen)
+    shape = (2, 18, *sconv._out_hw(16, 32))
+    residual = torch.randn(shape, generator=gen) if with_residual else None
+    with torch.no_grad():
+        got = plan(x, residual, relu)
+        want = _reference(sconv, x, residual, relu)
+    assert plan._shapes[(2, 16, 32)]["plan"].direct == 1
+    torch.testing.assert_close(got, want, **TOL)
+    if with_bias and not with_residual:  # the stripe-less filters are their bias (ReLU'd)
+        bias = conv.bias.detach()[16:].view(1, 2, 1, 1)
+        torch.testing.assert_close(got[:, 16:], (bias.relu() if relu else bias).expand(
+            2, 2, *shape[2:]))
+    ragged = mask.clone()
+    ragged[0, 0, 0] = False          # filter 0 now splits over chunks
+    assert not StripeConv2d.from_dense(conv, ragged)._native_plan().single

@@ -24,14 +24,16 @@
  * (in a plane), output offset and lane count. They are processed in blocks of BV vectors
  * (chosen by stripe_native.py so that a block's inputs and outputs stay in L1); within a
  * block, the kept stripes run in chunks: up to FC filters and one or more taps, every filter
- * keeping every tap of its chunk (stripe_native._chunks), so a tile sums over taps x channels
+ * keeping every tap of its chunk (stripe_chunks.chunks), so a tile sums over taps x channels
  * before it adds into the outputs. A chunk of `live` filters sweeps the block in tiles of
  * NV(live) vectors, NV chosen so that live * NV accumulators plus the operands fill the
  * vector registers (REGS) whatever `live` is: every loaded input vector feeds `live` fused
  * multiply-adds and every broadcast weight NV. Tiles are specialised for every (live, nv) at
  * compile time. Where VL divides Wo, outputs accumulate straight into the NCHW output
- * (P->direct, stripe_native.DIRECT_OUTPUT); elsewhere into a block buffer (F x BV vectors,
- * contiguous) that is copied out lane by lane. The batch is processed in groups small enough
+ * (P->direct, stripe_native.DIRECT_OUTPUT; when every filter is in one chunk, as in a dense
+ * conv, a tile's store writes the finished output: bias, residual and ReLU, no separate
+ * passes over the block's outputs); elsewhere into a block buffer (F x BV vectors, contiguous)
+ * that is copied out lane by lane. The batch is processed in groups small enough
  * that a group's planes are still in L2 when they are convolved.
  */
 #include <stdint.h>
@@ -113,6 +115,10 @@ typedef struct {
     int64_t nchunks;
     const float* bias;
     int64_t F, packed_end, length;
+    int64_t single;              /* every filter in at most one chunk (dense convs): the tiles'
+                                  * stores write the finished outputs (direct output) */
+    const int32_t* orphans;      /* filters no chunk covers (every stripe removed) */
+    int64_t norphans;
 } stripe_plan;
 
 /* The loader compares this with its own mirror of the struct: a process that imported an
@@ -291,10 +297,30 @@ static void stripe_pack(const stripe_plan* P, const float* restrict x, float* re
 #define W_STEP(j, _) if (j < live) { const float wj = wk[c * FC + j]; FOR_V(FMA_X, j) }
 #define ACC_STORE(j, v) if (j < live && v < nv) { float* d = dst[v] + (int64_t)filt[j] * fstride; \
                                                   vstore(d, vload(d) + r##j##_##v); }
+/* Direct output, each filter in one chunk: the tile's sums are its filters' whole outputs, so
+ * the store writes bias + sum (+ residual, then ReLU) at once, where the separate passes
+ * wrote the bias, read it back and added, then read and wrote again for the epilogue (the
+ * same sums in the same order). */
+#define ACC_STORE_FUSED(j, v) if (j < live && v < nv) { \
+        float* d = dst[v] + (int64_t)filt[j] * fstride; \
+        vec a = splat(S->bias ? S->bias[filt[j]] : 0.0f) + r##j##_##v; \
+        if (S->residual) a += vload(S->residual + (d - S->out)); \
+        if (S->relu) a = (vec)((ivec)a & ~(ivec)(a < splat(0.0f))); \
+        vstore(d, a); }
+/* How a tile stores its accumulators: NULL (added into an initialised output or block
+ * buffer), or finished (see ACC_STORE_FUSED): the bias, the residual (laid out like `out`, the
+ * group's output) or NULL, and ReLU. */
+typedef struct {
+    const float* bias;
+    const float* residual;
+    const float* out;
+    int relu;
+} fused_store;
+
 static inline __attribute__((always_inline)) void tile(
         const float* const* xs, float* const* dst, int64_t fstride, const float* wt,
         const int32_t* filt, const int64_t* toff, int ntap, int64_t C, int64_t cs,
-        const int live, const int nv) {
+        const fused_store* S, const int live, const int nv) {
     FOR_JV(ACC_DECL)
     FOR_V(PTR_DECL, _)
     FOR_V(X_DECL, _)
@@ -312,15 +338,20 @@ static inline __attribute__((always_inline)) void tile(
             }
         }
     }
-    FOR_JV(ACC_STORE)
+    if (S) {
+        FOR_JV(ACC_STORE_FUSED)
+    } else {
+        FOR_JV(ACC_STORE)
+    }
 }
 
 typedef void (*tile_fn)(const float* const*, float* const*, int64_t, const float*,
-                        const int32_t*, const int64_t*, int, int64_t, int64_t);
+                        const int32_t*, const int64_t*, int, int64_t, int64_t,
+                        const fused_store*);
 #define T(L, N) static void tile_##L##_##N(const float* const* xs, float* const* dst, \
         int64_t fs, const float* wt, const int32_t* filt, const int64_t* toff, int ntap, \
-        int64_t C, int64_t cs) { \
-        tile(xs, dst, fs, wt, filt, toff, ntap, C, cs, L, (L) * (N) <= REGS ? (N) : 0); }
+        int64_t C, int64_t cs, const fused_store* S) { \
+        tile(xs, dst, fs, wt, filt, toff, ntap, C, cs, S, L, (L) * (N) <= REGS ? (N) : 0); }
 #define ROW(L) T(L, 1) T(L, 2) T(L, 3) T(L, 4) T(L, 5) T(L, 6) \
                T(L, 7) T(L, 8) T(L, 9) T(L, 10) T(L, 11) T(L, 12)
 #define REF(L) {tile_##L##_1, tile_##L##_2, tile_##L##_3, tile_##L##_4, tile_##L##_5, \
@@ -347,26 +378,27 @@ static const tile_fn tiles[FC][NVMAX] = {REF(1), REF(2), REF(3), REF(4)};
 static inline __attribute__((always_inline)) void chunk_sweep(
         const int64_t* vi, int64_t nb, float* const* dst, int64_t fstride, const float* B,
         const float* wt, const int32_t* filt, const int64_t* toff, int ntap, int64_t C,
-        int64_t cs, const int live) {
+        int64_t cs, const fused_store* S, const int live) {
     const int nt = NV_OF(live);
     int64_t v0 = 0;
     for (; v0 + nt <= nb; v0 += nt) {
         const float* xs[NVMAX];
         for (int t = 0; t < nt; t++) xs[t] = B + vi[3 * (v0 + t)];
-        tile(xs, dst + v0, fstride, wt, filt, toff, ntap, C, cs, live, nt);
+        tile(xs, dst + v0, fstride, wt, filt, toff, ntap, C, cs, S, live, nt);
     }
     if (v0 < nb) {
         const float* xs[NVMAX];
         for (int t = 0; t < nb - v0; t++) xs[t] = B + vi[3 * (v0 + t)];
-        tiles[live - 1][nb - v0 - 1](xs, dst + v0, fstride, wt, filt, toff, ntap, C, cs);
+        tiles[live - 1][nb - v0 - 1](xs, dst + v0, fstride, wt, filt, toff, ntap, C, cs, S);
     }
 }
 #define SWEEP(L) static void sweep_##L(const int64_t* vi, int64_t nb, float* const* dst, \
         int64_t fs, const float* B, const float* wt, const int32_t* filt, const int64_t* toff, \
-        int ntap, int64_t C, int64_t cs) { \
-        chunk_sweep(vi, nb, dst, fs, B, wt, filt, toff, ntap, C, cs, L); }
+        int ntap, int64_t C, int64_t cs, const fused_store* S) { \
+        chunk_sweep(vi, nb, dst, fs, B, wt, filt, toff, ntap, C, cs, S, L); }
 typedef void (*sweep_fn)(const int64_t*, int64_t, float* const*, int64_t, const float*,
-                         const float*, const int32_t*, const int64_t*, int, int64_t, int64_t);
+                         const float*, const int32_t*, const int64_t*, int, int64_t, int64_t,
+                         const fused_store*);
 SWEEP(1) SWEEP(2) SWEEP(3) SWEEP(4)
 #if FC > 4
 SWEEP(5) SWEEP(6) SWEEP(7) SWEEP(8)
@@ -406,6 +438,27 @@ static void stripe_block(const stripe_plan* P, const float* B, int64_t m0, int64
     const int64_t* vi = P->vecs + 3 * m0;
     float* dst[BVMAX];
     int64_t fstride;
+    const int fused = E->residual || E->relu;
+    if (P->direct && P->single) {
+        /* the tiles store the finished outputs; only filters in no chunk are written here */
+        for (int64_t v = 0; v < nb; v++) dst[v] = out + vi[3 * v + 1];
+        for (int64_t i = 0; i < P->norphans; i++) {
+            const int64_t f = P->orphans[i];
+            const vec bv = splat(P->bias ? P->bias[f] : 0.0f);
+            for (int64_t v = 0; v < nb; v++) {
+                const int64_t o = vi[3 * v + 1] + f * HoWo;
+                vstore(out + o, fused ? epilogue_vec(bv, E, o) : bv);
+            }
+        }
+        const fused_store S = {P->bias, E->residual, out, E->relu};
+        for (int64_t k = 0; k < P->nchunks; k++) {
+            const int32_t e = P->chunk_tap0[k];
+            sweeps[P->chunk_live[k] - 1](vi, nb, dst, HoWo, B, P->chunk_w + e * P->C * FC,
+                                         P->chunk_filt + k * FC, P->chunk_off + e,
+                                         P->chunk_tap0[k + 1] - e, P->C, P->plane, &S);
+        }
+        return;
+    }
     if (P->direct) {
         for (int64_t v = 0; v < nb; v++) dst[v] = out + vi[3 * v + 1];
         fstride = HoWo;
@@ -422,9 +475,8 @@ static void stripe_block(const stripe_plan* P, const float* B, int64_t m0, int64
         const int32_t e = P->chunk_tap0[k];
         sweeps[live - 1](vi, nb, dst, fstride, B, P->chunk_w + e * P->C * FC,
                          P->chunk_filt + k * FC, P->chunk_off + e, P->chunk_tap0[k + 1] - e,
-                         P->C, P->plane);
+                         P->C, P->plane, NULL);
     }
-    const int fused = E->residual || E->relu;
     if (P->direct && !fused) return;
     for (int64_t f = 0; f < F; f++)
         for (int64_t v = 0; v < nb; v++) {

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..files import cache_root
+from . import stripe_chunks
 
 __all__ = ["NativeStripePlan", "library", "source_digest", "unavailable_reason"]
 
@@ -120,7 +121,9 @@ class _Plan(ctypes.Structure):
                    ("chunk_filt", ctypes.c_void_p), ("chunk_live", ctypes.c_void_p),
                    ("chunk_tap0", ctypes.c_void_p),
                    ("nchunks", ctypes.c_int64), ("bias", ctypes.c_void_p)]
-                + [(name, ctypes.c_int64) for name in ("F", "packed_end", "length")])
+                + [(name, ctypes.c_int64) for name in ("F", "packed_end", "length")]
+                + [("single", ctypes.c_int64), ("orphans", ctypes.c_void_p),
+                   ("norphans", ctypes.c_int64)])
 
 
 def source_digest() -> str:
@@ -186,50 +189,6 @@ def _scratch(floats: int) -> int:
     return buffer.data_ptr()
 
 
-# Chunks of several taps: only for at least this many filters that keep every one of the taps
-# (a chunk of fewer filters is a narrow tile, cheaper as part of a one-tap chunk).
-MIN_SHARED = 3
-
-
-def _chunks(segments, out_index, fc: int) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Split the kept stripes into chunks (filters, taps): every filter of a chunk keeps every
-    tap of it, at most ``fc`` filters, each stripe in exactly one chunk. A chunk's tiles sum
-    over all its taps' channels before they add into the output, so a chunk of two or three
-    taps amortises a tile's fixed cost (pointers, the final read-add-write of its outputs)
-    over two or three times the multiply-adds; that matters for 16-channel layers, whose
-    one-tap tiles are short. Greedy: the pair of taps sharing the most remaining filters
-    (capped at ``fc``, at least MIN_SHARED), extended by further taps that all of those
-    filters keep; what remains goes into one-tap chunks of near-equal size (9 -> 3 + 3 + 3,
-    not 4 + 4 + 1: fewer filters, fewer accumulators to hide the FMA latency)."""
-    remaining = {(i, j): set(out_index[lo:hi].tolist()) for (i, j, lo, hi) in segments}
-    order = list(remaining)
-    result = []
-    while True:
-        best = None
-        for a, t1 in enumerate(order):
-            for t2 in order[a + 1:]:
-                common = remaining[t1] & remaining[t2]
-                if len(common) >= MIN_SHARED and (best is None or min(len(common), fc) > best[0]):
-                    best = (min(len(common), fc), t1, t2, common)
-        if best is None:
-            break
-        _, t1, t2, common = best
-        chosen = sorted(common)[:fc]
-        chunk_taps = [t1, t2] + [t for t in order if t not in (t1, t2)
-                                 and remaining[t].issuperset(chosen)]
-        for t in chunk_taps:
-            remaining[t].difference_update(chosen)
-        result.append((chosen, sorted(chunk_taps)))
-    for t in order:
-        index = sorted(remaining[t])
-        if not index:
-            continue
-        count = -(-len(index) // fc)
-        bounds = [len(index) * k // count for k in range(count + 1)]
-        result += [(index[lo:hi], [t]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return sorted(result, key=lambda chunk: chunk[1])  # tap-major: neighbours share inputs
-
-
 class NativeStripePlan:
     """Kept stripes of one conv packed for the kernel: tap-major chunks of filters."""
 
@@ -250,7 +209,7 @@ class NativeStripePlan:
             for k, f in enumerate(out_index[lo:hi].tolist()):
                 row[(f, (i, j))] = lo + k
         taps, filters, chunks, live, tap0 = [], [], [], [], [0]
-        for chunk_filters, chunk_taps in _chunks(segments, out_index, self.fc):
+        for chunk_filters, chunk_taps in stripe_chunks.chunks(segments, out_index, self.fc):
             for t in chunk_taps:
                 packed = torch.zeros(self.c, self.fc)
                 packed[:, :len(chunk_filters)] = w[[row[(f, t)] for f in chunk_filters]].t()
@@ -265,6 +224,11 @@ class NativeStripePlan:
         self.chunk_filt = torch.tensor(filters, dtype=torch.int32).reshape(-1, self.fc).contiguous()
         self.chunk_live = torch.tensor(live, dtype=torch.int32)
         self.chunk_tap0 = torch.tensor(tap0, dtype=torch.int32)
+        # every filter in at most one chunk (a dense conv): the kernel's tiles store finished
+        # outputs; filters in no chunk (every stripe removed) are written on their own
+        covered = [f for k, n in enumerate(live) for f in filters[k][:n]]
+        self.single = len(covered) == len(set(covered))
+        self.orphans = torch.tensor(sorted(set(range(self.f)) - set(covered)), dtype=torch.int32)
         self.bias = None if bias is None else bias.detach().float().cpu().contiguous()
         self._shapes: dict = {}
 
@@ -337,7 +301,9 @@ class NativeStripePlan:
                      chunk_live=self.chunk_live.data_ptr(),
                      chunk_tap0=self.chunk_tap0.data_ptr(), nchunks=len(self.chunk_live),
                      bias=None if self.bias is None else self.bias.data_ptr(), F=self.f,
-                     packed_end=packed_end, length=length)
+                     packed_end=packed_end, length=length,
+                     single=int(self.single), orphans=self.orphans.data_ptr(),
+                     norphans=len(self.orphans))
         macs = n * ho * wo * c * self.stripes
         layout = {"shape": (n, self.f, ho, wo), "length": length, "groups": n // g,
                   "plan": plan, "plan_ref": ctypes.byref(plan), "tensors": tensors,
