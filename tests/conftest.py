@@ -195,6 +195,21 @@ def private_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+@pytest.fixture
+def prune_job_options(monkeypatch):
+    """The options dict ``prunekit prune`` hands its job, filled by the CLI call; the job
+    itself is replaced by one that stops with a PlanError ("stopped by the test": exit 2)."""
+    from prunekit.plan import PlanError
+
+    seen: dict = {}
+
+    def fake_run(options):
+        seen.update(options)
+        raise PlanError("stopped by the test")
+    monkeypatch.setattr("prunekit.cli.prune.run_prune", fake_run)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def randomize_norms():
     """``randomize_norms(model, seed=0)``: random BN statistics/affine parameters."""

@@ -105,13 +105,8 @@ def test_prune_measures_on_the_native_kernel_for_real():
     assert model(x).shape == (1, 4)
 
 
-def test_cli_flag_reaches_the_plan(tmp_path, monkeypatch, capsys):
-    seen = {}
-
-    def fake_run(options):
-        seen.update(options)
-        raise PlanError("stopped by the test")
-    monkeypatch.setattr("prunekit.cli.prune.run_prune", fake_run)
+def test_cli_flag_reaches_the_plan(tmp_path, prune_job_options, capsys):
+    seen = prune_job_options
     assert main(["prune", "--model", "cifar_resnet20", "--latency-reduction", "0.4",
                  "--latency-kernel", "native", "--out", str(tmp_path / "run")]) == 2
     assert seen["plan"] == {"latency_reduction": 0.4, "latency_kernel": "native"}

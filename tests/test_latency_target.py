@@ -324,13 +324,8 @@ def test_prune_measures_a_tiny_model_for_real():
     assert model(x).shape == (1, 4)
 
 
-def test_cli_flag_parses_and_conflicts_are_clear(tmp_path, monkeypatch, capsys):
-    seen = {}
-
-    def fake_run(options):
-        seen.update(options)
-        raise PlanError("stopped by the test")
-    monkeypatch.setattr("prunekit.cli.prune.run_prune", fake_run)
+def test_cli_flag_parses_and_conflicts_are_clear(tmp_path, prune_job_options, capsys):
+    seen = prune_job_options
     code = main(["prune", "--model", "cifar_resnet20", "--latency-reduction", "0.4",
                  "--latency-target-batch", "8", "--latency-tolerance", "0.1",
                  "--out", str(tmp_path / "run")])
