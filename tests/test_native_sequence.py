@@ -208,3 +208,51 @@ def test_grouping_leaves_single_convs_and_other_modules_alone():
     with torch.no_grad():
         x = torch.randn(2, 3, 12, 12)
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dense", "stripe"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_batch_runs_in_chunks_of_images_each_through_every_step(
+        randomize_norms, kind, threads, monkeypatch):
+    """Above batch 1 a sequence runs every step on one chunk of images before the next
+    (spread over the threads): each sequence's outputs are, bit for bit, its own on each
+    image alone, and the model's output the whole batch's up to float rounding."""
+    from prunekit.deployment import native_sequence
+    monkeypatch.setattr(native_sequence, "CHUNK_BYTES", 1)  # one image a chunk
+    model = (_pruned_resnet20 if kind == "dense" else _stripe_resnet20)(randomize_norms)
+    grouped, alone = _pair(model, torch.randn(1, 3, 32, 32))
+    sequences = [m for m in grouped.modules() if isinstance(m, NativeSequence)]
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(mod, args))
+             for m in sequences]
+    x = torch.randn(6, 3, 32, 32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = grouped(x)
+            for h in hooks:
+                h.remove()
+            for seq, args in seen.items():
+                together = seq(*args)
+                alone_images = [seq(*[a[i:i + 1] for a in args]) for i in range(6)]
+                for k, out in enumerate(together):
+                    assert torch.equal(out, torch.cat([o[k] for o in alone_images]))
+            whole = alone(x)
+    finally:
+        torch.set_num_threads(before)
+    programs = [p for s in sequences for _, p in s._programs.values() if p and p.chunk]
+    assert len(seen) == len(sequences) >= 2
+    assert len(programs) >= 2 and all(p.chunk == 1 for p in programs)
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_sizes_divide_the_batch_and_fit_the_budget():
+    from prunekit.deployment.native_sequence import CHUNK_BYTES, _chunk_images
+    image = (16, 32, 32)  # 64 KB an image
+    assert _chunk_images(1, [(1, *image)]) is None              # batch 1: nothing to chunk
+    per = CHUNK_BYTES // (4 * 16 * 32 * 32)
+    assert _chunk_images(64, [(64, *image)]) == min(per, 32)
+    assert _chunk_images(7, [(7, *image)]) == 1                 # a prime batch: one image
+    assert _chunk_images(64, [(64, 3, 512, 512)]) == 1          # too big even alone: 1
+    assert _chunk_images(2, [(2, 1, 4, 4)]) == 1                # never the whole batch

@@ -17,6 +17,15 @@ point runs with the same operands as the convs' own calls, so the outputs are bi
 those of the module-by-module path, which is also what runs whenever a conv could not take
 the kernel on its own (autograd, tracing, ONNX export, a dispatch mode, another device or
 dtype, ``use_native = False``, a wrong channel count: the conv's own error).
+
+Above batch 1 the batch runs in chunks of images (``CHUNK_BYTES``; the threads take chunks
+in turn, each with its own workspace): every step runs on a chunk before the next chunk, so a
+chunk's activations stay in L2 between the convs instead of a whole batch's streaming
+through memory between every pair. Measured (AMD EPYC, batch 64, one deployed copy each way
+in one process): 9-14% faster on one thread (dense, L1-pruned and SWP ResNet-56), 4-10% on
+two. Each chunk's results are then bitwise the convs' own on that chunk; against one call on
+the whole batch they may differ in the last bit where the kernel's grouping of images
+changes its tiling (seen: a stripe conv with 3 input channels, 6e-8).
 """
 from __future__ import annotations
 
@@ -39,14 +48,16 @@ class _Step(ctypes.Structure):
         (name, ctypes.c_int64) for name in ("x", "out", "res", "relu", "threads")]
 
 
-def _sequence_entry():
+def _sequence_entry(name: str):
     lib = stripe_native.library()
-    entry = lib.prunekit_stripe_sequence
+    entry = getattr(lib, name)
     if entry.restype is not ctypes.c_int64:
         if lib.prunekit_stripe_step_size() != ctypes.sizeof(_Step):
             raise RuntimeError("stripe_kernel.c does not match native_sequence.py (step "
                                "struct size): restart the process")
-        entry.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        entry.argtypes = ([p, i64, p, p] if name == "prunekit_stripe_sequence" else
+                          [p, i64, i64, p, p, i64, i64, p, i64, ctypes.c_int])
         entry.restype = ctypes.c_int64
     return entry
 
@@ -55,37 +66,52 @@ class _Program:
     """A run planned for one set of input shapes and thread count."""
 
     def __init__(self, plans, convs, wiring, outputs, n_inputs, shapes, threads):
-        shape = list(shapes)  # value index -> shape
-        steps, scratch = [], 0
-        layouts = []
-        for plan, conv, (x, res) in zip(plans, convs, wiring):
+        batch = {s[0] for s in shapes}.pop() if len({s[0] for s in shapes}) == 1 else None
+        shape = [tuple(s) for s in shapes]  # value index -> shape (whole batch)
+        for plan, (x, res) in zip(plans, wiring):
             n, c, h, w = shape[x]
             if c != plan.c or not plan.taps:
                 raise _Unplannable
-            lay = plan._layout(n, h, w)
-            if res is not None and tuple(shape[res]) != lay["shape"]:
+            out = (n, plan.f, *plan._out_hw(h, w))
+            if res is not None and shape[res] != out:
                 raise _Unplannable  # the conv adds it after the kernel (broadcasting)
-            shape.append(lay["shape"])
-            t, floats = plan.threads_and_scratch(lay, threads)
+            shape.append(out)
+        # images per chunk: every step on a chunk before the next (stripe_kernel.c)
+        self.chunk = _chunk_images(batch, shape) if batch else None
+        m = self.chunk or None
+        steps, scratch, layouts = [], 0, []
+        for plan, conv, (x, res) in zip(plans, convs, wiring):
+            n, _, h, w = shape[x]
+            lay = plan._layout(m or n, h, w)
+            t, floats = plan.threads_and_scratch(lay, 1 if m else threads)
             scratch = max(scratch, floats)
             layouts.append(lay)  # holds the plan structs and their index tensors alive
             steps.append((lay["plan"], x, res, int(bool(getattr(conv, "relu", False))), t))
         self.layouts, self.scratch, self.shapes = layouts, scratch, shape
         self.outputs = tuple(outputs)
-        self.offsets, self.workspace = _share_memory(wiring, outputs, shape, n_inputs)
+        per_chunk = [(m,) + s[1:] if m else s for s in shape]
+        self.offsets, self.workspace = _share_memory(wiring, outputs, per_chunk, n_inputs)
         table = (_Step * len(steps))()
         for k, (plan, x, res, relu, t) in enumerate(steps):
             table[k] = _Step(ctypes.addressof(plan), x, n_inputs + k,
                              -1 if res is None else res, relu, t)
         self.table = table
         self.value_array = ctypes.c_void_p * len(shape)
-        self.entry = _sequence_entry()
+        if m:
+            self.threads = max(1, min(threads, batch // m))
+            self.strides = (ctypes.c_int64 * len(shape))(*[
+                0 if self.offsets.get(k) is not None else math.prod(per_chunk[k])
+                for k in range(len(shape))])
+            self.entry = _sequence_entry("prunekit_stripe_sequence_chunked")
+        else:
+            self.entry = _sequence_entry("prunekit_stripe_sequence")
 
     def run(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         values = self.value_array()  # per call: two threads may run the same model
         for k, x in enumerate(inputs):
             values[k] = x.data_ptr()
-        work = torch.empty(self.workspace) if self.workspace else None
+        copies = self.threads if self.chunk else 1  # a workspace per thread
+        work = torch.empty(self.workspace * copies) if self.workspace else None
         base = 0 if work is None else work.data_ptr()
         outs = {}
         for index, offset in self.offsets.items():
@@ -94,11 +120,31 @@ class _Program:
                 values[index] = out.data_ptr()
             else:
                 values[index] = base + 4 * offset
-        failed = self.entry(ctypes.addressof(self.table), len(self.table), values,
-                            stripe_native._scratch(self.scratch))
+        if self.chunk:
+            failed = self.entry(ctypes.addressof(self.table), len(self.table), len(values),
+                                values, self.strides, self.shapes[0][0] // self.chunk,
+                                self.workspace, stripe_native._scratch(self.scratch * copies),
+                                self.scratch, copies)
+        else:
+            failed = self.entry(ctypes.addressof(self.table), len(self.table), values,
+                                stripe_native._scratch(self.scratch))
         if failed:
             raise MemoryError("the native stripe kernel could not allocate its block buffer")
         return tuple(outs[index] if index in outs else inputs[index] for index in self.outputs)
+
+
+# A chunk's largest value fits in this much (a share of one core's L2, next to the chunk's
+# other live values and the packing buffer): see prunekit_stripe_sequence_chunked.
+CHUNK_BYTES = 128 * 1024
+
+
+def _chunk_images(batch: int, shapes) -> int | None:
+    """Images per chunk: the largest divisor of the batch below it whose largest value fits
+    CHUNK_BYTES (at least 1); None (no chunks) at batch 1 or when one chunk is the batch."""
+    per_image = max(math.prod(s[1:]) for s in shapes) * 4
+    fits = [m for m in range(1, batch) if batch % m == 0 and m * per_image <= CHUNK_BYTES]
+    m = max(fits) if fits else 1
+    return m if batch > 1 and m < batch else None
 
 
 class _Unplannable(Exception):

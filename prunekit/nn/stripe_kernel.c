@@ -624,3 +624,47 @@ int64_t prunekit_stripe_sequence(const stripe_step* steps, int64_t n, float* con
     }
     return 0;
 }
+
+/* The sequence in chunks of images: every step runs on one chunk (the plans are for a chunk's
+ * batch) before the next chunk starts, so at batch 64 a chunk's activations stay in L2 from
+ * the conv that writes them to the convs that read them, where a whole batch's (4 MB a layer
+ * for 16 x 32 x 32) went through memory between every pair of convs. Chunks are spread over
+ * `threads` (chunk c on thread c % threads; each step then on one thread). values[k]: value
+ * k's address for chunk 0 on thread 0; stride[k] > 0: floats from one chunk to the next (an
+ * input or returned output, whole batches); stride[k] == 0: an intermediate in the
+ * workspace, which each thread has its own copy of, `work` floats after the previous
+ * thread's. buf: `scratch` floats of packing buffer per thread. Returns 0, or the failing
+ * step's index + 1. */
+int64_t prunekit_stripe_sequence_chunked(const stripe_step* steps, int64_t n, int64_t nvalues,
+                                         float* const* values, const int64_t* stride,
+                                         int64_t chunks, int64_t work, float* buf,
+                                         int64_t scratch, int threads) {
+    int64_t failed = 0;
+    if (threads < 1) threads = 1;
+    if (threads > chunks) threads = (int)chunks;
+    #pragma omp parallel num_threads(threads) if(threads > 1)
+    {
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
+        int64_t mine = 0;  /* (a max-reduction's private copy would start at INT64_MIN) */
+        float** local = malloc(sizeof(float*) * (size_t)nvalues);
+        if (!local) mine = n + 1;
+        for (int64_t c = t; local && c < chunks && !mine; c += team) {
+            for (int64_t k = 0; k < nvalues; k++)
+                local[k] = values[k] + (stride[k] ? c * stride[k] : (int64_t)t * work);
+            for (int64_t k = 0; k < n && !mine; k++) {
+                const stripe_step* S = &steps[k];
+                if (prunekit_stripe_forward_fused(S->plan, local[S->x], buf + t * scratch,
+                                                  local[S->out],
+                                                  S->res >= 0 ? local[S->res] : NULL,
+                                                  (int)S->relu, 1) != 0)
+                    mine = k + 1;
+            }
+        }
+        free(local);
+        if (mine) {
+            #pragma omp critical(prunekit_sequence_failed)
+            if (!failed || mine < failed) failed = mine;
+        }
+    }
+    return failed;
+}
