@@ -66,7 +66,8 @@ class _Program:
     """A run planned for one set of input shapes and thread count."""
 
     def __init__(self, plans, convs, wiring, outputs, n_inputs, shapes, threads):
-        batch = {s[0] for s in shapes}.pop() if len({s[0] for s in shapes}) == 1 else None
+        batches = {s[0] for s in shapes}
+        batch = batches.pop() if len(batches) == 1 else None
         shape = [tuple(s) for s in shapes]  # value index -> shape (whole batch)
         for plan, (x, res) in zip(plans, wiring):
             n, c, h, w = shape[x]
@@ -77,8 +78,7 @@ class _Program:
                 raise _Unplannable  # the conv adds it after the kernel (broadcasting)
             shape.append(out)
         # images per chunk: every step on a chunk before the next (stripe_kernel.c)
-        self.chunk = _chunk_images(batch, shape) if batch else None
-        m = self.chunk or None
+        self.chunk = m = _chunk_images(batch, shape) if batch else None
         steps, scratch, layouts = [], 0, []
         for plan, conv, (x, res) in zip(plans, convs, wiring):
             n, _, h, w = shape[x]
@@ -97,8 +97,9 @@ class _Program:
                              -1 if res is None else res, relu, t)
         self.table = table
         self.value_array = ctypes.c_void_p * len(shape)
+        # threads each running whole chunks, each with its own workspace (1: unchunked)
+        self.copies = max(1, min(threads, batch // m)) if m else 1
         if m:
-            self.threads = max(1, min(threads, batch // m))
             self.strides = (ctypes.c_int64 * len(shape))(*[
                 0 if self.offsets.get(k) is not None else math.prod(per_chunk[k])
                 for k in range(len(shape))])
@@ -110,7 +111,7 @@ class _Program:
         values = self.value_array()  # per call: two threads may run the same model
         for k, x in enumerate(inputs):
             values[k] = x.data_ptr()
-        copies = self.threads if self.chunk else 1  # a workspace per thread
+        copies = self.copies
         work = torch.empty(self.workspace * copies) if self.workspace else None
         base = 0 if work is None else work.data_ptr()
         outs = {}

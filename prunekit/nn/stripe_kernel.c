@@ -297,24 +297,43 @@ static void stripe_pack(const stripe_plan* P, const float* restrict x, float* re
 #define W_STEP(j, _) if (j < live) { const float wj = wk[c * FC + j]; FOR_V(FMA_X, j) }
 #define ACC_STORE(j, v) if (j < live && v < nv) { float* d = dst[v] + (int64_t)filt[j] * fstride; \
                                                   vstore(d, vload(d) + r##j##_##v); }
+/* The output epilogue, applied while a block's outputs are written (still in L1): the residual
+ * (a tensor laid out exactly like the output, or NULL) is added, then ReLU when `relu`. ReLU
+ * keeps NaN (`v < 0 ? 0 : v`), as torch.relu does. */
+typedef struct {
+    const float* residual;  /* the group's first image, like `out` */
+    int relu;
+} epilogue;
+
+static inline vec epilogue_vec(vec v, const epilogue* E, int64_t o) {
+    if (E->residual) v += vload(E->residual + o);
+    if (E->relu) {  /* lanes below zero cleared by mask: one compare and one and-not */
+        const ivec below = v < splat(0.0f);
+        v = (vec)((ivec)v & ~below);
+    }
+    return v;
+}
+
+static inline float epilogue_one(float v, const epilogue* E, int64_t o) {
+    if (E->residual) v += E->residual[o];
+    return E->relu && v < 0.0f ? 0.0f : v;
+}
+
 /* Direct output, each filter in one chunk: the tile's sums are its filters' whole outputs, so
- * the store writes bias + sum (+ residual, then ReLU) at once, where the separate passes
+ * the store writes bias + sum with the epilogue applied at once, where the separate passes
  * wrote the bias, read it back and added, then read and wrote again for the epilogue (the
  * same sums in the same order). */
 #define ACC_STORE_FUSED(j, v) if (j < live && v < nv) { \
         float* d = dst[v] + (int64_t)filt[j] * fstride; \
-        vec a = splat(S->bias ? S->bias[filt[j]] : 0.0f) + r##j##_##v; \
-        if (S->residual) a += vload(S->residual + (d - S->out)); \
-        if (S->relu) a = (vec)((ivec)a & ~(ivec)(a < splat(0.0f))); \
-        vstore(d, a); }
+        const vec a = splat(S->bias ? S->bias[filt[j]] : 0.0f) + r##j##_##v; \
+        vstore(d, epilogue_vec(a, S->E, d - S->out)); }
 /* How a tile stores its accumulators: NULL (added into an initialised output or block
- * buffer), or finished (see ACC_STORE_FUSED): the bias, the residual (laid out like `out`, the
- * group's output) or NULL, and ReLU. */
+ * buffer), or finished (see ACC_STORE_FUSED): the bias, the epilogue and the group's output
+ * (the epilogue's offsets are relative to it). */
 typedef struct {
     const float* bias;
-    const float* residual;
+    const epilogue* E;
     const float* out;
-    int relu;
 } fused_store;
 
 static inline __attribute__((always_inline)) void tile(
@@ -408,28 +427,6 @@ static const sweep_fn sweeps[FC] = {sweep_1, sweep_2, sweep_3, sweep_4,
 static const sweep_fn sweeps[FC] = {sweep_1, sweep_2, sweep_3, sweep_4};
 #endif
 
-/* The output epilogue, applied while a block's outputs are written (still in L1): the residual
- * (a tensor laid out exactly like the output, or NULL) is added, then ReLU when `relu`. ReLU
- * keeps NaN (`v < 0 ? 0 : v`), as torch.relu does. */
-typedef struct {
-    const float* residual;  /* the group's first image, like `out` */
-    int relu;
-} epilogue;
-
-static inline vec epilogue_vec(vec v, const epilogue* E, int64_t o) {
-    if (E->residual) v += vload(E->residual + o);
-    if (E->relu) {  /* lanes below zero cleared by mask: one compare and one and-not */
-        const ivec below = v < splat(0.0f);
-        v = (vec)((ivec)v & ~below);
-    }
-    return v;
-}
-
-static inline float epilogue_one(float v, const epilogue* E, int64_t o) {
-    if (E->residual) v += E->residual[o];
-    return E->relu && v < 0.0f ? 0.0f : v;
-}
-
 /* Vectors [m0, m0 + nb) of a packed group. out: the group's first image; acc: the block
  * buffer (F * BV * VL floats, private to the thread). */
 static void stripe_block(const stripe_plan* P, const float* B, int64_t m0, int64_t nb,
@@ -450,7 +447,7 @@ static void stripe_block(const stripe_plan* P, const float* B, int64_t m0, int64
                 vstore(out + o, fused ? epilogue_vec(bv, E, o) : bv);
             }
         }
-        const fused_store S = {P->bias, E->residual, out, E->relu};
+        const fused_store S = {P->bias, E, out};
         for (int64_t k = 0; k < P->nchunks; k++) {
             const int32_t e = P->chunk_tap0[k];
             sweeps[P->chunk_live[k] - 1](vi, nb, dst, HoWo, B, P->chunk_w + e * P->C * FC,

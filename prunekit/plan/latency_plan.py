@@ -49,7 +49,7 @@ __all__ = ["LATENCY_ALLOCATIONS", "LATENCY_ROUNDINGS", "LatencyPlan", "LatencyTa
 
 LATENCY_ALLOCATIONS = ("greedy", "uniform")
 LATENCY_ROUNDINGS = ("auto", "off")
-LATENCY_KERNELS = ("onednn", "native")  # = latency_table.KERNELS
+LATENCY_KERNELS = ("onednn", "native")  # what plan.latency_table times convs on
 ROUND_UP_TOLERANCE = 0.02
 STEP_FRACTION = 32   # a greedy step removes at least 1/32 of a group
 

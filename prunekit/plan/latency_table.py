@@ -54,13 +54,13 @@ from ..measure.machine_load import LoadMonitor, judge
 from ..nn import stripe_native
 from ..nn.native_call import takes_dense_conv
 from ..nn.stripe import StripeConv2d
+from .latency_plan import LATENCY_KERNELS as KERNELS
 
 __all__ = ["CACHE_ENV", "ConvLayer", "LatencyTable", "axis_samples", "cache_dir", "table_key",
            "time_conv"]
 
 CACHE_ENV = "PRUNEKIT_LATENCY_CACHE"
 CACHE_DIR = "latency_tables"
-KERNELS = ("onednn", "native")
 # Timing of one table point: warm-up passes, then at least RUNS runs and MIN_TIME_S seconds.
 POINT_WARMUP, POINT_RUNS, POINT_MIN_TIME_S = 2, 5, 0.01
 
