@@ -44,7 +44,7 @@ __all__ = ["NativeSequence", "group_native_convs", "original_named_modules"]
 class _Step(ctypes.Structure):
     """Mirror of ``stripe_step`` in stripe_kernel.c."""
 
-    _fields_ = [("plan", ctypes.c_void_p)] + [
+    _fields_ = [("plan", ctypes.c_void_p), ("forward", ctypes.c_void_p)] + [
         (name, ctypes.c_int64) for name in ("x", "out", "res", "relu", "threads")]
 
 
@@ -86,15 +86,16 @@ class _Program:
             t, floats = plan.threads_and_scratch(lay, 1 if m else threads)
             scratch = max(scratch, floats)
             layouts.append(lay)  # holds the plan structs and their index tensors alive
-            steps.append((lay["plan"], x, res, int(bool(getattr(conv, "relu", False))), t))
+            steps.append((lay, x, res, int(bool(getattr(conv, "relu", False))), t))
         self.layouts, self.scratch, self.shapes = layouts, scratch, shape
         self.outputs = tuple(outputs)
         per_chunk = [(m,) + s[1:] if m else s for s in shape]
         self.offsets, self.workspace = _share_memory(wiring, outputs, per_chunk, n_inputs)
         table = (_Step * len(steps))()
-        for k, (plan, x, res, relu, t) in enumerate(steps):
-            table[k] = _Step(ctypes.addressof(plan), x, n_inputs + k,
-                             -1 if res is None else res, relu, t)
+        for k, (lay, x, res, relu, t) in enumerate(steps):
+            # each step runs on the build its plan was laid out for (vector width)
+            table[k] = _Step(ctypes.addressof(lay["plan"]), lay["forward_address"], x,
+                             n_inputs + k, -1 if res is None else res, relu, t)
         self.table = table
         self.value_array = ctypes.c_void_p * len(shape)
         # threads each running whole chunks, each with its own workspace (1: unchunked)

@@ -6,6 +6,9 @@
  * -ffp-contract=fast [-fopenmp]) and called through ctypes; no Python or torch headers.
  * Portable C (GCC/clang vector extensions, no intrinsics): 8-float vectors where the CPU has
  * AVX (AVX2, AVX-512: ymm registers), 4-float ones elsewhere (SSE2, NEON, scalar splits).
+ * With -DPRUNEKIT_WIDE on an AVX-512 CPU, 16-float ones (zmm): a second library that
+ * stripe_native.py uses for convs whose output rows are multiples of 16, where a tile's
+ * stores, loads and broadcasts each cover twice the outputs.
  *
  * Layout ("padded phase planes"): the zero-padded input xp[h][w] = x[h - p][w - p] is split by
  * the stride s into phase planes P[(a, b)][r][q] = xp[s*r + a][s*q + b], each Hq x Wq =
@@ -46,7 +49,10 @@ static int omp_get_thread_num(void) { return 0; }
 static int omp_get_num_threads(void) { return 1; }
 #endif
 
-#if defined(__AVX__)
+#if defined(PRUNEKIT_WIDE) && defined(__AVX512F__)
+#define VL 16           /* zmm: the second build (stripe_native.wide_library), for convs whose
+                         * output rows are whole 16-float vectors */
+#elif defined(__AVX__)
 #define VL 8            /* floats per vector: ymm (also on AVX-512: no frequency drop) */
 #else
 #define VL 4            /* SSE2, NEON; the compiler splits or scalarises elsewhere */
@@ -68,7 +74,9 @@ static inline vec vload(const float* p) { vec v; memcpy(&v, p, sizeof v); return
 static inline void vstore(float* p, vec v) { memcpy(p, &v, sizeof v); }
 /* (vec){0} + f would keep the scalar addition (0 + -0.0 is +0.0): a plain broadcast instead */
 static inline vec splat(float f) {
-#if VL == 8
+#if VL == 16
+    return (vec){f, f, f, f, f, f, f, f, f, f, f, f, f, f, f, f};
+#elif VL == 8
     return (vec){f, f, f, f, f, f, f, f};
 #else
     return (vec){f, f, f, f};
@@ -596,12 +604,21 @@ int prunekit_stripe_forward(const stripe_plan* P, const float* x, float* buf, fl
     return prunekit_stripe_forward_fused(P, x, buf, out, NULL, 0, threads);
 }
 
-/* One conv of a sequence: its plan and the value slots it reads and writes (res < 0: no
- * residual); threads as for prunekit_stripe_forward_fused. */
+/* One conv of a sequence: its plan, the forward that runs it (NULL: this library's; a plan
+ * built for the other vector width names that library's prunekit_stripe_forward_fused) and
+ * the value slots it reads and writes (res < 0: no residual); threads as for
+ * prunekit_stripe_forward_fused. */
+typedef int (*stripe_forward_fn)(const stripe_plan*, const float*, float*, float*,
+                                 const float*, int, int);
 typedef struct {
     const stripe_plan* plan;
+    stripe_forward_fn forward;
     int64_t x, out, res, relu, threads;
 } stripe_step;
+
+static inline stripe_forward_fn step_forward(const stripe_step* S) {
+    return S->forward ? S->forward : prunekit_stripe_forward_fused;
+}
 
 int64_t prunekit_stripe_step_size(void) { return (int64_t)sizeof(stripe_step); }
 
@@ -614,9 +631,9 @@ int64_t prunekit_stripe_sequence(const stripe_step* steps, int64_t n, float* con
                                  float* buf) {
     for (int64_t k = 0; k < n; k++) {
         const stripe_step* S = &steps[k];
-        if (prunekit_stripe_forward_fused(S->plan, values[S->x], buf, values[S->out],
-                                          S->res >= 0 ? values[S->res] : NULL, (int)S->relu,
-                                          (int)S->threads) != 0)
+        if (step_forward(S)(S->plan, values[S->x], buf, values[S->out],
+                            S->res >= 0 ? values[S->res] : NULL, (int)S->relu,
+                            (int)S->threads) != 0)
             return k + 1;
     }
     return 0;
@@ -650,10 +667,8 @@ int64_t prunekit_stripe_sequence_chunked(const stripe_step* steps, int64_t n, in
                 local[k] = values[k] + (stride[k] ? c * stride[k] : (int64_t)t * work);
             for (int64_t k = 0; k < n && !mine; k++) {
                 const stripe_step* S = &steps[k];
-                if (prunekit_stripe_forward_fused(S->plan, local[S->x], buf + t * scratch,
-                                                  local[S->out],
-                                                  S->res >= 0 ? local[S->res] : NULL,
-                                                  (int)S->relu, 1) != 0)
+                if (step_forward(S)(S->plan, local[S->x], buf + t * scratch, local[S->out],
+                                    S->res >= 0 ? local[S->res] : NULL, (int)S->relu, 1) != 0)
                     mine = k + 1;
             }
         }
