@@ -225,7 +225,7 @@ def test_state_dict_and_grad():
 
 
 # --------------------------------------------------------------------------- native kernel
-from prunekit.nn import stripe_native  # noqa: E402
+from prunekit.nn import stripe_build, stripe_native  # noqa: E402
 from prunekit.nn import stripe_chunks  # noqa: E402
 
 needs_native = pytest.mark.skipif(stripe_native.library() is None,
@@ -348,16 +348,16 @@ def test_native_stride2_packs_both_column_phases_in_one_pass(w, k, padding, dila
 
 @needs_native
 def test_native_loader_refuses_a_kernel_with_another_plan_layout(monkeypatch):
-    """A process that imported an older stripe_native.py and compiles a newer kernel (prunekit
+    """A process that imported an older stripe_build.py and compiles a newer kernel (prunekit
     edited under a running job) must not call it with the wrong struct: it falls back."""
     import ctypes
 
     class Older(ctypes.Structure):
         _fields_ = [("N", ctypes.c_int64)]
 
-    monkeypatch.setattr(stripe_native, "_Plan", Older)
+    monkeypatch.setattr(stripe_build, "_Plan", Older)
     with pytest.raises(RuntimeError, match="restart"):
-        stripe_native._build()
+        stripe_build._build()
 
 
 def test_group_size_is_the_largest_divisor_that_fits():
@@ -414,14 +414,14 @@ def test_native_kernel_is_skipped_where_it_cannot_serve(monkeypatch):
 
 
 def test_native_kernel_disabled_or_without_compiler(monkeypatch):
-    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.setattr(stripe_build, "_state", {})
     monkeypatch.setenv("PRUNEKIT_NATIVE", "0")
     assert stripe_native.library() is None
     assert "PRUNEKIT_NATIVE=0" in stripe_native.unavailable_reason()
-    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.setattr(stripe_build, "_state", {})
     monkeypatch.delenv("PRUNEKIT_NATIVE")
     monkeypatch.setenv("CC", "/no/such/compiler")
-    monkeypatch.setattr(stripe_native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(stripe_build.shutil, "which", lambda name: None)
     assert stripe_native.library() is None
     assert "no C compiler" in stripe_native.unavailable_reason()
     conv = nn.Conv2d(3, 4, 3, padding=1)
@@ -508,7 +508,7 @@ def test_native_chunks_cover_every_kept_stripe_once(cout):
 
 def _fake_compiler(tmp_path, reject: str) -> str:
     """A compiler that fails whenever its arguments include `reject`, else runs the real one."""
-    real = stripe_native._compiler()
+    real = stripe_build._compiler()
     script = tmp_path / "cc-without"
     script.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "{reject}" ] && '
                       f'{{ echo "unsupported {reject}" >&2; exit 1; }}; done\nexec {real} "$@"\n')
@@ -520,11 +520,11 @@ def _fake_compiler(tmp_path, reject: str) -> str:
 def test_native_build_falls_back_to_fewer_flags(tmp_path, monkeypatch, private_cache):
     """A compiler without OpenMP (or without -march=native) still builds the kernel: the
     variants are tried in turn, and the kernel computes the same result."""
-    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.setattr(stripe_build, "_state", {})
     monkeypatch.setenv("CC", _fake_compiler(tmp_path, "-fopenmp"))
     lib = stripe_native.library()
     assert lib is not None and stripe_native.unavailable_reason() is None
-    assert [f for f in stripe_native._flag_variants()[1] if f == "-fopenmp"] == []
+    assert [f for f in stripe_build._flag_variants()[1] if f == "-fopenmp"] == []
     gen = torch.Generator().manual_seed(5)
     conv = nn.Conv2d(6, 10, 3, stride=2, padding=1)
     sconv = StripeConv2d.from_dense(conv, _random_mask(10, 3, 0.5, gen))
@@ -537,7 +537,7 @@ def test_native_build_falls_back_to_fewer_flags(tmp_path, monkeypatch, private_c
 def test_native_failed_compile_warns_and_falls_back(tmp_path, monkeypatch, private_cache):
     """Every compile failing (here: a compiler that rejects every source) gives a warning
     naming the reason, and StripeConv2d computes with the torch formulation."""
-    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.setattr(stripe_build, "_state", {})
     monkeypatch.setenv("CC", _fake_compiler(tmp_path, "-shared"))
     with pytest.warns(RuntimeWarning, match="torch formulation"):
         assert stripe_native.library() is None
@@ -557,9 +557,9 @@ def test_native_kernel_without_avx_builds_and_matches(monkeypatch, private_cache
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 only")
-    monkeypatch.setattr(stripe_native, "FLAGS", [
-        "-march=x86-64" if f == "-march=native" else f for f in stripe_native.FLAGS])
-    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.setattr(stripe_build, "FLAGS", [
+        "-march=x86-64" if f == "-march=native" else f for f in stripe_build.FLAGS])
+    monkeypatch.setattr(stripe_build, "_state", {})
     lib = stripe_native.library()
     assert lib is not None, stripe_native.unavailable_reason()
     assert lib.prunekit_stripe_vl() == 4
@@ -580,9 +580,9 @@ def test_native_kernel_compiles_for_avx512(tmp_path):
     (it cannot run on a CPU without AVX-512)."""
     import subprocess
 
-    compiler, march = stripe_native._compiler(), "skylake-avx512"
-    flags = [f"-march={march}" if f == "-march=native" else f for f in stripe_native.FLAGS]
-    result = subprocess.run([compiler, *flags, str(stripe_native.SOURCE), "-o",
+    compiler, march = stripe_build._compiler(), "skylake-avx512"
+    flags = [f"-march={march}" if f == "-march=native" else f for f in stripe_build.FLAGS]
+    result = subprocess.run([compiler, *flags, str(stripe_build.SOURCE), "-o",
                              str(tmp_path / "k.so")], capture_output=True, text=True)
     if "march" in result.stderr and result.returncode != 0:
         pytest.skip(f"{compiler} does not know -march={march}")

@@ -12,7 +12,7 @@ from torch import nn
 
 import prunekit
 from prunekit.deployment import NativeSequence, deploy
-from prunekit.nn import stripe_native
+from prunekit.nn import stripe_build, stripe_native
 from prunekit.nn.stripe import StripeConv2d, stripe_prune_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.usefixtures("single_thread"),
                                  reason=f"native stripe kernel unavailable: "
                                         f"{stripe_native.unavailable_reason()}")]
 TOL = dict(rtol=1e-4, atol=1e-4)
-HAS_AVX512 = " avx512f" in stripe_native._cpu_identity()
+HAS_AVX512 = " avx512f" in stripe_build._cpu_identity()
 needs_wide = pytest.mark.skipif(stripe_native.wide_library() is None,
                                 reason="no wide build here (the CPU has no AVX-512)")
 
@@ -130,8 +130,8 @@ def test_a_sequence_runs_each_step_on_its_own_width(randomize_norms):
 
 
 def test_turned_off_every_conv_runs_on_the_default_width(monkeypatch):
-    monkeypatch.setattr(stripe_native, "_state", dict(stripe_native._state))
-    stripe_native._state.pop("wide", None)
+    monkeypatch.setattr(stripe_build, "_state", dict(stripe_build._state))
+    stripe_build._state.pop("wide", None)
     monkeypatch.setenv("PRUNEKIT_WIDE", "0")
     assert stripe_native.wide_library() is None
     sconv, gen = _stripe(16, 16, 1, 0.5, seed=2)
@@ -149,12 +149,12 @@ def test_no_wide_build_is_tried_without_native_code_generation(monkeypatch, priv
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 only")
-    monkeypatch.setattr(stripe_native, "FLAGS", [
-        "-march=x86-64" if f == "-march=native" else f for f in stripe_native.FLAGS])
-    monkeypatch.setattr(stripe_native, "_state", {})
+    monkeypatch.setattr(stripe_build, "FLAGS", [
+        "-march=x86-64" if f == "-march=native" else f for f in stripe_build.FLAGS])
+    monkeypatch.setattr(stripe_build, "_state", {})
     builds = []
-    real = stripe_native._build
-    monkeypatch.setattr(stripe_native, "_build", lambda extra=(): builds.append(extra) or
+    real = stripe_build._build
+    monkeypatch.setattr(stripe_build, "_build", lambda extra=(): builds.append(extra) or
                         real(extra))
     assert stripe_native.wide_library() is None
     assert builds == [()]
@@ -166,12 +166,12 @@ def test_no_wide_build_is_tried_without_native_code_generation(monkeypatch, priv
 
 def test_wide_build_compiles_for_avx512(tmp_path):
     """The wide variant at least compiles for an AVX-512 target (it cannot run elsewhere)."""
-    compiler, march = stripe_native._compiler(), "skylake-avx512"
+    compiler, march = stripe_build._compiler(), "skylake-avx512"
     if compiler is None:
         pytest.skip("no C compiler")
     flags = [f"-march={march}" if f == "-march=native" else f
-             for f in stripe_native.FLAGS] + stripe_native.WIDE_FLAGS
-    result = subprocess.run([compiler, *flags, str(stripe_native.SOURCE), "-o",
+             for f in stripe_build.FLAGS] + stripe_build.WIDE_FLAGS
+    result = subprocess.run([compiler, *flags, str(stripe_build.SOURCE), "-o",
                              str(tmp_path / "k.so")], capture_output=True, text=True)
     if "march" in result.stderr and result.returncode != 0:
         pytest.skip(f"{compiler} does not know -march={march}")

@@ -2,12 +2,12 @@
  * NeurIPS 2020: out[f] = sum over kept stripes (f, i, j) of W[f, :, i, j] . x shifted by
  * (i*d, j*d)), CPU, float32.
  *
- * Compiled on first use by prunekit/nn/stripe_native.py (cc -O3 -march=native
+ * Compiled on first use by prunekit/nn/stripe_build.py (cc -O3 -march=native
  * -ffp-contract=fast [-fopenmp]) and called through ctypes; no Python or torch headers.
  * Portable C (GCC/clang vector extensions, no intrinsics): 8-float vectors where the CPU has
  * AVX (AVX2, AVX-512: ymm registers), 4-float ones elsewhere (SSE2, NEON, scalar splits).
  * With -DPRUNEKIT_WIDE on an AVX-512 CPU, 16-float ones (zmm): a second library that
- * stripe_native.py uses for convs whose output rows are multiples of 16, where a tile's
+ * stripe_native.py lays out convs whose output rows are multiples of 16, where a tile's
  * stores, loads and broadcasts each cover twice the outputs.
  *
  * Layout ("padded phase planes"): the zero-padded input xp[h][w] = x[h - p][w - p] is split by
@@ -130,7 +130,7 @@ typedef struct {
 } stripe_plan;
 
 /* The loader compares this with its own mirror of the struct: a process that imported an
- * older stripe_native.py must not drive a newer kernel with a different layout. */
+ * older stripe_build.py must not drive a newer kernel with a different layout. */
 int64_t prunekit_stripe_plan_size(void) { return (int64_t)sizeof(stripe_plan); }
 
 typedef float vec8 __attribute__((vector_size(32)));
