@@ -6,9 +6,9 @@
  * -ffp-contract=fast [-fopenmp]) and called through ctypes; no Python or torch headers.
  * Portable C (GCC/clang vector extensions, no intrinsics): 8-float vectors where the CPU has
  * AVX (AVX2, AVX-512: ymm registers), 4-float ones elsewhere (SSE2, NEON, scalar splits).
- * With -DPRUNEKIT_WIDE on an AVX-512 CPU, 16-float ones (zmm): a second library that
- * stripe_native.py lays out convs whose output rows are multiples of 16, where a tile's
- * stores, loads and broadcasts each cover twice the outputs.
+ * With -DPRUNEKIT_WIDE on an AVX-512 CPU, 16-float ones (zmm): a second library, on which
+ * stripe_native.py lays out the convs whose output rows are multiples of 16 (a tile's
+ * stores, loads and broadcasts then each cover twice the outputs).
  *
  * Layout ("padded phase planes"): the zero-padded input xp[h][w] = x[h - p][w - p] is split by
  * the stride s into phase planes P[(a, b)][r][q] = xp[s*r + a][s*q + b], each Hq x Wq =
