@@ -316,6 +316,8 @@ def main() -> None:
             "load_avg_before": load_avg(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "rounds": args.rounds, "runs": args.runs, "layer_threads": 1,
             "kernel": {"vector_floats": stripe_native.library().prunekit_stripe_vl(),
+                       "wide_vector_floats": (stripe_native.wide_library().prunekit_stripe_vl()
+                                              if stripe_native.wide_library() else None),
                        "filters_per_chunk": stripe_native.library().prunekit_stripe_chunk()}}
 
     def write(layers, net, net_meta):  # after each part, atomically: a killed run keeps results
