@@ -365,3 +365,57 @@ def test_cli_flag_parses_and_conflicts_are_clear(tmp_path, prune_job_options, ca
                  "--out", str(tmp_path / "run")]) == 2
     assert "--latency-reduction must be a number in [0, 1)" in capsys.readouterr().err
     assert issubclass(PlanError, PrunekitError)
+
+
+# ---------------------------------------------------------------- the aim search
+
+
+def _history(*pairs):
+    return [{"aim": a, "measured": m} for a, m in pairs]
+
+
+def test_next_aim_interpolates_inside_a_bracket_and_halves_it_instead_of_creeping():
+    from prunekit.plan.latency_search import BRACKET_GUARD, next_aim
+
+    # a line through both ends: the interpolated aim, well inside the bracket
+    assert next_aim(_history((0.3, 0.2), (0.5, 0.4)), 0.3, 0.9) == pytest.approx(0.4)
+    # the measured reduction jumps right after the lower end: regula falsi would land next to
+    # it, in the bracket's outer BRACKET_GUARD; the midpoint is taken instead
+    aim = next_aim(_history((0.3, 0.215), (0.419, 0.342)), 0.22, 0.9)
+    assert 0.3 < 0.3 + BRACKET_GUARD * 0.119 and aim == pytest.approx((0.3 + 0.419) / 2)
+    # no bracket yet: where the fitted line meets the target (through the origin for one plan)
+    assert next_aim(_history((0.3, 0.15)), 0.3, 0.9) == pytest.approx(0.6)
+    assert next_aim(_history((0.3, 0.15)), 0.3, 0.5) == pytest.approx(0.5)  # reachable caps it
+
+
+def test_a_rounding_step_straddling_the_target_is_recognised():
+    from prunekit.plan.latency_search import STEP_AIM, straddles_a_step
+
+    assert straddles_a_step(_history((0.529, 0.444), (0.534, 0.534)), 0.5)
+    assert not straddles_a_step(_history((0.50, 0.44), (0.50 + 2 * STEP_AIM, 0.53)), 0.5)
+    assert not straddles_a_step(_history((0.529, 0.444), (0.534, 0.47)), 0.5)  # both below
+
+
+def test_closed_loop_measures_unrounded_counts_across_a_rounding_step():
+    """A measured reduction that jumps over the tolerance band between two nearly equal aims
+    (as rounding a group up or not does): the loop then plans without auto rounding, steered
+    by every plan's predicted reduction, and lands inside the tolerance."""
+    timer = CountingTimer(step=8)
+    _, _, graph, scores, table = _setup(timer)
+    shapes = PlanShapes(graph, table, scores)
+    full = shapes.predict_ms({})
+
+    def measure(counts):  # the table's prediction, as if measured
+        return {"reduction": 1 - shapes.predict_ms(counts) / full}
+    plan = counts_for_latency(shapes, 0.5, measure=measure, tolerance=0.05, steps=8,
+                              rounding="auto")
+    steps = plan.report["steps"]
+    modes = [s["rounding"] for s in steps]
+    assert modes[0] == "auto" and modes[-1].startswith("off")  # it switched, once, for good
+    switched = modes.index(modes[-1])
+    assert all(m == "auto" for m in modes[:switched])
+    assert all(m.startswith("off") and not s["rounded_up"] for m, s in
+               zip(modes[switched:], steps[switched:]))
+    # with rounding, nothing between the step's two sides was measurable
+    assert not any(abs(s["measured"] - 0.5) <= 0.05 * 0.5 for s in steps[:switched])
+    assert plan.report["within_tolerance"]

@@ -29,8 +29,8 @@ Three parts, each replaceable:
 corrected until the measured reduction is within ``STOP_MARGIN`` of the ``tolerance``
 (relative, default 5%) of the target, or ``steps`` measurements are spent, keeping the
 closest plan; that plan is measured once more (the figure reported) and a
-:class:`LatencyTargetWarning` says when it is outside the tolerance. The correction fits measured against predicted
-reduction over every plan measured so far (:func:`_next_aim`).
+:class:`LatencyTargetWarning` says when it is outside the tolerance. The correction fits measured reduction against the aim over every plan measured so far
+(:func:`.latency_search.next_aim`).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from typing import Callable
 import numpy as np
 
 from .checks import PlanError
+from .latency_search import next_aim, straddles_a_step
 from .select import keep_count, select
 
 __all__ = ["LATENCY_ALLOCATIONS", "LATENCY_ROUNDINGS", "LatencyPlan", "LatencyTargetWarning",
@@ -306,10 +307,10 @@ def counts_for_latency(shapes: PlanShapes, target: float, *, measure: Callable |
     floor = {name: shapes.min_keep(name, max_ratio) for name in shapes.groups}
     reachable = 1 - shapes.predict_ms(floor) / full
 
-    def plan_for(predicted: float):
+    def plan_for(predicted: float, round_up: bool = True):
         counts = allocate(min(predicted, reachable), max_ratio)
         rounded = {}
-        if rounding == "auto":
+        if rounding == "auto" and round_up:
             up, rounded = round_up_auto(shapes, counts)
             if any(up[n] < g.size for n, g in shapes.groups.items()):
                 counts = up
@@ -317,13 +318,14 @@ def counts_for_latency(shapes: PlanShapes, target: float, *, measure: Callable |
                 rounded = {}
         return counts, 1 - shapes.predict_ms(counts) / full, rounded
 
-    history, aim = [], target
+    history, aim, round_up, mode = [], target, True, rounding
     best = None
     for step in range(steps if measure is not None else 1):
-        counts, predicted, rounded = plan_for(aim)
+        counts, predicted, rounded = plan_for(aim, round_up)
         measured = measure(counts) if measure is not None else {"reduction": None}
         entry = {"aim": aim, "predicted": predicted, "measured": measured.get("reduction"),
-                 "rounded_up": rounded}
+                 "rounded_up": rounded,
+                 "rounding": mode}
         history.append({**entry, "measurement": {k: v for k, v in measured.items()
                                                  if k != "reduction"}})
         if measure is None:
@@ -334,7 +336,14 @@ def counts_for_latency(shapes: PlanShapes, target: float, *, measure: Callable |
             best = (counts, entry, measured)
         if error <= STOP_MARGIN * tolerance * target:
             break
-        aim = _next_aim(history, target, reachable)
+        # measured on both sides of the target by plans for nearly the same aim: the rounded
+        # counts jump there (a group rounded up or not), so from then on the allocation's own
+        # counts, which move smoothly with the aim (their prediction is the aim), are
+        # measured, steered by every plan's (predicted, measured) pair
+        round_up = round_up and not (rounding == "auto" and straddles_a_step(history, target))
+        mode = rounding if round_up else "off (a rounding step straddled)"
+        aim = next_aim(history, target, reachable, control="aim" if round_up else "predicted",
+                       tried=[h["aim"] for h in history if h["rounding"] == mode])
         if aim is None:
             break
     counts, entry, measured = best
@@ -358,43 +367,3 @@ def counts_for_latency(shapes: PlanShapes, target: float, *, measure: Callable |
                       "latency_steps, or measure on a quieter machine", LatencyTargetWarning,
                       stacklevel=2)
     return LatencyPlan(counts=counts, report=report)
-
-
-def _next_aim(history: list[dict], target: float, reachable: float) -> float | None:
-    """The next aim (the allocation's predicted target) from every (aim, measured) pair so far:
-    measured = a * aim after one plan (a line through the origin: both are 0 for the unpruned
-    model); once plans were measured on both sides of the target, the line through the
-    nearest one on each side (regula falsi: the mapping is locally, not globally, linear);
-    before that a least-squares line through all pairs. The aim where that line meets the
-    target, clipped into [0.01, reachable]; None when it would repeat an aim. The aim, not the
-    plan's predicted reduction, is what the loop controls: after auto rounding the prediction
-    of plans for aims 0.34-0.36 stayed at 0.31-0.32 (2026-12-04), so a fit against it was
-    degenerate and the aims wandered while the measured reduction followed the aim."""
-    xs = [h["aim"] for h in history]
-    ys = [h["measured"] for h in history]
-    below = [(y, x) for x, y in zip(xs, ys) if y < target]
-    above = [(y, x) for x, y in zip(xs, ys) if y > target]
-    slope, offset = None, 0.0
-    if below and above:  # bracketed: interpolate between the nearest plans on either side
-        (y0, x0), (y1, x1) = max(below), min(above)
-        if x1 > x0:
-            slope = (y1 - y0) / (x1 - x0)
-            offset = y0 - slope * x0
-    elif len(xs) >= 2 and max(xs) - min(xs) > 1e-3:
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-        offset = my - slope * mx
-    if slope is None or not 0.2 <= slope <= 5:  # one pair, or noise swamped the fit
-        sxx = sum(x * x for x in xs)
-        slope, offset = (sum(x * y for x, y in zip(xs, ys)) / sxx if sxx > 0 else 1.0), 0.0
-    if slope <= 0:
-        return None
-    aim = min(max((target - offset) / slope, 0.01), reachable)
-    if any(abs(aim - h["aim"]) < 1e-4 for h in history):
-        # the plan for this aim was measured already (its channel steps overshoot): move the
-        # last aim by the last error instead
-        aim = min(max(history[-1]["aim"] + (target - ys[-1]) / slope, 0.01), reachable)
-        if any(abs(aim - h["aim"]) < 1e-4 for h in history):
-            return None
-    return aim
