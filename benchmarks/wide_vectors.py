@@ -1,12 +1,12 @@
-"""The stripe kernel's wide build (16-float vectors, AVX-512) against its default width, on whole
-deployed networks, in one interleaved run per row.
+"""The stripe kernel's wide build (16-float vectors, AVX-512) against its default width, per
+layer and on whole deployed networks, in one interleaved run per row.
 
     python benchmarks/wide_vectors.py [--models swp56,r56_l1_macs50] [--rounds 7] [--out FILE]
 
 Layer rows first (ResNet-56's 3x3 shapes with 50% of the stripes removed at random, as in
 stripe_speed.py; 1 thread, batch 1 / 16 / 64): the same StripeConv2d laid out on each width.
-Network rows: (model, threads 1 | 2, batch 1 | 64). Each row deploys the pruned model twice with every
-conv on the C kernel (``native_convs=True``, NCHW, sequences on), once with
+Network rows: (model, threads 1 | 2, batch 1 | 64). Each row deploys the pruned model twice,
+with every conv on the C kernel (``native_convs=True``, NCHW, sequences on), once with
 ``stripe_native.WIDE_VECTORS`` off (every conv on 8-float vectors: the kernel before the wide
 build) and once on (convs whose output rows are whole 16-float vectors on the wide build), runs
 each once so its plans are laid out under that setting, and times both with

@@ -176,3 +176,25 @@ def test_wide_build_compiles_for_avx512(tmp_path):
     if "march" in result.stderr and result.returncode != 0:
         pytest.skip(f"{compiler} does not know -march={march}")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@needs_wide
+@pytest.mark.parametrize("batch", [1, 12])
+def test_wide_build_on_two_threads(batch, monkeypatch):
+    """Two threads on the wide build: whole groups per thread (batch 12), and one group's
+    blocks shared by the threads (batch 1, enough multiply-adds to use both)."""
+    monkeypatch.setattr(stripe_native, "MACS_PER_THREAD", 1 << 10)
+    sconv, gen = _stripe(32, 48, 1, 0.5, seed=batch)
+    x = torch.randn(batch, 32, 24, 32, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        lay = sconv._native_plan()._layout(batch, 24, 32)
+        assert lay["vl"] == 16
+        assert stripe_native.NativeStripePlan.threads_and_scratch(lay, 2)[0] == 2
+        with torch.no_grad():
+            got = sconv(x)
+    finally:
+        torch.set_num_threads(before)
+    with torch.no_grad():
+        torch.testing.assert_close(got, _masked_reference(sconv, x), **TOL)

@@ -25,12 +25,13 @@ Three parts, each replaceable:
    cost (on an oneDNN CPU, a count inside a SIMD block often runs no faster than the block's
    full width). ``"off"`` keeps the allocation's counts.
 
-**Closed loop** (:func:`counts_for_latency` with ``measure``): the predicted target is
-corrected until the measured reduction is within ``STOP_MARGIN`` of the ``tolerance``
-(relative, default 5%) of the target, or ``steps`` measurements are spent, keeping the
-closest plan; that plan is measured once more (the figure reported) and a
-:class:`LatencyTargetWarning` says when it is outside the tolerance. The correction fits measured reduction against the aim over every plan measured so far
-(:func:`.latency_search.next_aim`).
+**Closed loop** (:func:`counts_for_latency` with ``measure``): the aim (the reduction the
+allocation is asked to predict) is corrected until the measured reduction is within
+``STOP_MARGIN`` of the ``tolerance`` (relative, default 5%) of the target, or ``steps``
+measurements are spent, keeping the closest plan; that plan is measured once more (the
+figure reported) and a :class:`LatencyTargetWarning` says when it is outside the tolerance.
+The correction (:func:`.latency_search.next_aim`) fits the measured reductions against the
+aims; across a rounding step the loop plans unrounded counts.
 """
 from __future__ import annotations
 
