@@ -1,5 +1,5 @@
-"""The stripe kernel's wide build (16-float vectors, AVX-512) against its default width, per
-layer and on whole deployed networks, in one interleaved run per row.
+"""The wide stripe kernel build (16-float vectors, AVX-512) against the default width.
+Per layer and on whole deployed networks, in one interleaved run per row.
 
     python benchmarks/wide_vectors.py [--models swp56,r56_l1_macs50] [--rounds 7] [--out FILE]
 
