@@ -33,23 +33,29 @@ from stripe_speed import LAYERS, random_mask  # benchmarks/stripe_speed.py
 OUT = Path(__file__).parent / "results" / "wide_vectors.json"
 
 
-def _row(name, pruned, x, threads, batch, rounds) -> dict:
+def _both_widths(make, example, threads) -> dict:
+    """``make()`` twice, once with ``stripe_native.WIDE_VECTORS`` off and once on, each run
+    once on ``example`` so that its plans are laid out under that setting (the settings and
+    torch's thread count are restored)."""
     previous = (torch.get_num_threads(), stripe_native.WIDE_VECTORS)
-    example = x.expand(batch, *x.shape[1:]).contiguous()
     models = {}
     try:
         torch.set_num_threads(threads)
         for wide in (False, True):
             stripe_native.WIDE_VECTORS = wide
-            deployed = prunekit.deploy(pruned, example, native_convs=True, channels_last=False)
+            models["wide" if wide else "narrow"] = model = make()
             with torch.no_grad():
-                deployed(example)  # lays out its plans (and sequences) under this setting
-            models["wide" if wide else "narrow"] = deployed
+                model(example)
     finally:
         torch.set_num_threads(previous[0])
         stripe_native.WIDE_VECTORS = previous[1]
+    return models
+
+
+def _timed_row(name, models, x, batch, threads, rounds, runs) -> dict:
+    """Both widths in one interleaved run: the row of the results file."""
     measured = measure.interleaved_latency(models, x, batch_sizes=(batch,), rounds=rounds,
-                                           runs=10 if batch == 1 else 4, threads=threads)
+                                           runs=runs, threads=threads)
     lo, hi = measured.speedup_range("narrow", "wide")[batch]
     return {"model": name, "threads": threads, "batch": batch,
             "narrow_ms": measured.results["narrow"].median_ms[batch],
@@ -57,6 +63,13 @@ def _row(name, pruned, x, threads, batch, rounds) -> dict:
             "speedup": measured.speedup("narrow", "wide")[batch], "round_range": [lo, hi],
             "warnings": list(measured.warnings), "machine": measured.machine,
             "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds}
+
+
+def _row(name, pruned, x, threads, batch, rounds) -> dict:
+    example = x.expand(batch, *x.shape[1:]).contiguous()
+    models = _both_widths(lambda: prunekit.deploy(pruned, example, native_convs=True,
+                                                  channels_last=False), example, threads)
+    return _timed_row(name, models, x, batch, threads, rounds, 10 if batch == 1 else 4)
 
 
 def _layer_row(cin, cout, size, stride, rounds) -> list[dict]:
@@ -67,32 +80,12 @@ def _layer_row(cin, cout, size, stride, rounds) -> list[dict]:
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False).eval()
     mask = random_mask(cout, 0.5, seed=cin + cout + stride)
-    previous = (torch.get_num_threads(), stripe_native.WIDE_VECTORS)
     rows = []
-    try:
-        torch.set_num_threads(1)
-        for batch in (1, 16, 64):
-            x = torch.randn(batch, cin, size, size)
-            models = {}
-            for wide in (False, True):
-                stripe_native.WIDE_VECTORS = wide
-                models["wide" if wide else "narrow"] = m = StripeConv2d.from_dense(conv, mask)
-                with torch.no_grad():
-                    m(x)  # lays out the plan for this batch under this setting
-            stripe_native.WIDE_VECTORS = previous[1]
-            measured = measure.interleaved_latency(models, x[:1], batch_sizes=(batch,),
-                                                   rounds=rounds, runs=10, threads=1)
-            lo, hi = measured.speedup_range("narrow", "wide")[batch]
-            rows.append({"model": f"layer {cin}->{cout} {size}x{size} s{stride}", "threads": 1,
-                         "batch": batch, "narrow_ms": measured.results["narrow"].median_ms[batch],
-                         "wide_ms": measured.results["wide"].median_ms[batch],
-                         "speedup": measured.speedup("narrow", "wide")[batch],
-                         "round_range": [lo, hi], "warnings": list(measured.warnings),
-                         "machine": measured.machine, "date": time.strftime("%Y-%m-%d %H:%M"),
-                         "rounds": rounds})
-    finally:
-        torch.set_num_threads(previous[0])
-        stripe_native.WIDE_VECTORS = previous[1]
+    for batch in (1, 16, 64):
+        x = torch.randn(batch, cin, size, size)
+        models = _both_widths(lambda: StripeConv2d.from_dense(conv, mask), x, 1)
+        rows.append(_timed_row(f"layer {cin}->{cout} {size}x{size} s{stride}", models, x[:1],
+                               batch, 1, rounds, 10))
     return rows
 
 

@@ -35,8 +35,22 @@ def test_the_cache_key_names_the_kernel_and_its_source():
     native = table_key(_layer(), **base, kernel="native")
     assert onednn["kernel"] == "onednn" and native["kernel"] == "native"
     assert onednn != native and "kernel_source" not in onednn
-    assert native["kernel_source"] == stripe_native.source_digest()
+    assert native["kernel_source"] == stripe_native.kernel_identity()
+    assert native["kernel_source"].startswith(stripe_native.source_digest())
     assert table_key(_layer(), **base) == onednn
+
+
+def test_the_cache_key_tells_the_wide_build_from_the_default_width(monkeypatch):
+    """Timings made with the wide build (AVX-512) are never reused with it turned off."""
+    base = dict(device="cpu", threads=1, dtype=torch.float32, batch=1, kernel="native")
+    monkeypatch.setattr(stripe_native, "WIDE_VECTORS", False)
+    narrow = table_key(_layer(), **base)
+    assert narrow["kernel_source"] == stripe_native.source_digest()
+    monkeypatch.setattr(stripe_native, "WIDE_VECTORS", True)
+    if stripe_native.wide_library() is None:
+        assert table_key(_layer(), **base) == narrow  # one width only here
+    else:
+        assert table_key(_layer(), **base)["kernel_source"] == narrow["kernel_source"] + "+vl16"
 
 
 @needs_kernel

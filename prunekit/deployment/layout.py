@@ -258,7 +258,7 @@ def choose_channels_last(model: nn.Module, inputs: tuple, *, cache: bool | None 
     layouts, post_ops = tuple(layouts), tuple(bool(v) for v in post_ops)
     first = inputs[0]
     candidates = f"{'/'.join(layouts)}|post_ops={'/'.join(map(str, post_ops))}" + (
-        f"|native={','.join(sorted(native))}|kernel={stripe_native.source_digest()}"
+        f"|native={','.join(sorted(native))}|kernel={stripe_native.kernel_identity()}"
         + ("|sequences" if sequences else "") if native else "")
     key = cache_key(first.device, torch.get_num_threads(), first.dtype, first.shape,
                     f"{structure_fingerprint(model)}|{candidates}")

@@ -163,8 +163,9 @@ def wide_library() -> ctypes.CDLL | None:
     """The kernel built with 16-float vectors, or None: without AVX-512 (the build then has
     the default width), without the default library, or with PRUNEKIT_WIDE=0. Plans use it
     for convs whose output rows are whole wide vectors (see NativeStripePlan._library_for):
-    measured on AMD EPYC (Zen 4) 5-20% faster on ResNet-56's 32x32 and 16x16 stripe layers,
-    whose tiles then store, load and broadcast once per 16 outputs instead of 8."""
+    measured on AMD EPYC (Zen 4) 4-9% faster on ResNet-56's 32x32 and 16x16 stripe layers
+    (benchmarks/wide_vectors.py), whose tiles then store, load and broadcast once per 16
+    outputs instead of 8."""
     base = library()
     with _lock:
         if "wide" not in _state:

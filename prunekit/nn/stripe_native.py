@@ -15,7 +15,8 @@ from . import stripe_chunks
 from .stripe_build import _Plan, forward_address, library, source_digest, unavailable_reason, \
     wide_library
 
-__all__ = ["NativeStripePlan", "library", "source_digest", "unavailable_reason", "wide_library"]
+__all__ = ["NativeStripePlan", "kernel_identity", "library", "source_digest",
+           "unavailable_reason", "wide_library"]
 
 # Packed inputs fit in this much (a share of one core's L2): groups of images are packed and
 # convolved while still in cache instead of streaming the whole packed batch through memory.
@@ -37,6 +38,14 @@ WIDE_VECTORS = True
 # Below this many multiply-adds per thread a call runs on fewer threads: a batch-1 layer
 # (~1M MACs, ~25 us) loses more to the team's fork/join and idle threads than it gains.
 MACS_PER_THREAD = 1 << 22
+
+
+def kernel_identity() -> str:
+    """What a cached timing of kernel convs depends on: the C source, and whether the wide
+    build runs the convs it can take (``WIDE_VECTORS``, ``PRUNEKIT_WIDE``, an AVX-512 CPU), so
+    that timings made one way are never reused the other way."""
+    wide = wide_library() if WIDE_VECTORS else None
+    return source_digest() + ("" if wide is None else f"+vl{wide.prunekit_stripe_vl()}")
 
 
 def _group_size(n: int, floats_per_image: int) -> int:

@@ -27,8 +27,9 @@ kernel, as ``deploy(native_convs=True)`` runs it, and any other conv as ``nn.Con
 Measurements are cached as JSON (atomically written) under
 ``$PRUNEKIT_CACHE/latency_tables/`` (default ``~/.cache/prunekit``), one file per key: the
 device and its name (the CPU model, or the CUDA device's), torch's thread count, the dtype,
-the batch size, the kernel, the torch version and the layer's signature (kind, kernel, stride, padding,
-dilation, groups, depthwise, input spatial size, full widths). Models sharing a layer share
+the batch size, the kernel (for ``"native"`` also its source and vector widths:
+``stripe_native.kernel_identity``), the torch version and the layer's signature (kind,
+kernel, stride, padding, dilation, groups, depthwise, input spatial size, full widths). Models sharing a layer share
 its measurements. ``PRUNEKIT_LATENCY_CACHE=0`` (or ``cache=False``) disables the cache.
 """
 from __future__ import annotations
@@ -116,8 +117,8 @@ def table_key(layer: ConvLayer, *, device: torch.device | str, threads: int, dty
     key = {"device": str(device), "device_name": _device_name(device), "threads": int(threads),
            "dtype": str(dtype).replace("torch.", ""), "batch": int(batch), "kernel": kernel,
            "torch": torch.__version__, "layer": layer.signature()}
-    if kernel == "native":  # the kernel's own source: a changed kernel is measured anew
-        key["kernel_source"] = stripe_native.source_digest()
+    if kernel == "native":  # the kernel's source and widths: a changed kernel is measured anew
+        key["kernel_source"] = stripe_native.kernel_identity()
     return json.loads(json.dumps(key))  # as it reads back from the file (lists, not tuples)
 
 
