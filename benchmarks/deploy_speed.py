@@ -159,12 +159,23 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     if args.pool:
-        print(pool([Path(f) for f in args.pool.split(",")], out))
+        paths = [Path(f) for f in args.pool.split(",") if f]
+        missing = [str(f) for f in paths if not f.is_file()]
+        if missing:
+            raise SystemExit(f"--pool: no such results file {missing}")
+        if out.exists() and "runs" not in json.loads(out.read_text()):
+            raise SystemExit(f"--pool would overwrite {out}, a file of measured rows: give a "
+                             "new --out for the pooled table")
+        print(pool(paths, out))
         return
+    names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown --models {unknown}: choose from {list(MODELS)}")
     done = json.loads(out.read_text()) if out.exists() else {"rows": []}
     have = {(r["model"], r.get("batch"), r.get("threads")) for r in done["rows"]}
     new = 0
-    for name in [m for m in args.models.split(",") if m]:
+    for name in names:
         todo = [(b, t) for b in BATCHES for t in THREADS if (name, b, t) not in have]
         if not todo or (args.rows is not None and new >= args.rows):
             continue
@@ -227,7 +238,12 @@ def pool(paths: list[Path], out: Path) -> str:
 
     groups: dict = {}
     for path in paths:
-        for r in json.loads(path.read_text())["rows"]:
+        rows = json.loads(path.read_text()).get("rows")
+        if not isinstance(rows, list) or any(r.get("latency_x") is None for r in rows
+                                             if r.get("batch") is not None):
+            raise SystemExit(f"--pool: {path} is not a deploy_speed.py results file (no rows "
+                             "of measured speed-ups)")
+        for r in rows:
             if r.get("batch") is not None:
                 groups.setdefault((r["model"], r["batch"], r["threads"]), []).append(r)
     order = {name: i for i, name in enumerate(MODELS)}

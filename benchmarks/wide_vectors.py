@@ -110,11 +110,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
+    names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown --models {unknown}: choose from {list(MODELS)}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     if stripe_native.wide_library() is None:
         raise SystemExit("no wide build on this machine (it needs AVX-512 and the kernel)")
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else {"rows": []}
     have = {(r["model"], r["threads"], r["batch"]) for r in done["rows"]}
+    if have:
+        print(f"{out}: {len(have)} rows measured before are kept and not measured again "
+              "(another --out measures everything anew)")
     for cin, cout, size, stride in LAYERS:
         if (f"layer {cin}->{cout} {size}x{size} s{stride}", 1, 64) in have:
             continue
@@ -122,7 +131,7 @@ def main() -> None:
         done["rows"] += rows
         atomic_write_json(out, done, indent=1)
         print(json.dumps([{k: r[k] for k in ("model", "batch", "speedup")} for r in rows]))
-    for name in args.models.split(","):
+    for name in names:
         pair = MODELS[name]()
         if pair is None:
             print(f"{name}: no model found (see deploy_speed.py)")
